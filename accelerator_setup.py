@@ -1,0 +1,257 @@
+"""Accelerator, logging and checkpoint plumbing shared by every stage.
+
+One place decides: mixed precision, gradient accumulation, seeding, which tracker logs
+(wandb / tensorboard / none), and how resume checkpoints are written, rotated and found.
+Only the main process prints, logs and writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+logger = logging.getLogger("siglip_med")
+
+CHECKPOINT_DIR = "checkpoints"
+_STATE_FILE = "trainer_state.json"
+
+
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags every stage shares; each stage adds its own model/data flags."""
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast precision; bf16 on Ampere+ GPUs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="<=0 disables clipping")
+    g.add_argument("--warmup_ratio", type=float, default=0.05)
+    g.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
+    g.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (default: all epochs)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--report_to", choices=["wandb", "tensorboard", "none"], default="wandb",
+                   help="falls back to tensorboard, then none, if the tracker cannot start")
+    g.add_argument("--wandb_project", default="siglip-med")
+    g.add_argument("--run_name", default=None)
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--checkpointing_steps", type=int, default=0,
+                   help="save resumable state every N optimizer steps (0: only at epoch ends)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2,
+                   help="keep the newest N resume checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' or a path to OUTPUT_DIR/checkpoints/step_N")
+    return p
+
+
+def _tracker(args, project_dir: Path) -> str | None:
+    choice = getattr(args, "report_to", "none")
+    if choice == "wandb":
+        try:
+            import wandb  # noqa: F401
+            # Without a login or WANDB_MODE, wandb would stop and ask on stdin; offline keeps
+            # the run and can be synced later.
+            if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+                    or Path.home().joinpath(".netrc").exists()):
+                os.environ["WANDB_MODE"] = "offline"
+                warnings.warn("wandb: no login found; logging offline (WANDB_MODE=offline). "
+                              "Run `wandb sync` later or set WANDB_API_KEY.")
+            return "wandb"
+        except ImportError:
+            warnings.warn("wandb is not installed; falling back to tensorboard")
+            choice = "tensorboard"
+    if choice == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+            return "tensorboard"
+        except ImportError:
+            warnings.warn("tensorboard is not installed; metrics go to the console and "
+                          f"{project_dir}/metrics.jsonl only")
+    return None
+
+
+def setup_accelerator_and_logging(args) -> Accelerator:
+    """Build the Accelerator, seed everything, start the tracker on the main process."""
+    out = Path(args.output_dir)
+    tracker = _tracker(args, out)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        # Accumulation is done by the trainers (they need every micro-batch of a step for
+        # the contrastive negatives), so accelerate itself steps every call.
+        gradient_accumulation_steps=1,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # A seedable sampler makes the shuffle order a function of (seed, epoch), which is
+        # what lets a resumed run see exactly the batches an uninterrupted run would.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed, device_specific=False)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, level=logging.INFO if accelerator.is_main_process
+                        else logging.ERROR, force=True)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    if tracker is not None:
+        init_kwargs = {"wandb": {"name": args.run_name}} if tracker == "wandb" else {}
+        try:
+            accelerator.init_trackers(getattr(args, "wandb_project", "siglip-med"),
+                                      config={k: v for k, v in vars(args).items()
+                                              if isinstance(v, (int, float, str, bool))},
+                                      init_kwargs=init_kwargs)
+        except Exception as e:  # a tracker must never kill a training run
+            warnings.warn(f"could not start {tracker} ({e}); logging to metrics.jsonl only")
+            accelerator.log_with = []
+            accelerator.trackers = []
+    logger.info("device=%s processes=%d mixed_precision=%s", accelerator.device,
+                accelerator.num_processes, accelerator.mixed_precision)
+    return accelerator
+
+
+def log_metrics(accelerator: Accelerator, metrics: dict, step: int) -> None:
+    """Send to the tracker and append to OUTPUT_DIR/metrics.jsonl (main process only)."""
+    metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+    if accelerator.trackers:
+        accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        path = Path(accelerator.project_dir) / "metrics.jsonl"
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def make_scheduler(optimizer, args, total_steps: int):
+    from transformers import get_scheduler
+    warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return math.ceil(num_batches / grad_accum)
+
+
+# ---------------------------------------------------------------- resume checkpoints
+
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, state: dict,
+                    total_limit: int | None = 2) -> Path:
+    """Write OUTPUT_DIR/checkpoints/step_N atomically: save into a temporary folder and
+    rename it when complete, so an interrupted save never looks like a checkpoint.
+    Every process must call this (accelerate saves per-process RNG states)."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step}"
+    tmp = root / f".tmp_step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / _STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if total_limit and total_limit > 0:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved resume checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / _STATE_FILE).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(output_dir, resume_from_checkpoint) -> Path | None:
+    """'latest' -> the newest complete checkpoint (None if there is none yet, so a launcher
+    can always pass --resume_from_checkpoint latest); a path must exist."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.info("no checkpoint under %s/%s; starting fresh", output_dir, CHECKPOINT_DIR)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint)
+    if not (path / _STATE_FILE).exists():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a complete checkpoint "
+                                f"(no {_STATE_FILE}); use 'latest' or one of "
+                                f"{[str(p) for p in list_checkpoints(output_dir)]}")
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
+    """Restore model/optimizer/scheduler/RNG state; return the trainer state dict
+    (step, epoch, batches done in that epoch, ...)."""
+    accelerator.load_state(str(path))
+    state = json.loads((Path(path) / _STATE_FILE).read_text())
+    logger.info("resumed from %s (step %d)", path, state["step"])
+    return state
+
+
+def unwrap(accelerator: Accelerator, model):
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+# ---------------------------------------------------------------- loop helpers
+
+def epoch_batches(accelerator: Accelerator, dataloader, epoch: int, skip_batches: int = 0):
+    """The dataloader for one epoch, in the order a fresh run would see it; on resume the
+    first `skip_batches` are skipped without loading them twice."""
+    if hasattr(dataloader, "set_epoch"):
+        dataloader.set_epoch(epoch)
+    return accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
+
+
+def accumulation_windows(batches, k: int):
+    """Group micro-batches into optimizer steps of k (the last may be shorter)."""
+    window = []
+    for b in batches:
+        window.append(b)
+        if len(window) == k:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+class NonFiniteGuard:
+    """Skip an optimizer step whose loss or gradient is NaN/inf instead of poisoning the
+    weights; give up after `patience` such steps in a row (the run has diverged)."""
+
+    def __init__(self, patience: int = 10):
+        self.patience, self.bad = patience, 0
+
+    def ok(self, value: torch.Tensor, step: int) -> bool:
+        if torch.isfinite(value).all():
+            self.bad = 0
+            return True
+        self.bad += 1
+        logger.warning("step %d: non-finite loss/grad (%s); skipping the update (%d in a row)",
+                       step, value.item() if value.numel() == 1 else "tensor", self.bad)
+        if self.bad >= self.patience:
+            raise FloatingPointError(f"{self.bad} non-finite steps in a row at step {step}; "
+                                     "lower --learning_rate or use --mixed_precision bf16")
+        return False

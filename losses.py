@@ -1,0 +1,155 @@
+"""Contrastive losses shared by every Stage0 recipe.
+
+`siglip_loss` is the pairwise sigmoid loss of Zhai et al. 2023 ("Sigmoid Loss for Language
+Image Pre-Training", eq. 1):
+
+    L = -1/|B| * sum_i sum_j log sigmoid( z_ij * (t * x_i . y_j + b) ),   t = exp(t')
+
+with z_ij = +1 for a matching pair and -1 otherwise. It is always computed in float32: under
+bf16/fp16 autocast the logits t*x.y+b reach |10..30| where half precision loses the small
+log-sigmoid terms that carry the negatives' gradient.
+
+Why a hand-written autograd function: autograd over text chunks still keeps every chunk's
+[B, chunk] activations alive for the backward pass, so memory stays O(B^2). Recomputing the
+chunk logits in backward keeps both passes at O(B * chunk), which is what lets the global
+batch (all processes' texts) grow to the sizes SigLIP was designed for.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 4096
+
+
+def _labels_chunk(pos: torch.Tensor, start: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """z for columns [start, start+width): +1 where column == the row's positive index."""
+    z = torch.full_like(like, -1.0)
+    rows = torch.nonzero((pos >= start) & (pos < start + width), as_tuple=True)[0]
+    z[rows, pos[rows] - start] = 1.0
+    return z
+
+
+class _SigLIPLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, log_t, b, pos, chunk):
+        t = log_t.exp()
+        total = x.new_zeros(())
+        for s in range(0, y.shape[0], chunk):
+            logits = t * (x @ y[s:s + chunk].T) + b
+            z = _labels_chunk(pos, s, logits.shape[1], logits)
+            total = total - F.logsigmoid(z * logits).sum()
+        ctx.save_for_backward(x, y, log_t, b, pos)
+        ctx.chunk = chunk
+        return total / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, log_t, b, pos = ctx.saved_tensors
+        t, n = log_t.exp(), x.shape[0]
+        gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+        g_logt, g_b = torch.zeros_like(log_t), torch.zeros_like(b)
+        for s in range(0, y.shape[0], ctx.chunk):
+            yc = y[s:s + ctx.chunk]
+            sim = x @ yc.T
+            logits = t * sim + b
+            z = _labels_chunk(pos, s, logits.shape[1], logits)
+            # d/dl [-log sigmoid(z l)] = -z * sigmoid(-z l)
+            dl = (-z * torch.sigmoid(-z * logits)) * (g / n)
+            gx += t * (dl @ yc)
+            gy[s:s + ctx.chunk] = t * (dl.T @ x)
+            g_logt += (dl * sim).sum() * t
+            g_b += dl.sum()
+        return gx, gy, g_logt.reshape(log_t.shape), g_b.reshape(b.shape), None, None
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
+                positive_index: torch.Tensor | None = None,
+                chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """SigLIP loss: mean over images of the sum over all texts.
+
+    image_features [n, d] and text_features [m, d] must be L2-normalised (m >= n when texts
+    from other processes or micro-batches are appended as extra negatives).
+    logit_scale is t' (log of the temperature t), as stored by SiglipModel.
+    positive_index[i] is the column of image i's caption (default: i); -1 means none.
+    """
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        x, y = image_features.float(), text_features.float()
+        log_t = logit_scale.float().reshape(())
+        b = logit_bias.float().reshape(())
+        if positive_index is None:
+            positive_index = torch.arange(x.shape[0], device=x.device)
+        return _SigLIPLoss.apply(x, y, log_t, b, positive_index.to(x.device), chunk_size)
+
+
+def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias):
+    """The naive O(n^2)-memory form (big_vision / transformers' SiglipModel), kept as the
+    reference that tests hold the chunked implementation to."""
+    x, y = image_features.float(), text_features.float()
+    logits = logit_scale.float().exp() * x @ y.T + logit_bias.float()
+    z = 2 * torch.eye(x.shape[0], y.shape[0], device=x.device) - 1
+    return -F.logsigmoid(z * logits).sum(dim=1).mean()
+
+
+# ---------------------------------------------------------------- multi-process
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather whose backward hands each process the sum, over all processes, of the
+    gradient its own rows received (the loss on every process depends on them)."""
+
+    @staticmethod
+    def forward(ctx, t, sizes):
+        rank, _ = world()
+        ctx.rank, ctx.sizes = rank, sizes
+        pad = max(sizes) - t.shape[0]  # all_gather needs equal shapes: pad, then cut
+        padded = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t.contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g)
+        start = sum(ctx.sizes[:ctx.rank])
+        return g[start:start + ctx.sizes[ctx.rank]], None
+
+
+def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every process's rows in rank order, keeping the autograd graph."""
+    _, ws = world()
+    if ws == 1:
+        return t, [t.shape[0]]
+    size = torch.tensor([t.shape[0]], device=t.device)
+    all_sizes = [torch.zeros_like(size) for _ in range(ws)]
+    dist.all_gather(all_sizes, size)
+    sizes = [int(s) for s in all_sizes]
+    return _GatherRows.apply(t, sizes), sizes
+
+
+def siglip_loss_global(image_features, text_features, logit_scale, logit_bias, *,
+                       local_positive_index: torch.Tensor | None = None,
+                       chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """SigLIP loss where this process's images meet the texts of *all* processes.
+
+    Returns (1/n_local) * sum_{i local} sum_{j global}. Averaged over processes this equals the
+    single-process loss on the union batch, and since DDP averages gradients and the gather
+    sends back every process's share, the gradients equal it too (tested with 2 processes).
+    local_positive_index indexes this process's own text rows (default: arange(n_local)).
+    """
+    rank, _ = world()
+    all_text, sizes = gather_with_grad(text_features)
+    if local_positive_index is None:
+        local_positive_index = torch.arange(image_features.shape[0], device=image_features.device)
+    offset = sum(sizes[:rank])
+    pos = torch.where(local_positive_index >= 0, local_positive_index + offset, local_positive_index)
+    return siglip_loss(image_features, all_text, logit_scale, logit_bias,
+                       positive_index=pos, chunk_size=chunk_size)

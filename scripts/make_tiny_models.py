@@ -1,0 +1,136 @@
+"""Build small SigLIP and Gemma3 models from configs, with tokenizers trained on local text.
+
+Real runs load pretrained towers from the hub (see the launchers). This machine-independent
+stand-in exists so the tests and the quickstart exercise the exact same code paths
+(`from_pretrained` on a local folder) with no network. The weights are random: results
+printed from these models say so.
+
+    python scripts/make_tiny_models.py --out_dir runs/tiny --texts data/demo/stage0_train.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+)
+
+# Gemma3's own special tokens, so the chat format and image placeholder code paths are the
+# ones a real Gemma3 tokenizer takes.
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                 "<start_of_image>", "<image_soft_token>"]
+SIGLIP_SPECIAL = ["<pad>", "</s>", "<unk>"]
+
+
+def _texts_from_files(paths) -> list[str]:
+    texts = []
+    for p in paths:
+        for row in json.loads(Path(p).read_text()):
+            texts += [str(row[k]) for k in ("caption", "problem", "normal_caption") if k in row]
+    return texts
+
+
+def _train_bpe(texts, special, vocab_size) -> Tokenizer:
+    # Byte-level BPE: any input string round-trips through encode/decode, so generated
+    # answers decode to readable text and unseen words never become <unk>.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts or ["a"], trainer=trainer)
+    return tok
+
+
+def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_size=96,
+                      num_layers=4, num_heads=4, text_len=48, vocab_size=1024, seed=0) -> Path:
+    """A SigLIP (vision + text towers) saved like a hub checkpoint: model, image processor,
+    tokenizer. The text length is fixed by the checkpoint, as for real SigLIP."""
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    tok = _train_bpe(texts, SIGLIP_SPECIAL, vocab_size)
+    eos_id = tok.token_to_id("</s>")
+    # SigLIP's sentencepiece tokenizer appends </s>; the text tower pools the last position.
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=text_len)
+    common = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=text_len,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id,
+                         projection_size=hidden_size, **common),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **common),
+    )
+    model = SiglipModel(config)
+    with torch.no_grad():  # the SigLIP paper's init: t' = log 10, b = -10
+        model.logit_scale.fill_(torch.log(torch.tensor(10.0)))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_gemma3(out_dir, texts, *, hidden_size=96, num_layers=2, num_heads=2,
+                      vocab_size=1024, seed=0) -> Path:
+    """A Gemma3ForCausalLM with Gemma3's special tokens (<start_of_turn>, <end_of_turn>,
+    <image_soft_token>) in a small byte-level BPE vocabulary."""
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    tok = _train_bpe(texts, GEMMA_SPECIAL, vocab_size)
+    bos_id = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>", model_max_length=512)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=1,
+        head_dim=hidden_size // num_heads, max_position_embeddings=1024, sliding_window=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id,
+                                                           tok.token_to_id("<end_of_turn>")],
+        bos_token_id=bos_id, tie_word_embeddings=True,
+    )
+    model = Gemma3ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", required=True, help="writes OUT/siglip and OUT/gemma3")
+    p.add_argument("--texts", nargs="+", default=[], help="JSON files whose caption/problem/"
+                   "normal_caption fields train the tokenizers (the demo data's JSON files)")
+    p.add_argument("--image_size", type=int, default=112)
+    p.add_argument("--hidden_size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    texts = _texts_from_files(args.texts)
+    out = Path(args.out_dir)
+    build_tiny_siglip(out / "siglip", texts, image_size=args.image_size,
+                      hidden_size=args.hidden_size, seed=args.seed)
+    build_tiny_gemma3(out / "gemma3", texts, hidden_size=args.hidden_size, seed=args.seed)
+    print(f"Built config-initialised (random) SigLIP and Gemma3 under {out} (no download).",
+          file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()
