@@ -54,7 +54,7 @@ def _train_bpe(texts, special, vocab_size) -> Tokenizer:
 
 
 def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_size=96,
-                      num_layers=4, num_heads=4, text_len=48, vocab_size=1024, seed=0) -> Path:
+                      num_layers=4, num_heads=4, text_len=64, vocab_size=1024, seed=0) -> Path:
     """A SigLIP (vision + text towers) saved like a hub checkpoint: model, image processor,
     tokenizer. The text length is fixed by the checkpoint, as for real SigLIP."""
     torch.manual_seed(seed)
@@ -69,7 +69,7 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
                   num_hidden_layers=num_layers, num_attention_heads=num_heads)
     config = SiglipConfig(
         text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=text_len,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id, bos_token_id=eos_id,
                          projection_size=hidden_size, **common),
         vision_config=dict(image_size=image_size, patch_size=patch_size, **common),
     )

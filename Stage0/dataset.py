@@ -1,0 +1,82 @@
+"""Image-caption pairs for contrastive fine-tuning (seed 000's ImageTextContrastiveDataset)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from image_loader import load_image, resolve_image_path
+
+logger = logging.getLogger("siglip_med")
+
+
+def read_pairs(json_path, image_root, image_key="image", caption_key="caption") -> list[dict]:
+    """Rows of a JSON list, checked up front so a bad row fails before training starts."""
+    json_path = Path(json_path)
+    try:
+        rows = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{json_path}: cannot read a JSON list of {{'{image_key}', '{caption_key}'}} "
+                         f"rows ({e})") from e
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{json_path}: expected a non-empty JSON list of "
+                         f"{{'{image_key}': ..., '{caption_key}': ...}} objects")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or image_key not in row or caption_key not in row:
+            raise ValueError(f"{json_path}: row {i} must have keys '{image_key}' and '{caption_key}', "
+                             f"got {row!r:.200}")
+        caption = str(row[caption_key]).strip()
+        if not caption:
+            raise ValueError(f"{json_path}: row {i} has an empty '{caption_key}'")
+        path = resolve_image_path(row[image_key], image_root, row=i, source=str(json_path))
+        out.append({**row, "path": path, "caption": caption, "row": i})
+    return out
+
+
+class ImageTextContrastiveDataset(Dataset):
+    """Returns pixel_values, input_ids, attention_mask and the caption's index among the
+    distinct captions (`caption_id`), which lets a frozen text tower embed each caption once.
+
+    Captions are tokenized once here, padded to `max_length` as SigLIP was trained (its text
+    tower pools the last position, so the padding length is part of the model).
+    """
+
+    def __init__(self, json_path, image_root, image_processor, tokenizer, max_length: int,
+                 image_key="image", caption_key="caption"):
+        self.json_path = str(json_path)
+        self.rows = read_pairs(json_path, image_root, image_key, caption_key)
+        self.image_processor = image_processor
+        self.captions = list(dict.fromkeys(r["caption"] for r in self.rows))
+        index = {c: i for i, c in enumerate(self.captions)}
+        self.caption_ids = torch.tensor([index[r["caption"]] for r in self.rows])
+        full = tokenizer(self.captions, truncation=False)["input_ids"]
+        n_long = sum(len(ids) > max_length for ids in full)
+        if n_long:
+            logger.warning("%s: %d of %d distinct captions exceed the model's %d text tokens and are "
+                           "truncated", json_path, n_long, len(self.captions), max_length)
+        tok = tokenizer(self.captions, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        self.input_ids = tok["input_ids"]
+        self.attention_mask = tok.get("attention_mask", torch.ones_like(self.input_ids))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        image = load_image(r["path"], row=r["row"], source=self.json_path)
+        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        c = int(self.caption_ids[i])
+        return {"pixel_values": pixel_values, "input_ids": self.input_ids[c],
+                "attention_mask": self.attention_mask[c], "caption_id": c, "index": i}
+
+
+def collate_fn(batch):
+    out = {k: torch.stack([b[k] for b in batch]) for k in ("pixel_values", "input_ids", "attention_mask")}
+    out["caption_id"] = torch.tensor([b["caption_id"] for b in batch])
+    out["index"] = torch.tensor([b["index"] for b in batch])
+    return out

@@ -1,0 +1,254 @@
+"""VisionEncoderTrainerStage0: SigLIP contrastive fine-tuning of the vision tower.
+
+Frozen text tower (the default): each distinct caption is embedded once before training and
+looked up afterwards. Because frozen texts carry no gradient, the SigLIP loss of a batch is a
+plain sum over its images, so gradient accumulation is *exact*: every micro-batch's images
+meet the texts of every micro-batch of the step on every process, the negatives of one
+large batch. With a trainable text tower the negatives are one micro-batch on every process
+(said in a warning when accumulating).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from accelerator_setup import (NonFiniteGuard, accumulation_windows, count_parameters,
+                               epoch_batches, load_checkpoint, log_metrics, make_scheduler,
+                               resolve_resume, save_checkpoint, steps_per_epoch, unwrap)
+from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
+from metrics import image_text_retrieval
+from Stage0.dataset import collate_fn
+
+logger = logging.getLogger("siglip_med")
+
+
+class DualEncoder(torch.nn.Module):
+    """One forward() for DDP: L2-normalised image and/or text embeddings plus the logit
+    scale and bias (returned from forward so DDP sees them used when they train)."""
+
+    def __init__(self, model, text_attention_mask: bool = False):
+        super().__init__()
+        self.model = model
+        self.text_attention_mask = text_attention_mask
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+        img = txt = None
+        if pixel_values is not None:
+            img = F.normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        if input_ids is not None:
+            # Pretrained SigLIP text towers were trained on max-length padding without a mask
+            # (big_vision): passing one changes what the pooled last position sees.
+            mask = attention_mask if self.text_attention_mask else None
+            txt = F.normalize(self.model.get_text_features(input_ids=input_ids,
+                                                           attention_mask=mask).pooler_output, dim=-1)
+        return img, txt, self.model.logit_scale, self.model.logit_bias
+
+
+@torch.no_grad()
+def embed_captions(encoder: DualEncoder, input_ids, attention_mask, batch_size, device, autocast):
+    out = []
+    for s in range(0, input_ids.shape[0], batch_size):
+        with autocast():
+            _, t, _, _ = encoder(input_ids=input_ids[s:s + batch_size].to(device),
+                                 attention_mask=attention_mask[s:s + batch_size].to(device))
+        out.append(t.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, autocast=contextlib.nullcontext,
+                         num_workers=0) -> dict[str, float]:
+    """Val SigLIP loss (on batches of `batch_size` in file order) and R@1/R@5 both ways."""
+    was_training = encoder.training
+    encoder.eval()
+    txt = embed_captions(encoder, dataset.input_ids, dataset.attention_mask, batch_size, device, autocast)
+    imgs, losses = [], []
+    dl = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
+    for b in dl:
+        with autocast():
+            img, _, scale, bias = encoder(pixel_values=b["pixel_values"].to(device))
+        img = img.float()
+        imgs.append(img)
+        losses.append(siglip_loss(img, txt[b["caption_id"].to(device)], scale, bias).item())
+    encoder.train(was_training)
+    metrics = image_text_retrieval(torch.cat(imgs), txt, dataset.caption_ids)
+    return {"loss": sum(losses) / len(losses), **metrics}
+
+
+class VisionEncoderTrainerStage0:
+    def __init__(self, args, accelerator, model, tokenizer, image_processor, train_dataset, val_dataset=None):
+        self.args, self.accelerator = args, accelerator
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.freeze_text = args.freeze_text_encoder
+        model.text_model.requires_grad_(not args.freeze_text_encoder)
+        model.logit_scale.requires_grad_(not args.freeze_logit_scale)
+        model.logit_bias.requires_grad_(not args.freeze_logit_scale)
+        model.vision_model.requires_grad_(not args.freeze_vision_encoder)
+        total, trainable = count_parameters(model)
+        logger.info("parameters: %s total, %s trainable (text tower %s, logit scale/bias %s)",
+                    f"{total:,}", f"{trainable:,}", "frozen" if args.freeze_text_encoder else "trained",
+                    "frozen" if args.freeze_logit_scale else "trained")
+        if trainable == 0:
+            raise ValueError("nothing to train: every tower and the logit scale are frozen")
+        self.encoder = DualEncoder(model, text_attention_mask=args.text_attention_mask)
+
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        # Norms, biases and the logit scale/bias are not weight-decayed (decaying t' and b
+        # toward 0 would fight the loss's temperature).
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        train_dl = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate_fn, num_workers=args.num_workers,
+                              persistent_workers=args.num_workers > 0,
+                              pin_memory=torch.cuda.is_available())
+        if len(train_dl) == 0:
+            raise ValueError(f"{len(train_dataset)} training pairs is less than one batch of "
+                             f"{args.batch_size}; lower --batch_size")
+        self.encoder, self.optimizer, self.train_dl = accelerator.prepare(self.encoder, optimizer, train_dl)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_dl), args.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * args.num_epochs
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        # Stepped by hand (accelerate would step it once per process), checkpointed with the rest.
+        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.text_cache = None
+        if self.freeze_text:
+            t0 = time.time()
+            self.text_cache = embed_captions(self.encoder, train_dataset.input_ids, train_dataset.attention_mask,
+                                             args.batch_size, accelerator.device, accelerator.autocast)
+            logger.info("embedded %d distinct captions once with the frozen text tower (%.1fs)",
+                        len(self.text_cache), time.time() - t0)
+        elif args.gradient_accumulation_steps > 1:
+            logger.warning("trainable text tower with --gradient_accumulation_steps %d: each micro-batch's "
+                           "negatives are that micro-batch on every process (%d), not the whole step's "
+                           "batch. Raise --batch_size for more negatives.",
+                           args.gradient_accumulation_steps, args.batch_size * accelerator.num_processes)
+
+    # -------------------------------------------------------------- one optimizer step
+    def _set_modes(self):
+        model = unwrap(self.accelerator, self.encoder).model
+        model.train()
+        if self.freeze_text:
+            model.text_model.eval()
+        if self.args.freeze_vision_encoder:
+            model.vision_model.eval()
+
+    def _micro_context(self, last: bool):
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.encoder)
+
+    def _step_frozen_text(self, window) -> torch.Tensor:
+        dev = self.accelerator.device
+        local_txt = torch.cat([self.text_cache[b["caption_id"].to(dev)] for b in window])
+        all_txt, sizes = gather_with_grad(local_txt)
+        offset = sum(sizes[:world()[0]])
+        n_local, total = local_txt.shape[0], 0.0
+        for k, b in enumerate(window):
+            n = b["pixel_values"].shape[0]
+            with self._micro_context(k == len(window) - 1):
+                with self.accelerator.autocast():
+                    img, _, scale, bias = self.encoder(pixel_values=b["pixel_values"])
+                pos = torch.arange(n, device=dev) + offset
+                loss = siglip_loss(img, all_txt, scale, bias, positive_index=pos) * (n / n_local)
+                self.accelerator.backward(loss)
+            offset += n
+            total += loss.detach()
+        return total
+
+    def _step_trained_text(self, window) -> torch.Tensor:
+        total = 0.0
+        for k, b in enumerate(window):
+            with self._micro_context(k == len(window) - 1):
+                with self.accelerator.autocast():
+                    img, txt, scale, bias = self.encoder(b["pixel_values"], b["input_ids"], b["attention_mask"])
+                loss = siglip_loss_global(img, txt, scale, bias) / len(window)
+                self.accelerator.backward(loss)
+            total += loss.detach()
+        return total
+
+    # -------------------------------------------------------------- loop
+    def train(self):
+        args, acc = self.args, self.accelerator
+        step, start_epoch, skip = 0, 0, 0
+        resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        if resume is not None:
+            state = load_checkpoint(acc, resume)
+            step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        guard, k = NonFiniteGuard(), args.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=step, desc="Stage0", disable=not acc.is_local_main_process)
+        self._set_modes()
+        t_last, seen = time.time(), 0
+        for epoch in range(start_epoch, args.num_epochs):
+            batches_done = skip
+            for window in accumulation_windows(epoch_batches(acc, self.train_dl, epoch, skip), k):
+                if step >= self.total_steps:
+                    break
+                step_fn = self._step_frozen_text if self.freeze_text else self._step_trained_text
+                loss = step_fn(window)
+                grad_norm = (acc.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0
+                             else torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                if guard.ok(loss + grad_norm, step):
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                batches_done += len(window)
+                seen += sum(b["pixel_values"].shape[0] for b in window) * acc.num_processes
+                bar.update(1)
+                if step % args.logging_steps == 0 or step == self.total_steps:
+                    loss = acc.reduce(loss.reshape(1), "mean").item()
+                    rate = seen / max(time.time() - t_last, 1e-9)
+                    log_metrics(acc, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                                      "train/grad_norm": float(grad_norm), "train/samples_per_s": rate,
+                                      "epoch": epoch}, step)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    t_last, seen = time.time(), 0
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    save_checkpoint(acc, args.output_dir, step, {"epoch": epoch, "batches_done": batches_done},
+                                    args.checkpoints_total_limit)
+            skip = 0
+            if step >= self.total_steps and batches_done < len(self.train_dl):
+                break  # --max_steps reached mid-epoch
+            save_checkpoint(acc, args.output_dir, step, {"epoch": epoch + 1, "batches_done": 0},
+                            args.checkpoints_total_limit)
+            self.end_of_epoch(epoch + 1, step)
+        bar.close()
+        self.save_model(Path(args.output_dir) / "final_model")
+        acc.end_training()
+
+    def end_of_epoch(self, epoch: int, step: int):
+        if self.val_dataset is not None and self.accelerator.is_main_process:
+            m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset, self.args.batch_size,
+                                     self.accelerator.device, self.accelerator.autocast)
+            logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+            log_metrics(self.accelerator, {f"val/{k}": v for k, v in m.items()}, step)
+            self._set_modes()
+        if self.args.save_epoch_models:
+            self.save_model(Path(self.args.output_dir) / f"epoch_{epoch}")
+
+    def save_model(self, out_dir: Path):
+        """vision_encoder.bin (the seed's file), the whole SiglipModel in Hugging Face format
+        (safetensors) and the processor/tokenizer files."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model = unwrap(self.accelerator, self.encoder).model
+            out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu() for k, v in model.vision_model.state_dict().items()},
+                       out_dir / "vision_encoder.bin")
+            model.save_pretrained(out_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir)
+            self.image_processor.save_pretrained(out_dir)
+            logger.info("saved %s", out_dir)
+        self.accelerator.wait_for_everyone()

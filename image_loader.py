@@ -1,0 +1,242 @@
+"""Load any image the data sets point at (PNG, JPEG, DICOM) as an 8-bit RGB PIL image.
+
+Every stage reads its images through ``load_image`` so that 16-bit PNGs, DICOM
+radiographs and palette/alpha images all reach the vision tower in the same form,
+and so that a bad row in a JSON/CSV file fails with a message that says which row
+of which file to fix instead of a bare PIL traceback deep inside a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["ImageLoadError", "load_image", "resolve_image_path"]
+
+_DICOM_SUFFIXES = {".dcm", ".dicom"}
+
+# Transfer syntax UID -> packages that provide a decoder. pydicom decodes
+# uncompressed, deflated and RLE data by itself; everything else needs a plugin.
+_DECODER_HINTS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG extended
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)",  # JPEG-LS
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE
+}
+_GENERIC_DECODER_HINT = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+
+
+class ImageLoadError(ValueError):
+    """An image could not be found or decoded; the message names the file and the row."""
+
+    def __init__(self, message, *, path=None, row=None, source=None):
+        super().__init__(message)
+        self.path = path
+        self.row = row
+        self.source = source
+
+
+def _where(row, source):
+    if row is not None and source:
+        return f" (row {row} of {source})"
+    if row is not None:
+        return f" (row {row})"
+    if source:
+        return f" (listed in {source})"
+    return ""
+
+
+def _fail(path, row, source, reason, hint, cause=None):
+    msg = f"Cannot load image '{path}'{_where(row, source)}: {reason}. {hint}"
+    err = ImageLoadError(msg, path=str(path), row=row, source=source)
+    if cause is not None:
+        raise err from cause
+    raise err
+
+
+def resolve_image_path(image, image_root, *, row=None, source=None) -> pathlib.Path:
+    """Join a data-set image path onto ``image_root`` and check that the file exists.
+
+    Absolute paths are kept, so data sets that store absolute paths keep working
+    whatever ``--image_root`` says.
+    """
+    if image is None or str(image).strip() == "":
+        _fail(image, row, source, "the image path is empty",
+              "Fill in the image column of that row or drop the row.")
+    path = pathlib.Path(os.path.expanduser(str(image)))
+    if not path.is_absolute() and image_root:
+        path = pathlib.Path(os.path.expanduser(str(image_root))) / path
+    if not path.is_file():
+        reason = "it is a directory, not a file" if path.is_dir() else "no such file"
+        _fail(path, row, source, reason,
+              f"Check the image path and --image_root (now {image_root!r}); relative "
+              "paths in the data file are joined onto --image_root.")
+    return path
+
+
+def _is_dicom(path: pathlib.Path) -> bool:
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    # Many archives export DICOM without an extension; the Part 10 preamble is
+    # 128 bytes followed by the magic "DICM".
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _rescale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if hi <= lo:
+        # A blank frame has no contrast to stretch; 0 keeps it blank instead of NaN.
+        return np.zeros(arr.shape, dtype=np.uint8)
+    out = (np.where(finite, arr, lo) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _to_rgb_image(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] >= 3:
+        arr = arr[:, :, :3]
+    else:
+        raise ValueError(f"unexpected pixel array shape {arr.shape}")
+    return Image.fromarray(np.ascontiguousarray(arr))  # uint8 HxWx3 -> "RGB"
+
+
+def _pil_to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # More than 8 bits per sample: stretch this image's own range, since
+        # 12-bit data stored in 16-bit containers would otherwise look black.
+        return _to_rgb_image(_rescale_to_uint8(np.asarray(im)))
+    if mode in ("LA", "La"):
+        return im.convert("L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        # Palette transparency has to go through RGBA or PIL warns; alpha is dropped.
+        return im.convert("RGBA").convert("RGB")
+    # L, 1, RGBA, RGBa, P, CMYK, YCbCr, LAB, HSV: PIL's own conversion is exact
+    # for 8-bit data and simply drops alpha.
+    return im.convert("RGB")
+
+
+def _load_pil(path, row, source) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _pil_to_rgb(im)
+    except UnidentifiedImageError as exc:
+        _fail(path, row, source, "not a recognised image format (PNG, JPEG or DICOM expected)",
+              "Re-export the image as PNG/JPEG/DICOM or fix the path in the data file.", exc)
+    except Image.DecompressionBombError as exc:
+        _fail(path, row, source, f"image is too large for PIL's safety limit ({exc})",
+              "Downscale the image before training.", exc)
+    except (OSError, SyntaxError, ValueError) as exc:
+        _fail(path, row, source, f"the file is truncated or corrupt ({exc})",
+              "Re-export or re-download the image, or remove the row.", exc)
+
+
+def _decoder_hint(ds) -> str:
+    uid = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    return _DECODER_HINTS.get(uid, _GENERIC_DECODER_HINT)
+
+
+def _load_dicom(path, row, source) -> Image.Image:
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+    except ImportError as exc:
+        _fail(path, row, source, "reading DICOM needs pydicom>=3",
+              "Install it with: pip install 'pydicom>=3'.", exc)
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
+        _fail(path, row, source, f"not a readable DICOM file ({exc})",
+              "Re-export the image from the PACS or convert it to PNG.", exc)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        _fail(path, row, source, "the DICOM file has no pixel data",
+              "It is probably a report or structured-report object; remove the row.")
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        # Decoding only frame 0 keeps large multi-frame studies cheap.
+        arr = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    except Exception as exc:  # plugins raise RuntimeError, ValueError, NotImplementedError...
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(tsyntax, "name", None) or str(tsyntax or "unknown transfer syntax")
+        if tsyntax is not None and not getattr(tsyntax, "is_compressed", True):
+            # Uncompressed data never needs a plugin, so a failure means bad bytes.
+            _fail(path, row, source, f"the pixel data is truncated or corrupt ({exc})",
+                  "Re-export the image from the PACS or remove the row.", exc)
+        _fail(path, row, source, f"the compressed pixel data ({name}) could not be decoded ({exc})",
+              f"Install a decoder with: pip install {_decoder_hint(ds)} "
+              "(if one is installed already, the file may be corrupt: re-export it).", exc)
+    if frames > 1:
+        warnings.warn("image_loader: multi-frame DICOM found; only the first frame of each "
+                      "is used", stacklevel=3)
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+        elif photometric.startswith("MONOCHROME"):
+            arr = apply_modality_lut(arr, ds)
+            if "VOILUTSequence" in ds or "WindowCenter" in ds:
+                arr = apply_voi_lut(arr, ds, index=0)
+        # RGB / YBR_* were already converted to RGB by pydicom's decoder.
+    except Exception as exc:
+        _fail(path, row, source, f"the DICOM LUT/windowing attributes are invalid ({exc})",
+              "Fix or remove the RescaleSlope/WindowCenter/VOI LUT tags, or re-export the image.",
+              exc)
+
+    if arr.dtype == np.uint8 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        # 8-bit colour is already display-ready; stretching it would shift its colours.
+        return _to_rgb_image(arr)
+    out = _rescale_to_uint8(arr)
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 stores bright = low values; flip it so dense tissue (bone,
+        # mediastinum) is bright as on every other radiograph the model sees.
+        out = 255 - out
+    return _to_rgb_image(out)
+
+
+def load_image(path, *, row=None, source=None) -> Image.Image:
+    """Return the image at ``path`` as an RGB, uint8 PIL image.
+
+    ``row`` and ``source`` only make error messages point at the data-file line
+    that named the image. Every failure raises ``ImageLoadError``.
+    """
+    path = pathlib.Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        _fail(path, row, source, "no such file",
+              "Check the image path and --image_root.")
+    if not path.is_file():
+        _fail(path, row, source, "it is a directory, not a file",
+              "Check the image path and --image_root.")
+    if _is_dicom(path):
+        return _load_dicom(path, row, source)
+    return _load_pil(path, row, source)
