@@ -53,18 +53,37 @@ def _train_bpe(texts, special, vocab_size) -> Tokenizer:
     return tok
 
 
+def _sentencepiece_siglip_tokenizer(texts, vocab_size, text_len, workdir: Path):
+    """The tokenizer class real SigLIP checkpoints ship (sentencepiece; </s> is both pad and
+    eos, as in google/siglip-*), trained on the given texts."""
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+    workdir.mkdir(parents=True, exist_ok=True)
+    n_chars = len(set("".join(texts)))
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(workdir / "spiece"),
+                                   vocab_size=min(vocab_size, 150 + n_chars), pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, minloglevel=2, hard_vocab_limit=False)
+    return SiglipTokenizer(vocab_file=str(workdir / "spiece.model"), model_max_length=text_len)
+
+
 def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_size=96,
-                      num_layers=4, num_heads=4, text_len=64, vocab_size=1024, seed=0) -> Path:
+                      num_layers=4, num_heads=4, text_len=64, vocab_size=1024, seed=0,
+                      tokenizer_kind="bpe") -> Path:
     """A SigLIP (vision + text towers) saved like a hub checkpoint: model, image processor,
-    tokenizer. The text length is fixed by the checkpoint, as for real SigLIP."""
+    tokenizer. The text length is fixed by the checkpoint, as for real SigLIP.
+    tokenizer_kind="sentencepiece" gives the SiglipTokenizer class of real checkpoints."""
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    tok = _train_bpe(texts, SIGLIP_SPECIAL, vocab_size)
-    eos_id = tok.token_to_id("</s>")
-    # SigLIP's sentencepiece tokenizer appends </s>; the text tower pools the last position.
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos_id)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>", model_max_length=text_len)
+    if tokenizer_kind == "sentencepiece":
+        tokenizer = _sentencepiece_siglip_tokenizer(texts, vocab_size, text_len, out_dir / "_spm")
+        eos_id = tokenizer.eos_token_id
+    else:
+        tok = _train_bpe(texts, SIGLIP_SPECIAL, vocab_size)
+        eos_id = tok.token_to_id("</s>")
+        # SigLIP's sentencepiece tokenizer appends </s>; the text tower pools the last position.
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos_id)])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                            unk_token="<unk>", model_max_length=text_len)
     common = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads)
     config = SiglipConfig(

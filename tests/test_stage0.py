@@ -91,3 +91,29 @@ def test_training_lowers_val_loss_and_raises_recall(tiny_siglip, short_caption_j
     print("before", before, "\nafter", after)
     assert after["loss"] < before["loss"] - 0.5
     assert after["i2t_R@1"] > before["i2t_R@1"] + 0.1
+
+
+def test_sentencepiece_siglip_tokenizer_and_checkpoint_text_length(demo_dir, tmp_path):
+    """Real SigLIP checkpoints ship a sentencepiece SiglipTokenizer and fix their own text
+    length; captions are padded to exactly that length and longer ones truncated."""
+    from transformers import SiglipTokenizer
+
+    from scripts.make_tiny_models import _texts_from_files, build_tiny_siglip
+    texts = _texts_from_files([demo_dir / "stage0_train.json"])
+    model_dir = build_tiny_siglip(tmp_path / "spm_siglip", texts, image_size=32, hidden_size=32,
+                                  num_layers=1, num_heads=2, text_len=24, tokenizer_kind="sentencepiece")
+    init = SiglipModel.from_pretrained(model_dir)
+    assert init.logit_scale.item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
+    assert init.logit_bias.item() == -10.0  # the SigLIP paper's init for new scale/bias
+    trainer = main(_args(model_dir, tmp_path / "out", demo_dir / "stage0_train.json", max_steps=1))
+    assert isinstance(trainer.tokenizer, SiglipTokenizer)
+    ds = trainer.train_dataset
+    assert ds.input_ids.shape[1] == init.config.text_config.max_position_embeddings == 24
+    long_rows = [i for i, c in enumerate(ds.captions) if len(trainer.tokenizer(c)["input_ids"]) > 24]
+    assert long_rows, "demo captions should exceed 24 tokens"
+    # truncated to content + the closing </s> (which SigLIP also uses as padding)
+    assert (ds.input_ids[long_rows, :-1] != trainer.tokenizer.pad_token_id).all()
+    assert (ds.input_ids[long_rows, -1] == trainer.tokenizer.eos_token_id).all()
+    # requesting more than the checkpoint's positions is capped, with no crash
+    from Stage0.train_vision_encoder_stage0 import text_length
+    assert text_length(init, trainer.tokenizer, 100) == 24
