@@ -1,0 +1,93 @@
+"""Image-caption pairs for Stage 1.
+
+Each JSON row is `{"image": path relative to --image_root, "caption": text}`. A sample is
+
+    <bos> <image>*N [instruction] caption <eos>
+
+with N the number of image tokens the VLM splices features into (one per vision patch), and
+labels -100 everywhere except the caption tokens and the EOS.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from image_loader import load_image, resolve_image_path
+
+IGNORE_INDEX = -100
+
+
+def read_rows(json_path, image_root, keys=("image", "caption")) -> list[dict]:
+    """Load a JSON list and check every row up front, so a bad row fails before training
+    starts, with the file and row index in the message."""
+    json_path = Path(json_path)
+    try:
+        rows = json.loads(json_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from e
+    if not isinstance(rows, list):
+        raise ValueError(f"{json_path}: expected a JSON list of objects, got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{json_path} row {i}: expected an object, got {type(row).__name__}")
+        missing = [k for k in keys if not str(row.get(k) or "").strip()]
+        if missing:
+            raise ValueError(f"{json_path} row {i}: missing or empty {missing} (has {sorted(row)})")
+        path = resolve_image_path(row["image"], image_root, row=i, source=str(json_path))
+        out.append({**row, "image_path": str(path), "row": i})
+    return out
+
+
+class ImageCaptionDataset(Dataset):
+    def __init__(self, json_path, image_root, tokenizer, image_processor, *, image_token_id: int,
+                 num_image_tokens: int, max_caption_len: int = 128, instruction: str = ""):
+        if max_caption_len < 1:
+            raise ValueError("--max_caption_len must be >= 1 (the EOS needs a slot)")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the LM tokenizer has no EOS token; captions need one to end on")
+        self.source = str(json_path)
+        self.rows = read_rows(json_path, image_root)
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.max_caption_len = max_caption_len
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        extra = tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+        self.prompt_ids = bos + [image_token_id] * num_image_tokens + extra
+
+    def __len__(self):
+        return len(self.rows)
+
+    def caption_ids(self, caption: str) -> list[int]:
+        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        return ids[: self.max_caption_len - 1] + [self.tokenizer.eos_token_id]
+
+    def __getitem__(self, idx):
+        row = self.rows[idx]
+        image = load_image(row["image_path"], row=row["row"], source=self.source)
+        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        target = self.caption_ids(row["caption"])
+        input_ids = self.prompt_ids + target
+        labels = [IGNORE_INDEX] * len(self.prompt_ids) + target
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                "pixel_values": pixel_values}
+
+
+class CaptionCollator:
+    """Right-pads to the longest sequence in the batch (dynamic padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = b["input_ids"], b["labels"], 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "pixel_values": torch.stack([b["pixel_values"] for b in batch])}

@@ -1,0 +1,184 @@
+"""ProjectionTrainerStage1: the vision tower and the LM are frozen; only the projector learns.
+
+Only the projector goes through `accelerator.prepare`, so DDP all-reduces just its gradients and
+a resume checkpoint holds just its weights and AdamW state (megabytes, not the LM's gigabytes).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from accelerator_setup import (
+    NonFiniteGuard,
+    accumulation_windows,
+    count_parameters,
+    epoch_batches,
+    load_checkpoint,
+    log_metrics,
+    make_scheduler,
+    resolve_resume,
+    save_checkpoint,
+    steps_per_epoch,
+)
+from projectors import lm_loss_on_supervised, projector_of, save_vlm
+
+logger = logging.getLogger("siglip_med")
+
+
+class ProjectionTrainerStage1:
+    def __init__(self, args, accelerator, model, tokenizer, image_processor, train_loader, val_loader=None):
+        self.args, self.accelerator = args, accelerator
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        model.requires_grad_(False)
+        model.eval()
+        model.to(accelerator.device)
+        # Frozen parts may be stored in bf16; the trained weights stay fp32 (autocast computes in bf16).
+        projector = projector_of(model).float().requires_grad_(True)
+        self.params = list(projector.parameters())
+        optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.projector, self.optimizer, self.train_loader = accelerator.prepare(projector, optimizer, train_loader)
+        model.model.multi_modal_projector = self.projector
+        self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+        self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
+        self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
+        # Not prepared: accelerate would step it once per process, but total_steps is already
+        # counted on the per-process loader. Registered so resume restores it.
+        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.guard = NonFiniteGuard()
+        self.out = Path(args.output_dir)
+        self.results: dict = {}
+        self._evaluated = (None, None)
+        total, trainable = count_parameters(model)
+        logger.info("Stage1: %d parameters, %d trainable (projector); %d optimizer steps",
+                    total, trainable, self.total_steps)
+
+    # ------------------------------------------------------------ one optimizer step
+
+    def _forward(self, batch):
+        with self.accelerator.autocast():
+            return lm_loss_on_supervised(self.model, batch["input_ids"], batch["attention_mask"],
+                                         batch["pixel_values"], batch["labels"])
+
+    def _optimizer_step(self, window, step):
+        acc, k = self.accelerator, len(window)
+        loss_sum = 0.0
+        for i, batch in enumerate(window):
+            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+            sync = contextlib.nullcontext() if i == k - 1 else acc.no_sync(self.projector)
+            with sync:
+                loss = self._forward(batch) / k
+                acc.backward(loss)
+            loss_sum += loss.detach()
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+        # grad_norm is all-reduced, so every process takes the same decision. Under fp16 the
+        # GradScaler must still see an overflowing step to lower its scale (it skips the update).
+        if self.guard.ok(grad_norm, step) or acc.scaler is not None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_sum, grad_norm
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self):
+        args, acc = self.args, self.accelerator
+        state = {"step": 0, "epoch": 0, "batches_done": 0}
+        resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        if resume is not None:
+            state = load_checkpoint(acc, resume)
+        step = state["step"]
+        if self.val_loader is not None and step == 0:
+            self.results["val_loss_before"] = self.evaluate(step)
+        bar = tqdm(total=self.total_steps, initial=step, desc="stage1", disable=not acc.is_local_main_process)
+        for epoch in range(state["epoch"], args.num_epochs):
+            done = state["batches_done"] if epoch == state["epoch"] else 0
+            batches = epoch_batches(acc, self.train_loader, epoch, skip_batches=done)
+            tick, samples = time.perf_counter(), 0
+            for window in accumulation_windows(batches, args.gradient_accumulation_steps):
+                loss, grad_norm = self._optimizer_step(window, step)
+                step, done = step + 1, done + len(window)
+                samples += sum(len(b["input_ids"]) for b in window) * acc.num_processes
+                bar.update(1)
+                if step % args.logging_steps == 0 or step == self.total_steps:
+                    loss = acc.reduce(loss, "mean").item()
+                    rate, tick, samples = samples / (time.perf_counter() - tick), time.perf_counter(), 0
+                    log_metrics(acc, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                                      "train/grad_norm": grad_norm, "train/samples_per_s": rate,
+                                      "epoch": epoch}, step)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    self._checkpoint(step, epoch, done)
+                if step >= self.total_steps:
+                    break
+            if done >= len(self.train_loader):
+                self._end_of_epoch(epoch, step)
+            elif step >= self.total_steps:  # a --max_steps stop inside an epoch stays resumable
+                self._checkpoint(step, epoch, done)
+            if step >= self.total_steps:
+                break
+        bar.close()
+        if self.val_loader is not None:
+            self.results["val_loss"] = self.evaluate(step)
+        self.results.update(step=step, final_model=str(self.save("final_model")))
+        self.model.model.multi_modal_projector = acc.unwrap_model(self.projector)
+        acc.end_training()
+        return self.results
+
+    def _checkpoint(self, step, epoch, done):
+        save_checkpoint(self.accelerator, self.args.output_dir, step,
+                        {"epoch": epoch, "batches_done": done}, self.args.checkpoints_total_limit)
+
+    def _end_of_epoch(self, epoch, step):
+        if self.val_loader is not None:
+            self.results["val_loss"] = self.evaluate(step)
+        if self.args.save_every_epoch:
+            self.save(f"epoch_{epoch + 1}")
+        self._checkpoint(step, epoch + 1, 0)
+
+    # ------------------------------------------------------------ eval and export
+
+    @torch.no_grad()
+    def evaluate(self, step) -> float:
+        """Caption loss per supervised token over the whole validation set."""
+        if self._evaluated[0] == step:
+            return self._evaluated[1]
+        acc, total, count = self.accelerator, 0.0, 0
+        for batch in self.val_loader:
+            with acc.autocast():
+                loss = lm_loss_on_supervised(self.model, batch["input_ids"], batch["attention_mask"],
+                                             batch["pixel_values"], batch["labels"], reduction="sum")
+            total += loss.float()
+            count += (batch["labels"][:, 1:] != -100).sum()
+        totals = acc.reduce(torch.stack([torch.as_tensor(total, device=acc.device, dtype=torch.float),
+                                         torch.as_tensor(count, device=acc.device, dtype=torch.float)]), "sum")
+        val = (totals[0] / totals[1].clamp(min=1)).item()
+        log_metrics(acc, {"val/loss": val}, step)
+        logger.info("step %d: val caption loss %.4f", step, val)
+        self._evaluated = (step, val)
+        return val
+
+    def save(self, name) -> Path:
+        """save_vlm with the plain projector (no DDP wrapper) cast to the LM's dtype."""
+        acc, out = self.accelerator, self.out / name
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            dtype = self.model.model.language_model.embed_tokens.weight.dtype
+            plain = acc.unwrap_model(self.projector)
+            if plain.linear_1.weight.dtype != dtype:
+                plain = copy.deepcopy(plain).to(dtype)
+            self.model.model.multi_modal_projector = plain
+            try:
+                save_vlm(self.model, self.tokenizer, self.image_processor, out)
+            finally:
+                self.model.model.multi_modal_projector = self.projector
+            logger.info("saved %s", out)
+        acc.wait_for_everyone()
+        return out

@@ -1,0 +1,352 @@
+"""The vision-language model: a vision tower, an MLP projector and a causal LM, assembled as a
+plain `transformers.LlavaForConditionalGeneration` so the exported folder loads with
+`AutoModelForImageTextToText.from_pretrained` and serves wherever LLaVA models serve.
+
+Every patch of the vision tower becomes one image token in the LM's input. SigLIP has no CLS
+token, so its towers use `vision_feature_select_strategy="full"`; LLaVA's "default" `[:, 1:]`
+would silently drop a real patch. Towers with a CLS token (DINOv2 / RadDino, CLIP) use "default".
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+from transformers.activations import ACT2FN
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+logger = logging.getLogger("siglip_med")
+
+PROJECTOR_DIR = "projection_layer"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+VISION_ENCODER_FILE = "vision_encoder.bin"  # Stage0's torch.save of the vision tower state dict
+IMAGE_TOKEN_CANDIDATES = ("<image_soft_token>", "<image>")
+# How many non-patch tokens lead a tower's output: LLaVA's "default" strategy drops exactly one.
+_CLS_TOWERS = {"dinov2", "clip_vision_model", "vit"}
+_NO_CLS_TOWERS = {"siglip_vision_model", "siglip2_vision_model"}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+# ---------------------------------------------------------------- projector
+
+class MLPProjector(nn.Module):
+    """Linear (act Linear)*: depth 2 has exactly the parameter names of LLaVA's
+    `LlavaMultiModalProjector` (`linear_1`, `act`, `linear_2`), so its weights load there."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, act: str = "gelu"):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"projector depth must be >= 1, got {depth}")
+        self.in_dim, self.out_dim, self.depth, self.act_name = in_dim, out_dim, depth, act
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        if depth > 1:
+            self.act = ACT2FN[act]
+        for i in range(2, depth + 1):
+            setattr(self, f"linear_{i}", nn.Linear(out_dim, out_dim))
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        for i in range(2, self.depth + 1):
+            x = getattr(self, f"linear_{i}")(self.act(x))
+        return x
+
+    def config_dict(self) -> dict:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "depth": self.depth, "act": self.act_name}
+
+
+def projector_of(model: LlavaForConditionalGeneration) -> nn.Module:
+    return model.model.multi_modal_projector
+
+
+def _projector_config(model) -> dict:
+    proj = projector_of(model)
+    if isinstance(proj, MLPProjector):
+        return proj.config_dict()
+    return {"in_dim": proj.linear_1.in_features, "out_dim": proj.linear_2.out_features, "depth": 2,
+            "act": model.config.projector_hidden_act}
+
+
+def load_projector(path) -> MLPProjector:
+    """Read `projection_layer/` (or the VLM folder holding it) back into an MLPProjector."""
+    path = Path(path)
+    if (path / PROJECTOR_DIR).is_dir():
+        path = path / PROJECTOR_DIR
+    cfg = json.loads((path / "config.json").read_text())
+    proj = MLPProjector(cfg["in_dim"], cfg["out_dim"], depth=cfg["depth"], act=cfg.get("act", "gelu"))
+    if (path / PROJECTOR_WEIGHTS).exists():
+        from safetensors.torch import load_file
+        state = load_file(str(path / PROJECTOR_WEIGHTS))
+    else:
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    proj.load_state_dict(state, strict=True)
+    return proj
+
+
+# ---------------------------------------------------------------- towers
+
+def _has_cls(config) -> bool:
+    if config.model_type not in _CLS_TOWERS | _NO_CLS_TOWERS:
+        # Guessing wrong either drops a real patch or feeds a CLS/register token as a patch.
+        raise ValueError(f"vision tower type {config.model_type!r}: unknown whether it has a CLS token; "
+                         f"supported: {sorted(_CLS_TOWERS | _NO_CLS_TOWERS)}")
+    return config.model_type in _CLS_TOWERS
+
+
+def _checked_from_pretrained(cls, name_or_path, allow=None, **kw):
+    from transformers.utils import logging as hf_logging
+    # The loading report lists the unused half of a two-tower checkpoint (SigLIP's text tower)
+    # as "unexpected"; that is intended here, while missing weights are checked below.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kw)
+    finally:
+        hf_logging.set_verbosity(level)
+    bad = {k: [n for n in v if not (allow and allow(n if isinstance(n, str) else n[0]))]
+           for k, v in info.items() if k in ("missing_keys", "mismatched_keys")}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        raise RuntimeError(f"{name_or_path}: {cls.__name__} would be partly random-initialised: {bad}")
+    if info.get("unexpected_keys"):
+        logger.info("%s: %d weights not used by %s (e.g. %s)", name_or_path, len(info["unexpected_keys"]),
+                    type(model).__name__, sorted(info["unexpected_keys"])[0])
+    return model
+
+
+def _match_prefix(state: dict, expected, prefix: str) -> dict:
+    """transformers 4.x vision models keep their weights under `vision_model.`, 5.x without it;
+    a `vision_encoder.bin` from either loads (strictly, so nothing else is glossed over)."""
+    expected = set(expected)
+    if set(state) == expected:
+        return state
+    added = {prefix + k: v for k, v in state.items()}
+    stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return next((s for s in (added, stripped) if set(s) == expected), state)
+
+
+def load_vision_tower(name_or_path, *, torch_dtype=None) -> tuple[nn.Module, bool]:
+    """Return (vision model, has_cls_token) from a hub id or a local folder.
+
+    Accepts a full SigLIP / CLIP checkpoint (its vision half is taken), a vision-only
+    checkpoint (SiglipVisionModel, CLIPVisionModel, Dinov2Model / RadDino), a Stage0
+    `final_model/`, or a folder holding only Stage0's `vision_encoder.bin` next to a config.json.
+    """
+    path = Path(str(name_or_path))
+    config = AutoConfig.from_pretrained(name_or_path)
+    vision_config = getattr(config, "vision_config", None) or config
+    only_bin = (path.is_dir() and (path / VISION_ENCODER_FILE).exists()
+                and not any((path / f).exists() for f in _WEIGHT_FILES))
+    if only_bin:
+        model = AutoModel.from_config(vision_config)
+        state = torch.load(path / VISION_ENCODER_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(_match_prefix(state, model.state_dict().keys(),
+                                            model.base_model_prefix + "."), strict=True)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+    else:
+        # The vision half of a two-tower checkpoint (SiglipModel -> SiglipVisionModel) loads by
+        # its own class; its keys carry the same `vision_model.` prefix.
+        cls = MODEL_MAPPING[type(vision_config)] if vision_config is not config else AutoModel
+        kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        model = _checked_from_pretrained(cls, name_or_path, **kw)
+    return model, _has_cls(vision_config)
+
+
+def load_image_processor(name_or_path, vision_config):
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        if vision_config.model_type != "siglip_vision_model":
+            raise
+        warnings.warn(f"{name_or_path} has no image processor; using SigLIP's default "
+                      f"({vision_config.image_size}px, mean=std=0.5)")
+        from transformers import SiglipImageProcessor
+        size = vision_config.image_size
+        return SiglipImageProcessor(size={"height": size, "width": size})
+
+
+def num_image_tokens(image_processor, vision_config) -> int:
+    """Patches per image at the size the image processor produces (that size, not the config's
+    image_size, sets the count: DINOv2 checkpoints say 518 but their processors crop 224)."""
+    from PIL import Image
+    pixels = image_processor(images=Image.new("RGB", (37, 29)), return_tensors="pt")["pixel_values"]
+    h, w = pixels.shape[-2:]
+    return (h // vision_config.patch_size) * (w // vision_config.patch_size)
+
+
+# ---------------------------------------------------------------- the VLM
+
+def _image_token(tokenizer) -> tuple[str, int]:
+    vocab = tokenizer.get_vocab()
+    for tok in IMAGE_TOKEN_CANDIDATES:
+        if tok in vocab:
+            return tok, vocab[tok]
+    # The real Gemma 3 270M tokenizer has no image placeholder: add one.
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    return "<image>", tokenizer.convert_tokens_to_ids("<image>")
+
+
+def build_vlm(vision_model_name, llm_name, *, projector_depth: int = 2, torch_dtype=None):
+    """Assemble LlavaForConditionalGeneration(pretrained tower, new projector, pretrained LM).
+
+    Returns (model, tokenizer, image_processor). Every pretrained weight is copied in under
+    LLaVA's key names and the copy is strict, so nothing pretrained is left random.
+    """
+    tower, has_cls = load_vision_tower(vision_model_name, torch_dtype=torch_dtype)
+    image_processor = load_image_processor(vision_model_name, tower.config)
+    tokenizer = AutoTokenizer.from_pretrained(llm_name)
+    lm = _checked_from_pretrained(AutoModelForCausalLM, llm_name,
+                                  **({"dtype": torch_dtype} if torch_dtype is not None else {}))
+    base = getattr(lm, lm.base_model_prefix)
+    image_token, image_token_id = _image_token(tokenizer)
+    if image_token_id >= lm.get_input_embeddings().num_embeddings:
+        # Llava looks up the placeholder's embedding before splicing in image features, so
+        # its id must be a row of the table (the rows it adds are never seen by the LM).
+        old = lm.get_input_embeddings().num_embeddings
+        lm.resize_token_embeddings(max(len(tokenizer), image_token_id + 1), mean_resizing=False)
+        with torch.no_grad():  # the mean row (Hewitt 2021) keeps new logits ordinary; cheap for 262k rows
+            table = lm.get_input_embeddings().weight
+            table[old:] = table[:old].mean(0)
+    n_tokens = num_image_tokens(image_processor, tower.config)
+    config = LlavaConfig(
+        vision_config=tower.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_index=image_token_id,
+        image_seq_length=n_tokens,
+        vision_feature_select_strategy="default" if has_cls else "full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    if getattr(config.text_config, "final_logit_softcapping", None):
+        warnings.warn("the LM sets final_logit_softcapping; LlavaForConditionalGeneration does not "
+                      "apply it, so exported logits differ from the LM's own")
+    projector = MLPProjector(tower.config.hidden_size, config.text_config.hidden_size, depth=projector_depth)
+    with _empty_weights():
+        model = LlavaForConditionalGeneration(config)
+    if projector_depth != 2:
+        model.model.multi_modal_projector = projector
+    state = {}
+    for prefix, module in (("model.vision_tower.", tower), ("model.multi_modal_projector.", projector),
+                           ("model.language_model.", base), ("lm_head.", lm.lm_head)):
+        state.update({prefix + k: v for k, v in module.state_dict().items()})
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise RuntimeError(f"weights left uninitialised after assembling the VLM: {left[:5]}")
+    model.generation_config = lm.generation_config
+    # Generated text must never contain the placeholder: fed back in (a second turn) it would
+    # no longer match the number of image features.
+    model.generation_config.suppress_tokens = [image_token_id]
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    model.eval()
+    logger.info("VLM: %s (%s) + %d-layer projector + %s; %d image tokens per image, placeholder %s=%d",
+                vision_model_name, config.vision_config.model_type, projector_depth, llm_name,
+                n_tokens, image_token, image_token_id)
+    return model, tokenizer, image_processor
+
+
+def _processor(model, tokenizer, image_processor):
+    from transformers import LlavaProcessor
+    cfg = model.config
+    token = tokenizer.convert_ids_to_tokens(cfg.image_token_index)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                          patch_size=cfg.vision_config.patch_size,
+                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                          image_token=token,
+                          num_additional_image_tokens=int(cfg.vision_feature_select_strategy == "default"),
+                          chat_template=getattr(tokenizer, "chat_template", None))
+
+
+def save_vlm(model, tokenizer, image_processor, out_dir) -> Path:
+    """Write a folder that plain transformers loads (`AutoModelForImageTextToText`,
+    `AutoProcessor`), plus `projection_layer/` with the projector alone."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proj_cfg = _projector_config(model)
+    if proj_cfg["depth"] != 2:
+        warnings.warn(f"projector depth {proj_cfg['depth']} != 2: LlavaForConditionalGeneration has a "
+                      f"fixed 2-layer projector, so {out} does NOT load with plain transformers; "
+                      "use projectors.load_vlm")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    try:
+        _processor(model, tokenizer, image_processor).save_pretrained(out)
+    except Exception as e:  # a processor is a convenience; the model folder is complete without it
+        warnings.warn(f"could not save a LlavaProcessor ({e}); load tokenizer and image processor separately")
+    pdir = out / PROJECTOR_DIR
+    pdir.mkdir(exist_ok=True)
+    from safetensors.torch import save_file
+    state = {k: v.detach().to("cpu").contiguous() for k, v in projector_of(model).state_dict().items()}
+    save_file(state, str(pdir / PROJECTOR_WEIGHTS))
+    (pdir / "config.json").write_text(json.dumps(proj_cfg, indent=2))
+    return out
+
+
+def load_vlm(path, *, torch_dtype=None):
+    """Reload a `save_vlm` folder as (model, tokenizer, image_processor), including one whose
+    projector is not LLaVA's 2-layer MLP (its weights then come from `projection_layer/`)."""
+    from transformers import AutoModelForImageTextToText
+    path = Path(path)
+    depth = json.loads((path / PROJECTOR_DIR / "config.json").read_text())["depth"]
+    kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    allow = (lambda k: "multi_modal_projector" in k) if depth != 2 else None
+    model = _checked_from_pretrained(AutoModelForImageTextToText, path, allow=allow, **kw)
+    if depth != 2:
+        dtype = model.model.language_model.embed_tokens.weight.dtype
+        model.model.multi_modal_projector = load_projector(path).to(dtype)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+
+
+def _empty_weights():
+    # Parameters on the meta device (every one is then assigned from a pretrained state dict),
+    # buffers real: rotary inv_freq and position ids are not in any state dict.
+    from accelerate import init_empty_weights
+    return init_empty_weights(include_buffers=False)
+
+
+# ---------------------------------------------------------------- loss
+
+def supervised_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(hidden).float()
+    cap = getattr(model.config.text_config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def lm_loss_on_supervised(model, input_ids, attention_mask, pixel_values, labels, *, reduction="mean"):
+    """Causal-LM cross-entropy with the LM head applied only where a next token is supervised.
+
+    Gemma's 262k vocabulary makes full (B, T, V) logits the largest tensor of a step; the
+    image tokens and the prompt never need them. Equals the loss from full logits.
+    """
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask,
+                         pixel_values=pixel_values, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if not keep.any():
+        return hidden.sum() * 0.0
+    logits = supervised_logits(model, hidden[:, :-1][keep])
+    return F.cross_entropy(logits, targets[keep], reduction=reduction)

