@@ -13,6 +13,7 @@ and metrics in OUTPUT_DIR/metrics.jsonl.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def main(argv=None):
                   if args.val_json else None)
     trainer = ProjectionTrainerStage1(args, accelerator, model, tokenizer, image_processor,
                                       train_loader, val_loader)
-    trainer.train()
+    results = trainer.train()
+    if accelerator.is_main_process:
+        (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return trainer
 
 

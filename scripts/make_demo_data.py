@@ -603,7 +603,9 @@ stage2_*.json holds VQA triplets (image, problem = question, normal_caption = an
 question_type closed/location/open, finding); demo.csv has one row per image with its absolute
 img_path, the findings and impression text, split, one 0/1 column per finding, the ICD-10
 codes and the relative image path; findings.json lists the findings with ICD-10 codes and
-zero-shot prompts. Paths in the JSON files are relative to this folder, so pass it as
+zero-shot prompts; pretrain_train.json (train images only) adds a single-finding statement per
+image to the captions, the corpus the quickstart's stand-in for a pretrained SigLIP learns
+from. Paths in the JSON files are relative to this folder, so pass it as
 --image_root.
 """
 
@@ -668,6 +670,18 @@ def main(argv=None) -> Path:
         per_split[split]["stage2"].extend(qa)
         csv_rows.append([str(abs_dir / rel), findings_text, impression, split,
                          *[labels[n] for n in FINDING_NAMES], ";".join(codes), rel])
+
+    # The quickstart trains its small SigLIP from scratch as a stand-in for a pretrained one.
+    # A real pretrained text tower has seen short phrases as well as reports; one trained on
+    # reports alone maps the zero-shot prompts ("pleural effusion" / "no pleural effusion")
+    # nowhere useful. So its corpus adds, per image, one single-finding statement in that form.
+    stmt_rng = np.random.default_rng([args.seed, 3])
+    pretrain = []
+    for row in per_split["train"]["stage0"]:
+        f = FINDINGS[int(stmt_rng.integers(len(FINDINGS)))]
+        text = f["positive_prompt"] if row["labels"][f["name"]] else f["negative_prompt"]
+        pretrain += [row, {**row, "caption": text}]
+    _write_json(out_dir / "pretrain_train.json", pretrain)
 
     for split, parts in per_split.items():
         _write_json(out_dir / f"stage0_{split}.json", parts["stage0"])

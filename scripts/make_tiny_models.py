@@ -128,6 +128,31 @@ def build_tiny_gemma3(out_dir, texts, *, hidden_size=96, num_layers=2, num_heads
     return out_dir
 
 
+def pretrain_lm(path, texts, *, steps=200, batch_size=32, max_len=96, lr=3e-3, seed=0) -> Path:
+    """Next-token training on the given texts: the stand-in for a pretrained LLM. A random LM
+    gives near-uniform logits whatever its inputs, which leaves a projector nothing to align to."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    texts = [t + tok.eos_token for t in texts]
+    lm.train()
+    for step in range(steps):
+        idx = torch.randint(len(texts), (batch_size,)).tolist()
+        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = lm(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"LM stand-in pretraining step {step}: loss {loss.item():.3f}", file=sys.stderr)
+    lm.save_pretrained(path)
+    return Path(path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="writes OUT/siglip and OUT/gemma3")
@@ -136,6 +161,8 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=112)
     p.add_argument("--hidden_size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lm_pretrain_steps", type=int, default=0,
+                   help="train the small Gemma3 on the texts first (a stand-in for a pretrained LLM)")
     return p.parse_args(argv)
 
 
@@ -146,6 +173,8 @@ def main(argv=None):
     build_tiny_siglip(out / "siglip", texts, image_size=args.image_size,
                       hidden_size=args.hidden_size, seed=args.seed)
     build_tiny_gemma3(out / "gemma3", texts, hidden_size=args.hidden_size, seed=args.seed)
+    if args.lm_pretrain_steps:
+        pretrain_lm(out / "gemma3", texts, steps=args.lm_pretrain_steps, seed=args.seed)
     print(f"Built config-initialised (random) SigLIP and Gemma3 under {out} (no download).",
           file=sys.stderr)
     return out

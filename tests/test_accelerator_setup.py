@@ -1,0 +1,65 @@
+import argparse
+import warnings
+
+import pytest
+import torch
+
+import accelerator_setup as acc_setup
+from accelerator_setup import (add_common_args, list_checkpoints, load_checkpoint, resolve_resume,
+                               save_checkpoint, setup_accelerator_and_logging)
+
+
+def _args(tmp_path, *extra):
+    return add_common_args(argparse.ArgumentParser()).parse_args(
+        ["--output_dir", str(tmp_path), "--report_to", "none", *extra])
+
+
+def test_checkpoints_rotate_and_resume_latest(tmp_path):
+    acc = setup_accelerator_and_logging(_args(tmp_path))
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    for step in (2, 4, 6):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        save_checkpoint(acc, tmp_path, step, {"epoch": 0, "batches_done": step}, total_limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_4", "step_6"]
+    # a half-written save (no trainer_state.json) is never taken for a checkpoint
+    (tmp_path / "checkpoints" / ".tmp_step_8").mkdir()
+    (tmp_path / "checkpoints" / "step_9").mkdir()
+    latest = resolve_resume(tmp_path, "latest")
+    assert latest.name == "step_6"
+    with torch.no_grad():
+        model.weight.zero_()
+    state = load_checkpoint(acc, latest)
+    assert state == {"step": 6, "epoch": 0, "batches_done": 6}
+    assert torch.all(model.weight == 6)
+
+
+def test_resolve_resume_fresh_and_bad_path(tmp_path):
+    assert resolve_resume(tmp_path, None) is None
+    assert resolve_resume(tmp_path, "latest") is None  # launchers always pass latest
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_wandb_without_login_goes_offline(tmp_path, monkeypatch):
+    for k in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    with pytest.warns(UserWarning, match="offline"):
+        assert acc_setup._tracker(_args(tmp_path, "--report_to", "wandb"), tmp_path) == "wandb"
+    import os
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_tracker_that_fails_to_start_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(acc_setup, "_tracker", lambda args, out: "tensorboard")
+
+    def boom(*a, **k):
+        raise RuntimeError("no tracker today")
+    monkeypatch.setattr("accelerate.Accelerator.init_trackers", boom)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        acc = setup_accelerator_and_logging(_args(tmp_path))
+    assert any("could not start tensorboard" in str(x.message) for x in w)
+    acc_setup.log_metrics(acc, {"loss": 1.5}, step=3)  # still logs to metrics.jsonl
+    assert '"loss": 1.5' in (tmp_path / "metrics.jsonl").read_text()
