@@ -11,8 +11,8 @@ export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 
 OUT="${QUICKSTART_DIR:-runs/quickstart}"
 DEMO="${DEMO_DIR:-data/demo}"
-EPOCHS_PRETRAIN="${EPOCHS_PRETRAIN:-8}"
-EPOCHS_STAGE0="${EPOCHS_STAGE0:-6}"
+EPOCHS_PRETRAIN="${EPOCHS_PRETRAIN:-12}"
+EPOCHS_STAGE0="${EPOCHS_STAGE0:-10}"
 COMMON=(--num_workers 1 --no-save_epoch_models --logging_steps 25)
 export NUM_GPUS=1 MIXED_PRECISION=no REPORT_TO=none BATCH_SIZE=32
 rm -rf "$OUT"
@@ -22,19 +22,20 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "1. demo data: synthetic phantoms (not patient data) -> $DEMO"
 [ -f "$DEMO/stage2_test.json" ] || python scripts/make_demo_data.py --out_dir "$DEMO"
 
-step "2. small SigLIP and Gemma3 built from configs (random weights, no download)"
-python scripts/make_tiny_models.py --out_dir "$OUT/tiny" \
+step "2. small SigLIP and Gemma3 built from configs (random weights, no download); the Gemma3 is
+    trained briefly on the demo texts as a stand-in for a pretrained LLM"
+python scripts/make_tiny_models.py --out_dir "$OUT/tiny" --image_size 64 --lm_pretrain_steps 300 \
     --texts "$DEMO/stage0_train.json" "$DEMO/stage2_train.json"
 
 step "3a. stand-in for a pretrained SigLIP: train the small one jointly (both towers)"
-MODEL_NAME="$OUT/tiny/siglip" TRAIN_JSON="$DEMO/stage0_train.json" VAL_JSON="$DEMO/stage0_val.json" \
-IMAGE_ROOT="$DEMO" OUTPUT_DIR="$OUT/pretrain" LEARNING_RATE=1e-3 NUM_EPOCHS="$EPOCHS_PRETRAIN" \
+MODEL_NAME="$OUT/tiny/siglip" TRAIN_JSON="$DEMO/pretrain_train.json" VAL_JSON="$DEMO/stage0_val.json" \
+IMAGE_ROOT="$DEMO" OUTPUT_DIR="$OUT/pretrain" LEARNING_RATE=2e-3 NUM_EPOCHS="$EPOCHS_PRETRAIN" \
 FREEZE_FLAGS="--no_freeze_text_encoder --no_freeze_logit_scale" \
     bash Stage0/run_train_vision_encoder_stage0.sh "${COMMON[@]}"
 
 step "3b. Stage0 as the seed runs it: text tower + logit scale frozen, fresh vision tower"
 MODEL_NAME="$OUT/pretrain/final_model" TRAIN_JSON="$DEMO/stage0_train.json" VAL_JSON="$DEMO/stage0_val.json" \
-IMAGE_ROOT="$DEMO" OUTPUT_DIR="$OUT/stage0" LEARNING_RATE=1e-3 NUM_EPOCHS="$EPOCHS_STAGE0" \
+IMAGE_ROOT="$DEMO" OUTPUT_DIR="$OUT/stage0" LEARNING_RATE=2e-3 NUM_EPOCHS="$EPOCHS_STAGE0" \
     bash Stage0/run_train_vision_encoder_stage0.sh "${COMMON[@]}" --reinit_vision_tower
 
 step "3c. Stage0 on the test split (small config-built models, synthetic images)"
@@ -47,3 +48,15 @@ python Stage0/evaluate_stage0.py \
     | tee "$OUT/stage0_table.md"
 echo "(stand-in: both towers trained jointly; start: its text tower + a random vision tower;" \
      "after: Stage0's fine-tuned vision tower against the frozen text tower)"
+
+step "4. Stage1: train the projector between Stage0's vision tower and the small Gemma3 (both frozen)"
+IMAGE_ROOT="$DEMO" TRAIN_JSON="$DEMO/stage1_train.json" VAL_JSON="$DEMO/stage1_val.json" \
+OUTPUT_DIR="$OUT/stage1" VISION_MODEL_NAME="$OUT/stage0/final_model" LLM_NAME="$OUT/tiny/gemma3" \
+LEARNING_RATE=1e-3 NUM_EPOCHS="${EPOCHS_STAGE1:-3}" MAX_CAPTION_LEN=96 NUM_WORKERS=1 \
+    bash scripts/run_stage1.sh --no-save_every_epoch --logging_steps 25
+python - "$OUT/stage1/results.json" <<'PY' | tee "$OUT/stage1_table.md"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("| Stage1 (val split)  | before | after |\n|---|---|---|")
+print(f"| caption loss / token | {r['val_loss_before']:.4f} | {r['val_loss']:.4f} |")
+PY
