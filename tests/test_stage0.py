@@ -117,3 +117,51 @@ def test_sentencepiece_siglip_tokenizer_and_checkpoint_text_length(demo_dir, tmp
     # requesting more than the checkpoint's positions is capped, with no crash
     from Stage0.train_vision_encoder_stage0 import text_length
     assert text_length(init, trainer.tokenizer, 100) == 24
+
+
+def _final_weights(out):
+    from safetensors.torch import load_file
+    return load_file(out / "final_model" / "model.safetensors")
+
+
+def _assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"max weight difference {worst}"
+
+
+def test_gradient_accumulation_is_exact_with_frozen_text(tiny_siglip, demo_dir, tmp_path):
+    """4 micro-batches of 4 meet every caption of the step, so they train exactly like one
+    batch of 16 (a per-micro-batch loss would see 4 captions and drift)."""
+    train = demo_dir / "stage0_train.json"
+    main(_args(tiny_siglip, tmp_path / "big", train, max_steps=3, batch_size=16, seed=5))
+    main(_args(tiny_siglip, tmp_path / "accum", train, max_steps=3, batch_size=4,
+               gradient_accumulation_steps=4, seed=5))
+    # Float summation order differs, and AdamW's g/sqrt(v) amplifies that where v is tiny, to
+    # ~1e-5. Micro-batches that saw only their own captions would differ by ~lr*steps = 3e-3.
+    _assert_same_weights(_final_weights(tmp_path / "big"), _final_weights(tmp_path / "accum"), atol=1e-4)
+
+
+def test_two_processes_train_like_one_on_the_union_batch(tiny_siglip, demo_dir, tmp_path):
+    """The whole trainer under DDP (2 CPU processes, gloo): each process's images meet both
+    processes' captions, so 2 x 8 ends with the weights of 1 x 16."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    train = demo_dir / "stage0_train.json"
+    main(_args(tiny_siglip, tmp_path / "one", train, max_steps=3, batch_size=16, seed=5))
+    argv = _args(tiny_siglip, tmp_path / "two", train, max_steps=3, batch_size=8, seed=5)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # ACCELERATE_USE_CPU: what `accelerate launch --cpu` sets; it makes accelerate use gloo
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(root / "Stage0" / "train_vision_encoder_stage0.py"), *argv],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "processes=2" in proc.stderr
+    _assert_same_weights(_final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"), atol=1e-4)
