@@ -8,6 +8,7 @@ of which file to fix instead of a bare PIL traceback deep inside a DataLoader wo
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import warnings
@@ -15,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "load_image", "resolve_image_path"]
+__all__ = ["ImageLoadError", "load_image", "read_json_rows", "resolve_image_path"]
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -240,3 +241,28 @@ def load_image(path, *, row=None, source=None) -> Image.Image:
     if _is_dicom(path):
         return _load_dicom(path, row, source)
     return _load_pil(path, row, source)
+
+
+def read_json_rows(json_path, image_root, keys, *, image_key="image") -> list[dict]:
+    """Load a data file (a JSON list of objects) and check every row up front, so a bad row
+    fails before training starts with the file, the row index and what is wrong. Each row
+    comes back with `image_path` (resolved, existing) and `row` (its index) added."""
+    json_path = pathlib.Path(json_path)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path}: no such data file")
+    try:
+        rows = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from e
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{json_path}: expected a non-empty JSON list of objects with keys {list(keys)}")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{json_path} row {i}: expected an object, got {type(row).__name__}")
+        missing = [k for k in keys if not isinstance(row.get(k), (str, int, float)) or not str(row[k]).strip()]
+        if missing:
+            raise ValueError(f"{json_path} row {i}: missing or empty {missing} (has {sorted(row)})")
+        path = resolve_image_path(row[image_key], image_root, row=i, source=str(json_path))
+        out.append({**row, "image_path": str(path), "row": i})
+    return out

@@ -1,40 +1,19 @@
 """Image-caption pairs for contrastive fine-tuning (seed 000's ImageTextContrastiveDataset)."""
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import load_image, resolve_image_path
+from image_loader import load_image, read_json_rows
 
 logger = logging.getLogger("siglip_med")
 
 
 def read_pairs(json_path, image_root, image_key="image", caption_key="caption") -> list[dict]:
-    """Rows of a JSON list, checked up front so a bad row fails before training starts."""
-    json_path = Path(json_path)
-    try:
-        rows = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{json_path}: cannot read a JSON list of {{'{image_key}', '{caption_key}'}} "
-                         f"rows ({e})") from e
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{json_path}: expected a non-empty JSON list of "
-                         f"{{'{image_key}': ..., '{caption_key}': ...}} objects")
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or image_key not in row or caption_key not in row:
-            raise ValueError(f"{json_path}: row {i} must have keys '{image_key}' and '{caption_key}', "
-                             f"got {row!r:.200}")
-        caption = str(row[caption_key]).strip()
-        if not caption:
-            raise ValueError(f"{json_path}: row {i} has an empty '{caption_key}'")
-        path = resolve_image_path(row[image_key], image_root, row=i, source=str(json_path))
-        out.append({**row, "path": path, "caption": caption, "row": i})
-    return out
+    rows = read_json_rows(json_path, image_root, (image_key, caption_key), image_key=image_key)
+    return [{**r, "caption": str(r[caption_key]).strip()} for r in rows]
 
 
 class ImageTextContrastiveDataset(Dataset):
@@ -68,7 +47,7 @@ class ImageTextContrastiveDataset(Dataset):
 
     def __getitem__(self, i):
         r = self.rows[i]
-        image = load_image(r["path"], row=r["row"], source=self.json_path)
+        image = load_image(r["image_path"], row=r["row"], source=self.json_path)
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         c = int(self.caption_ids[i])
         return {"pixel_values": pixel_values, "input_ids": self.input_ids[c],

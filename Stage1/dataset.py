@@ -9,37 +9,17 @@ labels -100 everywhere except the caption tokens and the EOS.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import load_image, resolve_image_path
+from image_loader import load_image, read_json_rows
 
 IGNORE_INDEX = -100
 
 
 def read_rows(json_path, image_root, keys=("image", "caption")) -> list[dict]:
-    """Load a JSON list and check every row up front, so a bad row fails before training
-    starts, with the file and row index in the message."""
-    json_path = Path(json_path)
-    try:
-        rows = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e})") from e
-    if not isinstance(rows, list):
-        raise ValueError(f"{json_path}: expected a JSON list of objects, got {type(rows).__name__}")
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{json_path} row {i}: expected an object, got {type(row).__name__}")
-        missing = [k for k in keys if not str(row.get(k) or "").strip()]
-        if missing:
-            raise ValueError(f"{json_path} row {i}: missing or empty {missing} (has {sorted(row)})")
-        path = resolve_image_path(row["image"], image_root, row=i, source=str(json_path))
-        out.append({**row, "image_path": str(path), "row": i})
-    return out
+    return read_json_rows(json_path, image_root, keys)
 
 
 class ImageCaptionDataset(Dataset):

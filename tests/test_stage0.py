@@ -165,3 +165,15 @@ def test_two_processes_train_like_one_on_the_union_batch(tiny_siglip, demo_dir, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes=2" in proc.stderr
     _assert_same_weights(_final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"), atol=1e-4)
+
+
+def test_bad_rows_fail_before_training_naming_file_and_row(tiny_siglip, demo_dir, tmp_path):
+    import json
+    rows = json.loads((demo_dir / "stage0_train.json").read_text())[:5]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows[:3] + [{"image": rows[3]["image"]}] + rows[4:]))
+    with pytest.raises(ValueError, match=r"bad\.json row 3: missing or empty \['caption'\]"):
+        main(_args(tiny_siglip, tmp_path / "o", bad, max_steps=1, image_root=demo_dir))
+    bad.write_text(json.dumps(rows[:2] + [{**rows[2], "image": "images/nope.png"}]))
+    with pytest.raises(ValueError, match=r"row 2 of .*bad\.json.*--image_root"):
+        main(_args(tiny_siglip, tmp_path / "o", bad, max_steps=1, image_root=demo_dir))
