@@ -1,0 +1,170 @@
+"""(image, question, answer) triplets for Stage 2, in Gemma3's chat format.
+
+Each JSON row is `{"image": path relative to --image_root, "problem": question,
+"normal_caption": answer}` (extra keys such as `question_type` are kept). A sample is
+
+    <bos><start_of_turn>user\\n<image>*N{question}<end_of_turn>\\n<start_of_turn>model\\n{answer}<end_of_turn>
+
+with N the number of image features the VLM splices in (one per vision patch). Labels are -100
+everywhere except the answer tokens and the closing <end_of_turn>, which is what teaches the
+model to stop. The turn is assembled from token ids rather than a chat template: the packaged
+Gemma 3 270M tokenizer has none, and ids cannot drift between training and inference the way a
+re-rendered template string can. `build_prompt` is the one place that builds the prompt.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from image_loader import load_image, resolve_image_path
+
+IGNORE_INDEX = -100
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+QUESTION_KEY, ANSWER_KEY = "problem", "normal_caption"
+
+
+def read_rows(json_path, image_root, keys=("image", QUESTION_KEY, ANSWER_KEY)) -> list[dict]:
+    """Load a JSON list and check every row up front, so a bad row fails before training
+    starts, with the file and row index in the message."""
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path}: no such JSON file")
+    try:
+        rows = json.loads(json_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from e
+    if not isinstance(rows, list):
+        raise ValueError(f"{json_path}: expected a JSON list of objects, got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{json_path} row {i}: expected an object, got {type(row).__name__}")
+        missing = [k for k in keys if not isinstance(row.get(k), (str, int, float)) or not str(row[k]).strip()]
+        if missing:
+            raise ValueError(f"{json_path} row {i}: missing or empty {missing} (has {sorted(row)})")
+        path = resolve_image_path(row["image"], image_root, row=i, source=str(json_path))
+        out.append({**row, "image_path": str(path), "row": i})
+    if not out:
+        raise ValueError(f"{json_path}: no rows")
+    return out
+
+
+# ---------------------------------------------------------------- the chat turn
+
+def chat_token_ids(tokenizer) -> tuple[int, int]:
+    """(<start_of_turn>, <end_of_turn>) ids; a tokenizer without them is not a Gemma3 one."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (START_OF_TURN, END_OF_TURN) if t not in vocab]
+    if missing:
+        raise ValueError(f"the LM tokenizer has no {missing} token(s): Stage 2 uses Gemma3's chat turns "
+                         f"and needs a Gemma3 tokenizer (got {type(tokenizer).__name__}, {len(vocab)} tokens)")
+    return vocab[START_OF_TURN], vocab[END_OF_TURN]
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def build_prompt(tokenizer, config, question: str, max_q_len: int | None = None) -> list[int]:
+    """Token ids of a user turn holding the image and the question, up to and including the
+    `<start_of_turn>model\\n` that the answer follows. `config` is the VLM's config: its
+    `image_token_index` and `image_seq_length` give the placeholder and how many of them
+    (exactly one per image feature, or Llava refuses the batch). `max_q_len` truncates
+    the question only, never the image or the turn markers."""
+    sot, eot = chat_token_ids(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    q = _text_ids(tokenizer, str(question).strip())
+    if max_q_len:
+        q = q[:max_q_len]
+    image = [config.image_token_index] * config.image_seq_length
+    return (bos + [sot] + _text_ids(tokenizer, "user\n") + image + q
+            + [eot] + _text_ids(tokenizer, "\n") + [sot] + _text_ids(tokenizer, "model\n"))
+
+
+def answer_ids(tokenizer, answer: str, max_a_len: int | None = None) -> list[int]:
+    """The supervised target: answer tokens then <end_of_turn>, which survives truncation
+    (`max_a_len` counts it), so a cut answer still teaches the model to stop."""
+    _, eot = chat_token_ids(tokenizer)
+    a = _text_ids(tokenizer, str(answer).strip())
+    if max_a_len:
+        a = a[: max_a_len - 1]
+    return a + [eot]
+
+
+def build_example(tokenizer, config, question, answer, *, max_q_len=None, max_a_len=None):
+    """(input_ids, labels) of one training turn; labels supervise the answer and <end_of_turn>."""
+    prompt = build_prompt(tokenizer, config, question, max_q_len)
+    target = answer_ids(tokenizer, answer, max_a_len)
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+# ---------------------------------------------------------------- data set and padding
+
+class VQADataset(Dataset):
+    """Training samples (`with_answers=True`: input_ids, labels, pixel_values) or prompts for
+    generation (`with_answers=False`: the prompt only, plus the row index)."""
+
+    def __init__(self, json_path, image_root, tokenizer, image_processor, config, *, max_q_len: int | None = 128,
+                 max_a_len: int | None = 256, with_answers: bool = True):
+        if max_a_len is not None and max_a_len < 2:
+            raise ValueError("--max_a_len must be >= 2 (one answer token plus <end_of_turn>)")
+        chat_token_ids(tokenizer)
+        self.source = str(json_path)
+        self.rows = read_rows(json_path, image_root,
+                              ("image", QUESTION_KEY, ANSWER_KEY) if with_answers else ("image", QUESTION_KEY))
+        self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
+        self.max_q_len, self.max_a_len, self.with_answers = max_q_len, max_a_len, with_answers
+
+    def __len__(self):
+        return len(self.rows)
+
+    def pixel_values(self, idx) -> torch.Tensor:
+        row = self.rows[idx]
+        image = load_image(row["image_path"], row=row["row"], source=self.source)
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __getitem__(self, idx):
+        row = self.rows[idx]
+        if not self.with_answers:
+            ids = build_prompt(self.tokenizer, self.config, row[QUESTION_KEY], self.max_q_len)
+            return {"input_ids": torch.tensor(ids), "pixel_values": self.pixel_values(idx), "index": idx}
+        ids, labels = build_example(self.tokenizer, self.config, row[QUESTION_KEY], row[ANSWER_KEY],
+                                    max_q_len=self.max_q_len, max_a_len=self.max_a_len)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "pixel_values": self.pixel_values(idx)}
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class VQACollator:
+    """Pads to the longest sequence of the batch (dynamic padding). Right padding for training;
+    left padding for batched generation, so every prompt ends where generation starts."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_token_id, self.padding_side = pad_token_id, padding_side
+
+    def __call__(self, batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if "labels" in batch[0] else None
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[i, span], attention_mask[i, span] = b["input_ids"], 1
+            if labels is not None:
+                labels[i, span] = b["labels"]
+        out = {"input_ids": input_ids, "attention_mask": attention_mask,
+               "pixel_values": torch.stack([b["pixel_values"] for b in batch])}
+        if labels is not None:
+            out["labels"] = labels
+        if "index" in batch[0]:
+            out["index"] = torch.tensor([b["index"] for b in batch])
+        return out

@@ -1,0 +1,176 @@
+"""Evaluate a Stage 2 model on a VQA JSON with batched generation.
+
+    python Stage2/evaluate.py --model_path runs/stage2/final_model --image_root data/demo \\
+        --test_json data/demo/stage2_test.json --output_json runs/stage2/eval_test.json
+
+Per question type (the rows' `question_type`; without one, a yes/no reference is "closed"
+and anything else "open"):
+  closed    accuracy of the yes/no verdict (metrics.yes_no) against the reference; `answered` is
+            the share of predictions that hold a verdict at all. The majority-answer baseline
+            (always giving the most common reference verdict) is reported next to it, because
+            a model that learned only the answer prior already scores that much.
+  location  exact match after normalisation (metrics.normalize_answer), plus token F1.
+  open      token F1 and recall against the reference (metrics.token_f1).
+The table goes to standard output, OUTPUT_JSON gets the summary and every prediction, and
+OUTPUT_JSON with a .md suffix the same table in Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from metrics import normalize_answer, token_f1, yes_no
+from Stage2.dataset import ANSWER_KEY, QUESTION_KEY, VQACollator, VQADataset, pad_token_id, read_rows
+from Stage2.inference_vqa_stage2 import generate_answers, generation_kwargs, load_model, resolve_dtype
+
+logger = logging.getLogger("siglip_med")
+TYPES = ("closed", "location", "open")
+
+
+def question_type(row) -> str:
+    qt = row.get("question_type")
+    if qt:
+        return str(qt)
+    return "closed" if normalize_answer(str(row[ANSWER_KEY])) in (["yes"], ["no"]) else "open"
+
+
+def score(rows, predictions) -> tuple[dict, list[dict]]:
+    """(summary, per-example records) for references in `rows` and predicted strings."""
+    records = []
+    for row, pred in zip(rows, predictions):
+        ref, qt = str(row[ANSWER_KEY]), question_type(row)
+        p, r, f1 = token_f1(pred, ref)
+        if qt == "closed":
+            correct = yes_no(pred) is not None and yes_no(pred) == yes_no(ref)
+        else:
+            correct = normalize_answer(pred) == normalize_answer(ref)
+        records.append({"row": row["row"], "image": row["image"], "question": row[QUESTION_KEY], "reference": ref,
+                        "prediction": pred, "question_type": qt, "finding": row.get("finding"),
+                        "correct": bool(correct), "token_f1": f1, "precision": p, "recall": r})
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else None
+
+    summary: dict = {"n": len(records)}
+    groups = defaultdict(list)
+    for rec in records:
+        groups[rec["question_type"]].append(rec)
+    for qt in sorted(groups, key=lambda t: (TYPES.index(t) if t in TYPES else len(TYPES), t)):
+        recs = groups[qt]
+        summary[qt] = {"n": len(recs), "accuracy": mean(r["correct"] for r in recs),
+                       "token_f1": mean(r["token_f1"] for r in recs), "recall": mean(r["recall"] for r in recs),
+                       "precision": mean(r["precision"] for r in recs)}
+    closed = groups.get("closed", [])
+    if closed:
+        verdicts = Counter(yes_no(r["reference"]) for r in closed)
+        # Ties go to "no", the usual prior of screening questions; sorted() keeps it deterministic.
+        majority, count = sorted(verdicts.items(), key=lambda kv: (-kv[1], kv[0] != "no", str(kv[0])))[0]
+        summary["closed"].update(
+            answered=mean(yes_no(r["prediction"]) is not None for r in closed),
+            majority_answer=majority, majority_accuracy=count / len(closed),
+            by_finding={f: mean(r["correct"] for r in closed if r["finding"] == f)
+                        for f in sorted({r["finding"] for r in closed if r["finding"]})})
+    summary["all"] = {"n": len(records), "accuracy": mean(r["correct"] for r in records),
+                      "token_f1": mean(r["token_f1"] for r in records), "recall": mean(r["recall"] for r in records)}
+    return summary, records
+
+
+def format_table(summary: dict, markdown: bool = False) -> str:
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    kinds = [k for k in summary if isinstance(summary[k], dict) and "accuracy" in summary[k]]
+    head = ["type", "n", "accuracy", "token F1", "recall"]
+    rows = [[k, str(summary[k]["n"]), cell(summary[k]["accuracy"]), cell(summary[k]["token_f1"]),
+             cell(summary[k]["recall"])] for k in kinds]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        lines = [f"{head[0]:<10}{head[1]:>6}{head[2]:>10}{head[3]:>10}{head[4]:>8}"]
+        lines += [f"{r[0]:<10}{r[1]:>6}{r[2]:>10}{r[3]:>10}{r[4]:>8}" for r in rows]
+    if "closed" in summary:
+        c = summary["closed"]
+        lines += ["", f"closed: majority-answer baseline (always \"{c['majority_answer']}\") "
+                      f"{c['majority_accuracy']:.3f}; model {c['accuracy']:.3f}; "
+                      f"{c['answered']:.3f} of answers hold a yes/no verdict"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
+    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
+    g.add_argument("--llm_path", default=None)
+    g.add_argument("--projector_path", default=None)
+    g.add_argument("--vision_model_name", default=None)
+    g = p.add_argument_group("data")
+    g.add_argument("--test_json", required=True, help="Stage 2 format, optionally with question_type/finding")
+    g.add_argument("--image_root", required=True)
+    g.add_argument("--output_json", default=None,
+                   help="summary + predictions (default: MODEL/eval_<test json name>.json); a .md table beside it")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    g.add_argument("--max_q_len", type=int, default=None, help="truncate questions as in training")
+    g = p.add_argument_group("generation")
+    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--max_new_tokens", type=int, default=128)
+    g.add_argument("--num_beams", type=int, default=1)
+    g.add_argument("--device", default=None, help="default: cuda if available")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    g.add_argument("--num_workers", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.model_path and not (args.llm_path and args.projector_path):
+        p.error("pass --model_path, or both --llm_path and --projector_path")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.output_json is None:
+        base = Path(args.model_path) if args.model_path else Path(args.llm_path).parent
+        args.output_json = str(base / f"eval_{Path(args.test_json).stem}.json")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, level=logging.INFO, force=True)
+    rows = read_rows(args.test_json, args.image_root)  # references are required here, not for generation
+    model, tokenizer, image_processor, source = load_model(
+        args.model_path, llm_path=args.llm_path, projector_path=args.projector_path,
+        vision_model_name=args.vision_model_name, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
+    ds = VQADataset(args.test_json, args.image_root, tokenizer, image_processor, model.config,
+                    max_q_len=args.max_q_len, with_answers=False)
+    if args.limit:
+        ds.rows, rows = ds.rows[: args.limit], rows[: args.limit]
+    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=VQACollator(pad_token_id(tokenizer), padding_side="left"))
+    gen = generation_kwargs(tokenizer, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    predictions = [""] * len(ds)
+    for batch in tqdm(loader, desc="evaluate", file=sys.stderr):
+        for i, answer in zip(batch["index"].tolist(), generate_answers(model, tokenizer, batch, **gen)):
+            predictions[i] = answer
+    summary, records = score(rows, predictions)
+    summary.update(model=source, test_json=str(args.test_json))
+    table = format_table(summary)
+    print(table)
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "predictions": records}, indent=1))
+    out.with_suffix(".md").write_text(f"# VQA evaluation: {args.test_json}\n\nModel: {source}\n\n"
+                                      + format_table(summary, markdown=True) + "\n")
+    logger.info("wrote %s and %s", out, out.with_suffix(".md"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

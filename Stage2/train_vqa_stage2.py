@@ -1,0 +1,179 @@
+"""Stage 2: VQA instruction tuning of the SigLIP + MLP projector + Gemma3 VLM on
+(image, question, answer) triplets; the loss is on the answer tokens only.
+
+    accelerate launch --config_file scripts/accelerate/ddp.yaml Stage2/train_vqa_stage2.py \\
+        --image_root /data/cxr --train_json stage2_train.json --val_json stage2_val.json \\
+        --stage1_projector_path runs/stage1/final_model --output_dir runs/stage2
+
+By default the LM trains and the projector and vision tower stay frozen. Writes
+OUTPUT_DIR/final_model/ and OUTPUT_DIR/epoch_N/: the VLM in Hugging Face format
+(`AutoModelForImageTextToText.from_pretrained` loads it; LoRA merged), `language_model/`,
+`projection_layer/` (and `vision_tower/` with --train_ve_first_epoch, `lora_adapter/` with
+--lora_r); resume checkpoints under OUTPUT_DIR/checkpoints/, metrics in OUTPUT_DIR/metrics.jsonl and the
+val losses in OUTPUT_DIR/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch Stage2/...): import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.utils.data import DataLoader
+
+from accelerator_setup import add_common_args, setup_accelerator_and_logging
+from projectors import PROJECTOR_DIR, build_vlm, load_projector, projector_of
+from Stage2.dataset import VQACollator, VQADataset, pad_token_id
+from Stage2.trainer import VQATrainerStage2
+
+logger = logging.getLogger("siglip_med")
+
+DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
+DEFAULT_LLM = "google/gemma-3-1b-it"
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def add_bool(group, name, default, help):
+    """--name / --no-name (BooleanOptionalAction), and --no_name as the seed spells it."""
+    group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
+                       help=f"{help} (off: --no_{name})")
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--image_root", required=True, help="image paths in the JSON files are relative to this")
+    g.add_argument("--train_json", required=True,
+                   help='JSON list of {"image": ..., "problem": question, "normal_caption": answer}')
+    g.add_argument("--val_json", default=None, help="same format; answer loss is reported each epoch")
+    g.add_argument("--max_q_len", type=int, default=128, help="question tokens kept (the image and turn "
+                   "markers are never cut)")
+    g.add_argument("--max_a_len", type=int, default=256, help="answer tokens kept, <end_of_turn> included")
+    g = p.add_argument_group("model")
+    g.add_argument("--vision_model_name", default=DEFAULT_VISION,
+                   help="the vision tower Stage 1 used: SigLIP hub id or folder, or a Stage0 final_model/")
+    g.add_argument("--llm_name", default=DEFAULT_LLM, help="the Gemma3 causal LM Stage 1 used (hub id or folder)")
+    g.add_argument("--stage1_projector_path", default=None,
+                   help="Stage 1 output: its final_model/ (a VLM folder) or that folder's projection_layer/")
+    g.add_argument("--projector_depth", type=int, default=2,
+                   help="only without --stage1_projector_path (a new projector); otherwise Stage 1's depth")
+    g = p.add_argument_group("what trains")
+    add_bool(g, "unfreeze_llm", True, "fine-tune the LM (fully, or its LoRA adapters with --lora_r > 0)")
+    add_bool(g, "unfreeze_projection_layer", False, "fine-tune the projector")
+    add_bool(g, "train_ve_first_epoch", False,
+             "train the vision tower during epoch 1 only, then freeze it (CheXagent)")
+    add_bool(g, "gradient_checkpointing", False, "recompute activations in backward: less memory, ~30%% slower")
+    g.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the LM's linear layers; 0 = full fine-tune")
+    g.add_argument("--lora_alpha", type=float, default=16.0)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS,
+                   help="comma-separated module names inside the LM (never the vision tower)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=8, help="per process")
+    g.add_argument("--learning_rate", type=float, default=2e-5)
+    g.add_argument("--num_epochs", type=int, default=3)
+    g.add_argument("--weight_decay", type=float, default=0.0, help="not applied to norms and biases")
+    add_bool(g, "save_every_epoch", True, "write OUTPUT_DIR/epoch_N/ (a full export) after every epoch")
+    add_common_args(p)
+    p.set_defaults(wandb_project="stage2_vqa_training")
+    args = p.parse_args(argv)
+    if args.num_epochs < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
+        p.error("--num_epochs, --batch_size and --gradient_accumulation_steps must be >= 1")
+    if args.max_a_len < 2 or args.max_q_len < 1:
+        p.error("--max_a_len must be >= 2 (an answer token plus <end_of_turn>) and --max_q_len >= 1")
+    if args.lora_r < 0:
+        p.error("--lora_r must be >= 0")
+    if args.lora_r and not args.unfreeze_llm:
+        p.error("--lora_r trains LoRA adapters on the LM; it contradicts --no_unfreeze_llm")
+    return args
+
+
+# ---------------------------------------------------------------- Stage 1 hand-off
+
+def stage1_projector_dir(path) -> Path:
+    path = Path(path)
+    pdir = path / PROJECTOR_DIR if (path / PROJECTOR_DIR).is_dir() else path
+    if not (pdir / "config.json").is_file():
+        raise FileNotFoundError(f"--stage1_projector_path {path}: expected a Stage 1 final_model/ (holding "
+                                f"{PROJECTOR_DIR}/) or a {PROJECTOR_DIR}/ folder with config.json; found neither")
+    return pdir
+
+
+def stage1_projector_depth(path) -> int:
+    return int(json.loads((stage1_projector_dir(path) / "config.json").read_text())["depth"])
+
+
+def load_stage1_projector(model, path, args) -> None:
+    """Copy Stage 1's projector into `model`, after checking it fits: a projector trained on
+    another tower or LM would load nothing sensible, and a bare shape error would not say why."""
+    pdir = stage1_projector_dir(path)
+    proj = load_projector(pdir)
+    vision_dim = model.config.vision_config.hidden_size
+    text_dim = model.config.text_config.hidden_size
+    target = projector_of(model).state_dict()
+    problems = []
+    if proj.in_dim != vision_dim:
+        problems.append(f"it takes {proj.in_dim}-d vision features, but --vision_model_name "
+                        f"{args.vision_model_name} gives {vision_dim}-d")
+    if proj.out_dim != text_dim:
+        problems.append(f"it outputs {proj.out_dim}-d embeddings, but --llm_name {args.llm_name} "
+                        f"takes {text_dim}-d")
+    got = proj.state_dict()
+    for k in sorted(set(got) | set(target)):
+        if k not in got or k not in target:
+            problems.append(f"{k}: only in the {'Stage 1 projector' if k in got else 'model'}")
+        elif got[k].shape != target[k].shape:
+            problems.append(f"{k}: Stage 1 {tuple(got[k].shape)} vs model {tuple(target[k].shape)}")
+    if problems:
+        raise ValueError(f"the Stage 1 projector in {pdir} does not fit this model:\n  - " + "\n  - ".join(problems)
+                         + "\nPass the --vision_model_name and --llm_name that Stage 1 was trained with.")
+    projector_of(model).load_state_dict(got, strict=True)
+    vlm_config = pdir.parent / "config.json"
+    if pdir.name == PROJECTOR_DIR and vlm_config.is_file():
+        stage1 = json.loads(vlm_config.read_text())
+        if stage1.get("image_seq_length") not in (None, model.config.image_seq_length):
+            warnings.warn(f"Stage 1 used {stage1['image_seq_length']} image tokens per image, this run "
+                          f"{model.config.image_seq_length}: the image size differs from Stage 1's")
+    logger.info("loaded the Stage 1 projector from %s (%d -> %d, depth %d)", pdir, proj.in_dim, proj.out_dim,
+                proj.depth)
+
+
+# ---------------------------------------------------------------- entry point
+
+def make_loader(json_path, args, model, tokenizer, image_processor, *, shuffle):
+    ds = VQADataset(json_path, args.image_root, tokenizer, image_processor, model.config,
+                    max_q_len=args.max_q_len, max_a_len=args.max_a_len)
+    return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
+                      collate_fn=VQACollator(pad_token_id(tokenizer)), pin_memory=torch.cuda.is_available(),
+                      persistent_workers=args.num_workers > 0)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = setup_accelerator_and_logging(args)
+    depth = stage1_projector_depth(args.stage1_projector_path) if args.stage1_projector_path else args.projector_depth
+    model, tokenizer, image_processor = build_vlm(args.vision_model_name, args.llm_name, projector_depth=depth)
+    if args.stage1_projector_path:
+        load_stage1_projector(model, args.stage1_projector_path, args)
+    else:
+        warnings.warn("no --stage1_projector_path: the projector starts from random weights "
+                      "(Stage 2 normally follows Stage 1's alignment)")
+    train_loader = make_loader(args.train_json, args, model, tokenizer, image_processor, shuffle=True)
+    val_loader = (make_loader(args.val_json, args, model, tokenizer, image_processor, shuffle=False)
+                  if args.val_json else None)
+    trainer = VQATrainerStage2(args, accelerator, model, tokenizer, image_processor, train_loader, val_loader)
+    results = trainer.train()
+    if accelerator.is_main_process:
+        (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

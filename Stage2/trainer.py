@@ -1,0 +1,337 @@
+"""VQATrainerStage2: instruction tuning on (image, question, answer) triplets.
+
+What trains is set by flags: the LM (default; fully, or through LoRA adapters with --lora_r),
+the projector (--unfreeze_projection_layer) and the vision tower during the first epoch only
+(--train_ve_first_epoch, CheXagent's recipe). The loss is the causal-LM cross-entropy on the
+answer tokens, normalised by the number of answer tokens in the whole optimizer step (every
+micro-batch on every process), so accumulation and multi-GPU equal one large batch.
+
+Each part has its own AdamW parameter groups and only trained parameters enter the optimizer.
+A part that stops training gets `grad = None`: AdamW skips such parameters entirely, whereas a
+zero gradient would still apply weight decay and the momentum left from earlier steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from accelerator_setup import (
+    NonFiniteGuard,
+    accumulation_windows,
+    count_parameters,
+    epoch_batches,
+    load_checkpoint,
+    log_metrics,
+    make_scheduler,
+    resolve_resume,
+    save_checkpoint,
+    steps_per_epoch,
+)
+from projectors import lm_loss_on_supervised, save_vlm
+
+logger = logging.getLogger("siglip_med")
+
+LANGUAGE_MODEL_DIR, VISION_TOWER_DIR, LORA_DIR = "language_model", "vision_tower", "lora_adapter"
+
+
+class SupervisedLM(nn.Module):
+    """One forward() for DDP (gradients are only all-reduced for work done inside it)."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, input_ids, attention_mask, pixel_values, labels, reduction="mean"):
+        return lm_loss_on_supervised(self.vlm, input_ids, attention_mask, pixel_values, labels, reduction=reduction)
+
+
+def part_of(name: str) -> str:
+    if name.startswith("model.vision_tower."):
+        return "vision"
+    if name.startswith("model.multi_modal_projector."):
+        return "projector"
+    return "llm"
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups per part; norms and biases are not decayed. Sorted so that a resumed run
+    builds the same groups in the same order as the run that saved the optimizer state."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((part_of(name), p.ndim >= 2), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
+             "name": f"{part}/{'decay' if decay else 'no_decay'}"}
+            for (part, decay), ps in sorted(groups.items())]
+
+
+def lora_config(args, modules_to_save):
+    from peft import LoraConfig
+    names = "|".join(m.strip() for m in args.lora_target_modules.split(",") if m.strip())
+    # A regex, so the vision tower's own q_proj/k_proj/v_proj are never adapted.
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=rf".*\.language_model\..*\.({names})", modules_to_save=modules_to_save or None,
+                      bias="none")
+
+
+def language_model_of(vlm):
+    """The VLM's LM as a standalone causal LM (the seed's `language_model/` folder), sharing
+    the VLM's tensors: build_vlm's assembly in reverse, by module state dicts."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(vlm.config.text_config)
+    getattr(lm, lm.base_model_prefix).load_state_dict(vlm.model.language_model.state_dict(), strict=True, assign=True)
+    lm.lm_head.load_state_dict(vlm.lm_head.state_dict(), strict=True, assign=True)
+    if vlm.config.text_config.tie_word_embeddings:
+        lm.lm_head.weight = getattr(lm, lm.base_model_prefix).embed_tokens.weight
+    lm.generation_config = copy.deepcopy(vlm.generation_config)
+    return lm
+
+
+class VQATrainerStage2:
+    def __init__(self, args, accelerator, model, tokenizer, image_processor, train_loader, val_loader=None):
+        self.args, self.accelerator = args, accelerator
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.vlm, self.peft = model, None
+        self.train_vision = bool(args.train_ve_first_epoch)
+        self._configure_trainable(model)
+        if args.gradient_checkpointing:
+            # Non-reentrant: the reentrant variant computes no gradient for LoRA adapters when
+            # the checkpointed block's input does not require grad (frozen embeddings).
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(accelerator.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("nothing to train: pass --unfreeze_llm, --unfreeze_projection_layer or "
+                             "--train_ve_first_epoch")
+        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate)
+        if self.train_vision and accelerator.num_processes > 1:
+            # The vision tower stops receiving gradients after epoch 1; DDP must be told that
+            # parameters it was built with may go unused, or it waits for them forever.
+            from accelerate.utils import DistributedDataParallelKwargs
+            accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.module, self.optimizer, self.train_loader = accelerator.prepare(SupervisedLM(model), optimizer,
+                                                                             train_loader)
+        self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+        self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
+        self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
+        # Stepped by hand (accelerate would step it once per process); registered for resume.
+        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.guard = NonFiniteGuard()
+        self.out = Path(args.output_dir)
+        self.results: dict = {}
+        self._evaluated = (None, None)
+        total, trainable = count_parameters(model)
+        by_part = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                by_part[part_of(name)] = by_part.get(part_of(name), 0) + p.numel()
+        logger.info("Stage2: %s parameters, %s trainable (%s)%s; %d optimizer steps", f"{total:,}", f"{trainable:,}",
+                    ", ".join(f"{k} {v:,}" for k, v in sorted(by_part.items())),
+                    " [vision tower: epoch 1 only]" if self.train_vision else "", self.total_steps)
+
+    # ------------------------------------------------------------ what trains
+
+    def _configure_trainable(self, model):
+        args = self.args
+        lm_full = args.unfreeze_llm and not args.lora_r
+        model.requires_grad_(False)
+        for part in (model.model.language_model, model.lm_head):
+            part.requires_grad_(lm_full)
+        model.model.multi_modal_projector.requires_grad_(args.unfreeze_projection_layer)
+        model.model.vision_tower.requires_grad_(self.train_vision)
+        if args.mixed_precision == "bf16":
+            # Weights that never train are stored in bf16 (half the memory); trained ones stay
+            # fp32 for the optimizer and autocast computes in bf16. fp16 storage overflows in Gemma.
+            for part, trained in ((model.model.vision_tower, self.train_vision),
+                                  (model.model.multi_modal_projector, args.unfreeze_projection_layer),
+                                  (model.model.language_model, lm_full)):
+                if not trained:
+                    part.to(torch.bfloat16)
+        if args.lora_r:
+            from peft import get_peft_model
+            save = [n for n, on in (("multi_modal_projector", args.unfreeze_projection_layer),
+                                    ("vision_tower", self.train_vision)) if on]
+            # modules_to_save: a trained projector (and vision tower) is stored with the adapter,
+            # so the adapter folder alone restores the whole fine-tune.
+            self.peft = get_peft_model(model, lora_config(args, save))
+            assert self.peft.base_model.model is model  # LoRA is injected in place
+
+    def _set_modes(self):
+        """train() only where something trains: dropout stays off in frozen parts."""
+        args, vlm = self.args, self.vlm
+        vlm.eval()
+        if args.unfreeze_llm:
+            vlm.model.language_model.train()
+        if args.unfreeze_projection_layer:
+            vlm.model.multi_modal_projector.train()
+        if self.train_vision:
+            vlm.model.vision_tower.train()
+
+    def _freeze_vision_tower(self):
+        tower = self.vlm.model.vision_tower
+        tower.requires_grad_(False)
+        tower.eval()
+        for p in tower.parameters():
+            p.grad = None
+        self.params = [p for p in self.params if p.requires_grad]
+        self.train_vision = False
+        logger.info("vision tower frozen from epoch 2 on (--train_ve_first_epoch)")
+
+    # ------------------------------------------------------------ one optimizer step
+
+    def _optimizer_step(self, window, step):
+        acc = self.accelerator
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum").clamp(min=1)
+        # DDP averages gradients over processes; the factor turns that into a sum over all
+        # processes' answer tokens divided by their total count.
+        scale = acc.num_processes / n_global
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(window):
+            sync = contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(self.module)
+            with sync:
+                with acc.autocast():
+                    loss = self.module(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                       batch["labels"], reduction="sum") * scale
+                acc.backward(loss)
+            loss_sum += loss.detach()
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+        if self.guard.ok(grad_norm, step):  # all-reduced, so every process decides alike
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_sum, grad_norm
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self):
+        args, acc = self.args, self.accelerator
+        state = {"step": 0, "epoch": 0, "batches_done": 0}
+        resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        if resume is not None:
+            state = load_checkpoint(acc, resume)
+        step = state["step"]
+        if self.val_loader is not None and step == 0:
+            self.results["val_loss_before"] = self.evaluate(step)
+        bar = tqdm(total=self.total_steps, initial=step, desc="stage2", disable=not acc.is_local_main_process)
+        for epoch in range(state["epoch"], args.num_epochs):
+            if self.train_vision and epoch >= 1:
+                self._freeze_vision_tower()
+            self._set_modes()
+            done = state["batches_done"] if epoch == state["epoch"] else 0
+            batches = epoch_batches(acc, self.train_loader, epoch, skip_batches=done)
+            tick, samples = time.perf_counter(), 0
+            for window in accumulation_windows(batches, args.gradient_accumulation_steps):
+                loss, grad_norm = self._optimizer_step(window, step)
+                step, done = step + 1, done + len(window)
+                samples += sum(len(b["input_ids"]) for b in window) * acc.num_processes
+                bar.update(1)
+                if step % args.logging_steps == 0 or step == self.total_steps:
+                    loss = acc.reduce(loss, "mean").item()  # the step's answer-token mean
+                    rate, tick, samples = samples / (time.perf_counter() - tick), time.perf_counter(), 0
+                    log_metrics(acc, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                                      "train/grad_norm": grad_norm, "train/samples_per_s": rate,
+                                      "epoch": epoch}, step)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    self._checkpoint(step, epoch, done)
+                if step >= self.total_steps:
+                    break
+            if done >= len(self.train_loader):
+                self._end_of_epoch(epoch, step)
+            elif step >= self.total_steps:  # a --max_steps stop inside an epoch stays resumable
+                self._checkpoint(step, epoch, done)
+            if step >= self.total_steps:
+                break
+        bar.close()
+        if self.val_loader is not None:
+            self.results["val_loss"] = self.evaluate(step)
+        self.results.update(step=step, final_model=str(self.save("final_model")))
+        self.vlm.eval()
+        acc.end_training()
+        return self.results
+
+    def _checkpoint(self, step, epoch, done):
+        save_checkpoint(self.accelerator, self.args.output_dir, step,
+                        {"epoch": epoch, "batches_done": done}, self.args.checkpoints_total_limit)
+
+    def _end_of_epoch(self, epoch, step):
+        if self.val_loader is not None:
+            self.results["val_loss"] = self.evaluate(step)
+            logger.info("epoch %d: val answer loss %.4f", epoch + 1, self.results["val_loss"])
+        if self.args.save_every_epoch:
+            self.save(f"epoch_{epoch + 1}")
+        self._checkpoint(step, epoch + 1, 0)
+
+    # ------------------------------------------------------------ eval and export
+
+    @torch.no_grad()
+    def evaluate(self, step) -> float:
+        """Answer loss per supervised token (answer + <end_of_turn>) over the validation set."""
+        if self._evaluated[0] == step:
+            return self._evaluated[1]
+        acc, total, count = self.accelerator, 0.0, 0
+        plain = acc.unwrap_model(self.module)
+        was_training = {m: m.training for m in self.vlm.modules()}
+        self.vlm.eval()
+        for batch in self.val_loader:
+            with acc.autocast():
+                loss = plain(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                             reduction="sum")
+            total += loss.float()
+            count += (batch["labels"][:, 1:] != -100).sum()
+        for m, mode in was_training.items():
+            m.training = mode
+        totals = acc.reduce(torch.stack([torch.as_tensor(total, device=acc.device, dtype=torch.float),
+                                         torch.as_tensor(count, device=acc.device, dtype=torch.float)]), "sum")
+        val = (totals[0] / totals[1].clamp(min=1)).item()
+        log_metrics(acc, {"val/loss": val}, step)
+        self._evaluated = (step, val)
+        return val
+
+    def export_model(self):
+        """A plain LlavaForConditionalGeneration to save: LoRA merged into the LM weights (on a
+        copy; training goes on), every weight in the LM's dtype."""
+        if self.peft is not None:
+            model = copy.deepcopy(self.peft).merge_and_unload()
+        else:
+            model = self.vlm
+        dtype = model.model.language_model.embed_tokens.weight.dtype
+        if any(p.dtype != dtype for p in model.parameters()):
+            model = (model if model is not self.vlm else copy.deepcopy(model)).to(dtype)
+        return model
+
+    def save(self, name) -> Path:
+        """OUTPUT_DIR/name/: the VLM in Hugging Face format (+ `projection_layer/`), the LM alone
+        in `language_model/`, the vision tower in `vision_tower/` when it was trained, and the
+        LoRA adapter in `lora_adapter/` when LoRA is on."""
+        acc, out = self.accelerator, self.out / name
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = self.export_model()
+            save_vlm(model, self.tokenizer, self.image_processor, out)
+            lm = language_model_of(model)
+            lm.save_pretrained(out / LANGUAGE_MODEL_DIR, safe_serialization=True)
+            self.tokenizer.save_pretrained(out / LANGUAGE_MODEL_DIR)
+            if self.args.train_ve_first_epoch:
+                # The triple (--llm_path, --projector_path, --vision_model_name) of the inference
+                # CLI needs the fine-tuned tower, not the one the run started from.
+                model.model.vision_tower.save_pretrained(out / VISION_TOWER_DIR, safe_serialization=True)
+                self.image_processor.save_pretrained(out / VISION_TOWER_DIR)
+            if self.peft is not None:
+                self.peft.save_pretrained(out / LORA_DIR)
+            logger.info("saved %s", out)
+        acc.wait_for_everyone()
+        return out

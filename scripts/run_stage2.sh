@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Stage 2: VQA instruction tuning of the SigLIP + projector + Gemma3 VLM on (image, question,
+# answer) triplets, starting from the Stage 1 projector. Edit the block below, or override any
+# VAR from the environment:
+#   NUM_GPUS=8 BATCH_SIZE=16 ./scripts/run_stage2.sh --max_steps 100
+#   EXTRA_FLAGS="--train_ve_first_epoch --unfreeze_projection_layer" ./scripts/run_stage2.sh
+#   LORA_R=16 LEARNING_RATE=2e-4 ./scripts/run_stage2.sh      # LoRA on the LM instead of a full fine-tune
+# VISION_MODEL_NAME and LLM_NAME must be the towers Stage 1 was trained with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${IMAGE_ROOT:=data/cxr}"
+: "${TRAIN_JSON:=data/cxr/stage2_train.json}"
+: "${VAL_JSON:=data/cxr/stage2_val.json}"
+: "${STAGE1_PROJECTOR_PATH:=runs/stage1/final_model}"   # or runs/stage1/final_model/projection_layer
+: "${OUTPUT_DIR:=runs/stage2}"
+: "${VISION_MODEL_NAME:=StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli}"
+: "${LLM_NAME:=google/gemma-3-1b-it}"
+: "${BATCH_SIZE:=8}"                  # per GPU
+: "${GRAD_ACCUM:=4}"
+: "${LEARNING_RATE:=2e-5}"
+: "${WEIGHT_DECAY:=0.0}"
+: "${NUM_EPOCHS:=3}"
+: "${MAX_Q_LEN:=128}"                 # question tokens; the image tokens are never cut
+: "${MAX_A_LEN:=256}"                 # answer tokens, <end_of_turn> included
+: "${LORA_R:=0}"                      # 0 = full fine-tune of the LM
+: "${LORA_ALPHA:=16}"
+: "${MIXED_PRECISION:=bf16}"          # also stores the parts that never train in bf16
+: "${NUM_WORKERS:=4}"
+: "${EXTRA_FLAGS:=}"                  # e.g. "--train_ve_first_epoch --unfreeze_projection_layer"
+: "${WANDB_PROJECT:=stage2_vqa_training}"
+: "${RUN_NAME:=stage2-vqa}"
+: "${REPORT_TO:=wandb}"
+: "${NUM_GPUS:=1}"
+: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
+
+# shellcheck disable=SC2086  # EXTRA_FLAGS is a list of flags
+accelerate launch \
+    --config_file "$ACCELERATE_CONFIG" \
+    --num_processes "$NUM_GPUS" \
+    --mixed_precision "$MIXED_PRECISION" \
+    Stage2/train_vqa_stage2.py \
+    --image_root "$IMAGE_ROOT" \
+    --train_json "$TRAIN_JSON" \
+    --val_json "$VAL_JSON" \
+    --stage1_projector_path "$STAGE1_PROJECTOR_PATH" \
+    --output_dir "$OUTPUT_DIR" \
+    --vision_model_name "$VISION_MODEL_NAME" \
+    --llm_name "$LLM_NAME" \
+    --batch_size "$BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --learning_rate "$LEARNING_RATE" \
+    --weight_decay "$WEIGHT_DECAY" \
+    --num_epochs "$NUM_EPOCHS" \
+    --max_q_len "$MAX_Q_LEN" \
+    --max_a_len "$MAX_A_LEN" \
+    --lora_r "$LORA_R" \
+    --lora_alpha "$LORA_ALPHA" \
+    --mixed_precision "$MIXED_PRECISION" \
+    --num_workers "$NUM_WORKERS" \
+    --report_to "$REPORT_TO" \
+    --wandb_project "$WANDB_PROJECT" \
+    --run_name "$RUN_NAME" \
+    --resume_from_checkpoint latest \
+    $EXTRA_FLAGS \
+    "$@"
