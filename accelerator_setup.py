@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -255,3 +256,31 @@ class NonFiniteGuard:
             raise FloatingPointError(f"{self.bad} non-finite steps in a row at step {step}; "
                                      "lower --learning_rate or use --mixed_precision bf16")
         return False
+
+
+class StepLogger:
+    """Progress bar, loss (mean over processes), lr, grad norm and samples/s every `every`
+    optimizer steps and at the last one: the logging every trainer's loop shares."""
+
+    def __init__(self, accelerator: Accelerator, scheduler, every: int, total_steps: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+        self.acc, self.scheduler, self.every, self.total = accelerator, scheduler, max(every, 1), total_steps
+        self.bar = tqdm(total=total_steps, initial=initial, desc=desc, disable=not accelerator.is_local_main_process)
+        self.tick, self.samples = time.perf_counter(), 0
+
+    def step(self, step: int, epoch: int, loss, grad_norm, samples: int) -> None:
+        self.samples += samples * self.acc.num_processes
+        self.bar.update(1)
+        if step % self.every and step != self.total:
+            return
+        loss = self.acc.reduce(torch.as_tensor(loss, device=self.acc.device, dtype=torch.float32).reshape(1),
+                               "mean").item()
+        now = time.perf_counter()
+        rate, self.tick, self.samples = self.samples / max(now - self.tick, 1e-9), now, 0
+        lr = self.scheduler.get_last_lr()[0]
+        log_metrics(self.acc, {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                               "train/samples_per_s": rate, "epoch": epoch}, step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def close(self):
+        self.bar.close()

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from accelerator_setup import (NonFiniteGuard, accumulation_windows, count_parameters,
+from accelerator_setup import (NonFiniteGuard, StepLogger, accumulation_windows, count_parameters,
                                epoch_batches, load_checkpoint, log_metrics, make_scheduler,
                                resolve_resume, save_checkpoint, steps_per_epoch, unwrap)
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
@@ -186,9 +185,8 @@ class VisionEncoderTrainerStage0:
             step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
         params = [p for p in self.encoder.parameters() if p.requires_grad]
         guard, k = NonFiniteGuard(), args.gradient_accumulation_steps
-        bar = tqdm(total=self.total_steps, initial=step, desc="Stage0", disable=not acc.is_local_main_process)
+        log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage0")
         self._set_modes()
-        t_last, seen = time.time(), 0
         for epoch in range(start_epoch, args.num_epochs):
             batches_done = skip
             for window in accumulation_windows(epoch_batches(acc, self.train_dl, epoch, skip), k):
@@ -204,16 +202,7 @@ class VisionEncoderTrainerStage0:
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batches_done += len(window)
-                seen += sum(b["pixel_values"].shape[0] for b in window) * acc.num_processes
-                bar.update(1)
-                if step % args.logging_steps == 0 or step == self.total_steps:
-                    loss = acc.reduce(loss.reshape(1), "mean").item()
-                    rate = seen / max(time.time() - t_last, 1e-9)
-                    log_metrics(acc, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
-                                      "train/grad_norm": float(grad_norm), "train/samples_per_s": rate,
-                                      "epoch": epoch}, step)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                    t_last, seen = time.time(), 0
+                log.step(step, epoch, loss, grad_norm, sum(b["pixel_values"].shape[0] for b in window))
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     save_checkpoint(acc, args.output_dir, step, {"epoch": epoch, "batches_done": batches_done},
                                     args.checkpoints_total_limit)
@@ -223,7 +212,7 @@ class VisionEncoderTrainerStage0:
             save_checkpoint(acc, args.output_dir, step, {"epoch": epoch + 1, "batches_done": 0},
                             args.checkpoints_total_limit)
             self.end_of_epoch(epoch + 1, step)
-        bar.close()
+        log.close()
         self.save_model(Path(args.output_dir) / "final_model")
         acc.end_training()
 

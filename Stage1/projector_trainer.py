@@ -8,14 +8,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from accelerator_setup import (
     NonFiniteGuard,
+    StepLogger,
     accumulation_windows,
     count_parameters,
     epoch_batches,
@@ -97,23 +96,14 @@ class ProjectionTrainerStage1:
         step = state["step"]
         if self.val_loader is not None and step == 0:
             self.results["val_loss_before"] = self.evaluate(step)
-        bar = tqdm(total=self.total_steps, initial=step, desc="stage1", disable=not acc.is_local_main_process)
+        log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage1")
         for epoch in range(state["epoch"], args.num_epochs):
             done = state["batches_done"] if epoch == state["epoch"] else 0
             batches = epoch_batches(acc, self.train_loader, epoch, skip_batches=done)
-            tick, samples = time.perf_counter(), 0
             for window in accumulation_windows(batches, args.gradient_accumulation_steps):
                 loss, grad_norm = self._optimizer_step(window, step)
                 step, done = step + 1, done + len(window)
-                samples += sum(len(b["input_ids"]) for b in window) * acc.num_processes
-                bar.update(1)
-                if step % args.logging_steps == 0 or step == self.total_steps:
-                    loss = acc.reduce(loss, "mean").item()
-                    rate, tick, samples = samples / (time.perf_counter() - tick), time.perf_counter(), 0
-                    log_metrics(acc, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
-                                      "train/grad_norm": grad_norm, "train/samples_per_s": rate,
-                                      "epoch": epoch}, step)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                log.step(step, epoch, loss, grad_norm, sum(len(b["input_ids"]) for b in window))
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     self._checkpoint(step, epoch, done)
                 if step >= self.total_steps:
@@ -124,7 +114,7 @@ class ProjectionTrainerStage1:
                 self._checkpoint(step, epoch, done)
             if step >= self.total_steps:
                 break
-        bar.close()
+        log.close()
         if self.val_loader is not None:
             self.results["val_loss"] = self.evaluate(step)
         self.results.update(step=step, final_model=str(self.save("final_model")))

@@ -13,13 +13,11 @@ re-rendered template string can. `build_prompt` is the one place that builds the
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import load_image, resolve_image_path
+from image_loader import load_image, read_json_rows
 
 IGNORE_INDEX = -100
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -27,29 +25,7 @@ QUESTION_KEY, ANSWER_KEY = "problem", "normal_caption"
 
 
 def read_rows(json_path, image_root, keys=("image", QUESTION_KEY, ANSWER_KEY)) -> list[dict]:
-    """Load a JSON list and check every row up front, so a bad row fails before training
-    starts, with the file and row index in the message."""
-    json_path = Path(json_path)
-    if not json_path.is_file():
-        raise FileNotFoundError(f"{json_path}: no such JSON file")
-    try:
-        rows = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e})") from e
-    if not isinstance(rows, list):
-        raise ValueError(f"{json_path}: expected a JSON list of objects, got {type(rows).__name__}")
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{json_path} row {i}: expected an object, got {type(row).__name__}")
-        missing = [k for k in keys if not isinstance(row.get(k), (str, int, float)) or not str(row[k]).strip()]
-        if missing:
-            raise ValueError(f"{json_path} row {i}: missing or empty {missing} (has {sorted(row)})")
-        path = resolve_image_path(row["image"], image_root, row=i, source=str(json_path))
-        out.append({**row, "image_path": str(path), "row": i})
-    if not out:
-        raise ValueError(f"{json_path}: no rows")
-    return out
+    return read_json_rows(json_path, image_root, keys)
 
 
 # ---------------------------------------------------------------- the chat turn

@@ -60,3 +60,43 @@ r = json.load(open(sys.argv[1]))
 print("| Stage1 (val split)  | before | after |\n|---|---|---|")
 print(f"| caption loss / token | {r['val_loss_before']:.4f} | {r['val_loss']:.4f} |")
 PY
+
+step "5. Stage2: VQA tuning of the small Gemma3 (and projector) on the demo questions"
+IMAGE_ROOT="$DEMO" TRAIN_JSON="$DEMO/stage2_train.json" VAL_JSON="$DEMO/stage2_val.json" \
+STAGE1_PROJECTOR_PATH="$OUT/stage1/final_model" OUTPUT_DIR="$OUT/stage2" \
+VISION_MODEL_NAME="$OUT/stage0/final_model" LLM_NAME="$OUT/tiny/gemma3" \
+BATCH_SIZE=32 GRAD_ACCUM=1 LEARNING_RATE="${LR_STAGE2:-2e-3}" NUM_EPOCHS="${EPOCHS_STAGE2:-3}" NUM_WORKERS=1 \
+EXTRA_FLAGS="--unfreeze_projection_layer" \
+    bash scripts/run_stage2.sh --warmup_steps 20 --logging_steps 50 --no-save_every_epoch
+
+step "6. closed (yes/no) questions on the held-out test images, before and after Stage2"
+for m in stage1 stage2; do
+    python Stage2/evaluate.py --model_path "$OUT/$m/final_model" --image_root "$DEMO" \
+        --test_json "$DEMO/stage2_test.json" --output_json "$OUT/${m}_vqa_test.json" \
+        --max_new_tokens 48 --batch_size 64 > "$OUT/${m}_vqa_test.txt"
+done
+python - "$OUT" <<'PY' | tee "$OUT/stage2_table.md"
+import json, sys
+out = sys.argv[1]
+b, a = (json.load(open(f"{out}/{m}_vqa_test.json"))["summary"] for m in ("stage1", "stage2"))
+rows = [("closed yes/no accuracy", lambda s: s["closed"]["accuracy"]),
+        ("  majority-answer baseline", lambda s: s["closed"]["majority_accuracy"]),
+        ("location accuracy", lambda s: s["location"]["accuracy"]),
+        ("open-answer token F1", lambda s: s["open"]["token_f1"])]
+print("| test split (small models, synthetic images) | before Stage2 | after Stage2 |\n|---|---|---|")
+for label, get in rows:
+    print(f"| {label} | {get(b) or 0:.3f} | {get(a) or 0:.3f} |")
+for f, acc in a["closed"]["by_finding"].items():
+    print(f"|   closed, {f} | {b['closed']['by_finding'].get(f) or 0:.3f} | {acc:.3f} |")
+PY
+
+step "7. ask a held-out image questions through the inference CLI (the answer is stdout's last line)"
+IMG="$(python -c "import json; print(json.load(open('$DEMO/stage0_test.json'))[0]['image'])")"
+python -c "import json; r = json.load(open('$DEMO/stage0_test.json'))[0]; print('image:     $DEMO/' + r['image'] + '\nreference: ' + r['caption'])"
+for Q in "Describe the findings." "Is the heart enlarged?"; do
+    A="$(python Stage2/inference_vqa_stage2.py --model_path "$OUT/stage2/final_model" \
+        --image_path "$DEMO/$IMG" --question "$Q" --max_new_tokens 64 2>/dev/null | tail -1)"
+    printf 'Q: %s\nA: %s\n' "$Q" "$A"
+done
+echo
+echo "Tables: $OUT/stage0_table.md $OUT/stage1_table.md $OUT/stage2_table.md (small config-built models, synthetic images)"
