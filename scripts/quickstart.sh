@@ -91,9 +91,10 @@ for f, acc in a["closed"]["by_finding"].items():
 PY
 
 step "7. ask a held-out image questions through the inference CLI (the answer is stdout's last line)"
-IMG="$(python -c "import json; print(json.load(open('$DEMO/stage0_test.json'))[0]['image'])")"
-python -c "import json; r = json.load(open('$DEMO/stage0_test.json'))[0]; print('image:     $DEMO/' + r['image'] + '\nreference: ' + r['caption'])"
-for Q in "Describe the findings." "Is the heart enlarged?"; do
+# the first held-out image with both cardiomegaly and a pleural effusion
+IMG="$(python -c "import json; print(next(r['image'] for r in json.load(open('$DEMO/stage0_test.json')) if r['labels']['cardiomegaly'] and r['labels']['pleural_effusion']))")"
+python -c "import json; r = next(r for r in json.load(open('$DEMO/stage0_test.json')) if r['image'] == '$IMG'); print('image:     $DEMO/' + r['image'] + '\nreference: ' + r['caption'])"
+for Q in "Is there cardiomegaly?" "Which side is the pleural effusion on?" "Describe the findings."; do
     A="$(python Stage2/inference_vqa_stage2.py --model_path "$OUT/stage2/final_model" \
         --image_path "$DEMO/$IMG" --question "$Q" --max_new_tokens 64 2>/dev/null | tail -1)"
     printf 'Q: %s\nA: %s\n' "$Q" "$A"
