@@ -32,7 +32,7 @@ class ImageTextContrastiveDataset(Dataset):
         self.captions = list(dict.fromkeys(r["caption"] for r in self.rows))
         index = {c: i for i, c in enumerate(self.captions)}
         self.caption_ids = torch.tensor([index[r["caption"]] for r in self.rows])
-        full = tokenizer(self.captions, truncation=False)["input_ids"]
+        full = tokenizer(self.captions, truncation=False, verbose=False)["input_ids"]
         n_long = sum(len(ids) > max_length for ids in full)
         if n_long:
             logger.warning("%s: %d of %d distinct captions exceed the model's %d text tokens and are "
