@@ -11,38 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from accelerator_setup import list_checkpoints
 from image_loader import ImageLoadError
 from projectors import build_vlm
 from scripts.make_demo_data import main as make_demo_data
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
+from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.train_projection_stage1 import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pretrain_lm(path, texts, steps=40, max_len=64):
-    """A few full-batch steps of next-token training on the captions: a random LM outputs
-    near-uniform logits whatever its inputs, which would leave the projector nothing to align to."""
-    tok = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path)
-    enc = tok([t + tok.eos_token for t in texts], padding=True, truncation=True, max_length=max_len,
-              return_tensors="pt")
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops this small only lose to thread hand-offs, badly so on a busy CPU
-    try:
-        for _ in range(steps):
-            lm(**enc, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    lm.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +35,8 @@ def setup(tmp_path_factory):
                                num_layers=2, num_heads=2, vocab_size=400)
     gemma = build_tiny_gemma3(root / "gemma3", texts, hidden_size=48, num_layers=2, num_heads=2, vocab_size=400)
     torch.manual_seed(0)
-    _pretrain_lm(gemma, texts)
+    # a random LM gives near-uniform logits whatever its inputs: nothing for a projector to align to
+    pretrain_lm(gemma, texts, steps=100, batch_size=len(texts), max_len=64, lr=1e-2)
     return {"root": root, "data": data, "siglip": siglip, "gemma3": gemma}
 
 
