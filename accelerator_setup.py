@@ -83,21 +83,52 @@ def _tracker(args, project_dir: Path) -> str | None:
     return None
 
 
-def setup_accelerator_and_logging(args) -> Accelerator:
-    """Build the Accelerator, seed everything, start the tracker on the main process."""
+# Which distributed engine serves which stage. A pair not listed stops the run before any
+# model is loaded. FSDP2 (scripts/accelerate/fsdp.yaml) trains, but the exports write from the
+# main process alone, which sharded parameters cannot do yet; DeepSpeed ZeRO-2 shards the
+# optimizer state and gradients, which is what a full fine-tune of a 4B-12B Gemma needs.
+WORKING_ENGINES = "one process (scripts/accelerate/single.yaml), DDP (ddp.yaml), DeepSpeed ZeRO-2 (deepspeed_zero2.yaml)"
+
+
+def check_engine(accelerator, stage: str, args) -> None:
+    """Refuse an engine x stage pair that cannot work, naming the ones that do."""
+    from accelerate.utils import DistributedType
+    engine = accelerator.distributed_type
+    reason = None
+    if engine == DistributedType.FSDP:
+        reason = ("its exports are written by the main process from full weights, which FSDP "
+                  "shards across processes")
+    elif engine == DistributedType.DEEPSPEED and getattr(args, "train_ve_first_epoch", False):
+        reason = ("--train_ve_first_epoch stops training the vision tower after epoch 1, and a "
+                  "DeepSpeed engine's trained parameters are fixed when it is built")
+    if reason:
+        raise SystemExit(f"error: {stage} cannot run under {engine.value}: {reason}. "
+                         f"Engines that work: {WORKING_ENGINES}.")
+
+
+def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator:
+    """Build the Accelerator, refuse an engine the stage cannot use (before any model loads),
+    seed everything, start the tracker on the main process."""
     out = Path(args.output_dir)
     tracker = _tracker(args, out)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        # Accumulation is done by the trainers (they need every micro-batch of a step for
-        # the contrastive negatives), so accelerate itself steps every call.
-        gradient_accumulation_steps=1,
+        # The trainers group micro-batches into windows themselves (they need every micro-batch
+        # of a step for the contrastive negatives); accelerate and DeepSpeed must still know the
+        # count, or DeepSpeed steps on every micro-batch. See OptimizerStep.
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         # A seedable sampler makes the shuffle order a function of (seed, epoch), which is
         # what lets a resumed run see exactly the batches an uninterrupted run would.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if stage is not None:
+        check_engine(accelerator, stage, args)
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None:
+        # --max_grad_norm is the one source of truth; DeepSpeed clips inside its engine step.
+        ds.deepspeed_config["gradient_clipping"] = float(max(args.max_grad_norm, 0.0))
     set_seed(args.seed, device_specific=False)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=logging.INFO if accelerator.is_main_process
@@ -239,23 +270,99 @@ def accumulation_windows(batches, k: int):
 
 
 class NonFiniteGuard:
-    """Skip an optimizer step whose loss or gradient is NaN/inf instead of poisoning the
-    weights; give up after `patience` such steps in a row (the run has diverged)."""
+    """Count optimizer steps whose gradient is NaN/inf (and so were skipped); give up after
+    `patience` such steps in a row (the run has diverged)."""
 
     def __init__(self, patience: int = 10):
-        self.patience, self.bad = patience, 0
+        self.patience, self.bad, self.total = patience, 0, 0
 
-    def ok(self, value: torch.Tensor, step: int) -> bool:
+    def ok(self, value, step: int, skipped_by: str = "skipping the update") -> bool:
+        value = torch.as_tensor(value, dtype=torch.float32)
         if torch.isfinite(value).all():
             self.bad = 0
             return True
         self.bad += 1
-        logger.warning("step %d: non-finite loss/grad (%s); skipping the update (%d in a row)",
-                       step, value.item() if value.numel() == 1 else "tensor", self.bad)
+        self.total += 1
+        logger.warning("step %d: non-finite gradient norm (%s); %s (%d in a row)",
+                       step, value.item() if value.numel() == 1 else "tensor", skipped_by, self.bad)
         if self.bad >= self.patience:
             raise FloatingPointError(f"{self.bad} non-finite steps in a row at step {step}; "
                                      "lower --learning_rate or use --mixed_precision bf16")
         return False
+
+
+class OptimizerStep:
+    """One optimizer step over a window of micro-batches, the same for every trainer and engine.
+
+    Every trainer computes its own exactly-normalised loss per micro-batch (the sum over the
+    window is the step's loss) and calls `backward`; `finish` then clips, checks the gradient
+    norm, steps, updates the fp16 scaler and zeroes the gradients. Engines differ in who does
+    what, and this class is the one place that knows:
+
+    - DDP / one process: gradients sync on the window's last micro-batch only (`no_sync`
+      before it). The grad norm comes from `clip_grad_norm_` after the all-reduce, so every
+      process takes the same skip decision.
+    - fp16 (a GradScaler): an overflowed step must still go through `optimizer.step()`, which
+      lets the scaler skip it and lower its scale; skipping the call instead leaves the
+      scaler's per-step state behind and the next unscale raises.
+    - DeepSpeed: the engine steps inside `backward` on the boundary micro-batch, clipping with
+      its configured `gradient_clipping` (set from --max_grad_norm) and skipping overflowed
+      fp16 steps itself; `optimizer.step()`/`zero_grad()` are no-ops and the norm is read back.
+    - FSDP2: parameters are DTensors; accelerate's clip reduces the norm over shards.
+
+    The accelerator is built with the run's accumulation count, so accelerate (or the DeepSpeed
+    engine) divides each micro-batch loss by it; `backward` multiplies it back, which keeps the
+    trainers' own normalisation exact for short last windows too.
+    """
+
+    def __init__(self, accelerator: Accelerator, optimizer, model, params, max_grad_norm: float,
+                 patience: int = 10):
+        self.acc, self.optimizer, self.model = accelerator, optimizer, model
+        self.params = list(params)
+        self.max_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
+        self.guard = NonFiniteGuard(patience)
+        self.steps_taken = 0  # optimizer updates actually applied (skipped ones excluded)
+
+    def set_params(self, params) -> None:
+        self.params = list(params)
+
+    @property
+    def deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+        return self.acc.distributed_type == DistributedType.DEEPSPEED
+
+    def micro_batches(self, window):
+        """Yield the window's micro-batches, each inside the right gradient-sync context."""
+        import contextlib
+        for i, batch in enumerate(window):
+            last = i == len(window) - 1
+            self.acc.gradient_state._set_sync_gradients(last)
+            ctx = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            with ctx:
+                yield batch
+        self.acc.gradient_state._set_sync_gradients(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss * self.acc.gradient_accumulation_steps)
+
+    def finish(self, step: int):
+        """Clip, check, step, update the scaler, zero the gradients. Returns (grad_norm, applied)."""
+        acc = self.acc
+        if self.deepspeed:
+            grad_norm = acc.clip_grad_norm_(self.params, self.max_norm)  # the engine already stepped
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+            applied = self.guard.ok(grad_norm, step, "the engine skipped the update")
+        else:
+            grad_norm = acc.clip_grad_norm_(self.params, self.max_norm)
+            finite = self.guard.ok(grad_norm, step, "the fp16 scaler skips the update and lowers its scale"
+                                   if acc.scaler is not None else "skipping the update")
+            if finite or acc.scaler is not None:
+                # With a scaler, step() is the scaler's step: it skips an inf step and updates.
+                self.optimizer.step()
+            applied = finite and not acc.optimizer_step_was_skipped
+            self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += int(applied)
+        return grad_norm, applied
 
 
 class StepLogger:
@@ -278,8 +385,11 @@ class StepLogger:
         now = time.perf_counter()
         rate, self.tick, self.samples = self.samples / max(now - self.tick, 1e-9), now, 0
         lr = self.scheduler.get_last_lr()[0]
-        log_metrics(self.acc, {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-                               "train/samples_per_s": rate, "epoch": epoch}, step)
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                   "train/samples_per_s": rate, "epoch": epoch}
+        if self.acc.device.type == "cuda":
+            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+        log_metrics(self.acc, metrics, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     def close(self):

@@ -88,7 +88,7 @@ def load_model(model_name, reinit_vision=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = setup_accelerator_and_logging(args)
+    accelerator = setup_accelerator_and_logging(args, stage="Stage0")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name)
     image_processor = AutoImageProcessor.from_pretrained(args.model_name)
     model = load_model(args.model_name, args.reinit_vision_tower)

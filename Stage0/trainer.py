@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from accelerator_setup import (NonFiniteGuard, StepLogger, accumulation_windows, count_parameters,
+from accelerator_setup import (OptimizerStep, StepLogger, accumulation_windows, count_parameters,
                                epoch_batches, load_checkpoint, log_metrics, make_scheduler,
                                resolve_resume, save_checkpoint, steps_per_epoch, unwrap)
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
@@ -36,6 +36,8 @@ class DualEncoder(torch.nn.Module):
         super().__init__()
         self.model = model
         self.text_attention_mask = text_attention_mask
+        # FSDP wraps each of these block classes as its own shard unit.
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
         img = txt = None
@@ -114,6 +116,8 @@ class VisionEncoderTrainerStage0:
             raise ValueError(f"{len(train_dataset)} training pairs is less than one batch of "
                              f"{args.batch_size}; lower --batch_size")
         self.encoder, self.optimizer, self.train_dl = accelerator.prepare(self.encoder, optimizer, train_dl)
+        self.stepper = OptimizerStep(accelerator, self.optimizer, self.encoder,
+                                     [p for p in self.encoder.parameters() if p.requires_grad], args.max_grad_norm)
         self.steps_per_epoch = steps_per_epoch(len(self.train_dl), args.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * args.num_epochs
         if args.max_steps:
@@ -143,35 +147,30 @@ class VisionEncoderTrainerStage0:
         if self.args.freeze_vision_encoder:
             model.vision_model.eval()
 
-    def _micro_context(self, last: bool):
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.encoder)
-
     def _step_frozen_text(self, window) -> torch.Tensor:
         dev = self.accelerator.device
         local_txt = torch.cat([self.text_cache[b["caption_id"].to(dev)] for b in window])
         all_txt, sizes = gather_with_grad(local_txt)
         offset = sum(sizes[:world()[0]])
         n_local, total = local_txt.shape[0], 0.0
-        for k, b in enumerate(window):
+        for b in self.stepper.micro_batches(window):
             n = b["pixel_values"].shape[0]
-            with self._micro_context(k == len(window) - 1):
-                with self.accelerator.autocast():
-                    img, _, scale, bias = self.encoder(pixel_values=b["pixel_values"])
-                pos = torch.arange(n, device=dev) + offset
-                loss = siglip_loss(img, all_txt, scale, bias, positive_index=pos) * (n / n_local)
-                self.accelerator.backward(loss)
+            with self.accelerator.autocast():
+                img, _, scale, bias = self.encoder(pixel_values=b["pixel_values"])
+            pos = torch.arange(n, device=dev) + offset
+            loss = siglip_loss(img, all_txt, scale, bias, positive_index=pos) * (n / n_local)
+            self.stepper.backward(loss)
             offset += n
             total += loss.detach()
         return total
 
     def _step_trained_text(self, window) -> torch.Tensor:
         total = 0.0
-        for k, b in enumerate(window):
-            with self._micro_context(k == len(window) - 1):
-                with self.accelerator.autocast():
-                    img, txt, scale, bias = self.encoder(b["pixel_values"], b["input_ids"], b["attention_mask"])
-                loss = siglip_loss_global(img, txt, scale, bias) / len(window)
-                self.accelerator.backward(loss)
+        for b in self.stepper.micro_batches(window):
+            with self.accelerator.autocast():
+                img, txt, scale, bias = self.encoder(b["pixel_values"], b["input_ids"], b["attention_mask"])
+            loss = siglip_loss_global(img, txt, scale, bias) / len(window)
+            self.stepper.backward(loss)
             total += loss.detach()
         return total
 
@@ -183,8 +182,7 @@ class VisionEncoderTrainerStage0:
         if resume is not None:
             state = load_checkpoint(acc, resume)
             step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
-        params = [p for p in self.encoder.parameters() if p.requires_grad]
-        guard, k = NonFiniteGuard(), args.gradient_accumulation_steps
+        k = args.gradient_accumulation_steps
         log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage0")
         self._set_modes()
         for epoch in range(start_epoch, args.num_epochs):
@@ -194,12 +192,8 @@ class VisionEncoderTrainerStage0:
                     break
                 step_fn = self._step_frozen_text if self.freeze_text else self._step_trained_text
                 loss = step_fn(window)
-                grad_norm = (acc.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0
-                             else torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-                if guard.ok(loss + grad_norm, step):
-                    self.optimizer.step()
+                grad_norm, _ = self.stepper.finish(step)
                 self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batches_done += len(window)
                 log.step(step, epoch, loss, grad_norm, sum(b["pixel_values"].shape[0] for b in window))

@@ -5,7 +5,6 @@ a resume checkpoint holds just its weights and AdamW state (megabytes, not the L
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from accelerator_setup import (
-    NonFiniteGuard,
+    OptimizerStep,
     StepLogger,
     accumulation_windows,
     count_parameters,
@@ -50,7 +49,7 @@ class ProjectionTrainerStage1:
         # counted on the per-process loader. Registered so resume restores it.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
-        self.guard = NonFiniteGuard()
+        self.stepper = OptimizerStep(accelerator, self.optimizer, self.projector, self.params, args.max_grad_norm)
         self.out = Path(args.output_dir)
         self.results: dict = {}
         self._evaluated = (None, None)
@@ -66,22 +65,12 @@ class ProjectionTrainerStage1:
                                          batch["pixel_values"], batch["labels"])
 
     def _optimizer_step(self, window, step):
-        acc, k = self.accelerator, len(window)
-        loss_sum = 0.0
-        for i, batch in enumerate(window):
-            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-            sync = contextlib.nullcontext() if i == k - 1 else acc.no_sync(self.projector)
-            with sync:
-                loss = self._forward(batch) / k
-                acc.backward(loss)
+        k, loss_sum = len(window), 0.0
+        for batch in self.stepper.micro_batches(window):
+            loss = self._forward(batch) / k
+            self.stepper.backward(loss)
             loss_sum += loss.detach()
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
-        # grad_norm is all-reduced, so every process takes the same decision. Under fp16 the
-        # GradScaler must still see an overflowing step to lower its scale (it skips the update).
-        if self.guard.ok(grad_norm, step) or acc.scaler is not None:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, _ = self.stepper.finish(step)
         self.scheduler.step()
         return loss_sum, grad_norm
 

@@ -73,7 +73,7 @@ def make_loader(json_path, args, model, tokenizer, image_processor, *, shuffle):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = setup_accelerator_and_logging(args)
+    accelerator = setup_accelerator_and_logging(args, stage="Stage1")
     # Frozen weights stored in bf16 halve their memory; fp16 storage overflows in Gemma.
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     model, tokenizer, image_processor = build_vlm(args.vision_model_name, args.llm_name,

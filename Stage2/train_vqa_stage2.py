@@ -157,7 +157,7 @@ def make_loader(json_path, args, model, tokenizer, image_processor, *, shuffle):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = setup_accelerator_and_logging(args)
+    accelerator = setup_accelerator_and_logging(args, stage="Stage2")
     depth = stage1_projector_depth(args.stage1_projector_path) if args.stage1_projector_path else args.projector_depth
     model, tokenizer, image_processor = build_vlm(args.vision_model_name, args.llm_name, projector_depth=depth)
     if args.stage1_projector_path:

@@ -12,7 +12,6 @@ zero gradient would still apply weight decay and the momentum left from earlier 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from accelerator_setup import (
-    NonFiniteGuard,
+    OptimizerStep,
     StepLogger,
     accumulation_windows,
     count_parameters,
@@ -46,6 +45,8 @@ class SupervisedLM(nn.Module):
     def __init__(self, vlm):
         super().__init__()
         self.vlm = vlm
+        # FSDP wraps each of these block classes as its own shard unit.
+        self._no_split_modules = list(getattr(vlm, "_no_split_modules", None) or [])
 
     def forward(self, input_ids, attention_mask, pixel_values, labels, reduction="mean"):
         return lm_loss_on_supervised(self.vlm, input_ids, attention_mask, pixel_values, labels, reduction=reduction)
@@ -126,7 +127,7 @@ class VQATrainerStage2:
         # Stepped by hand (accelerate would step it once per process); registered for resume.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
-        self.guard = NonFiniteGuard()
+        self.stepper = OptimizerStep(accelerator, self.optimizer, self.module, self.params, args.max_grad_norm)
         self.out = Path(args.output_dir)
         self.results: dict = {}
         self._evaluated = (None, None)
@@ -149,9 +150,11 @@ class VQATrainerStage2:
             part.requires_grad_(lm_full)
         model.model.multi_modal_projector.requires_grad_(args.unfreeze_projection_layer)
         model.model.vision_tower.requires_grad_(self.train_vision)
-        if args.mixed_precision == "bf16":
+        from accelerate.utils import DistributedType
+        if args.mixed_precision == "bf16" and self.accelerator.distributed_type != DistributedType.FSDP:
             # Weights that never train are stored in bf16 (half the memory); trained ones stay
             # fp32 for the optimizer and autocast computes in bf16. fp16 storage overflows in Gemma.
+            # Not under FSDP: a shard unit needs one dtype, and FSDP already splits the memory.
             for part, trained in ((model.model.vision_tower, self.train_vision),
                                   (model.model.multi_modal_projector, args.unfreeze_projection_layer),
                                   (model.model.language_model, lm_full)):
@@ -184,6 +187,7 @@ class VQATrainerStage2:
         for p in tower.parameters():
             p.grad = None
         self.params = [p for p in self.params if p.requires_grad]
+        self.stepper.set_params(self.params)
         self.train_vision = False
         logger.info("vision tower frozen from epoch 2 on (--train_ve_first_epoch)")
 
@@ -197,19 +201,13 @@ class VQATrainerStage2:
         # processes' answer tokens divided by their total count.
         scale = acc.num_processes / n_global
         loss_sum = torch.zeros((), device=acc.device)
-        for i, batch in enumerate(window):
-            sync = contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(self.module)
-            with sync:
-                with acc.autocast():
-                    loss = self.module(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                       batch["labels"], reduction="sum") * scale
-                acc.backward(loss)
+        for batch in self.stepper.micro_batches(window):
+            with acc.autocast():
+                loss = self.module(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                   batch["labels"], reduction="sum") * scale
+            self.stepper.backward(loss)
             loss_sum += loss.detach()
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
-        if self.guard.ok(grad_norm, step):  # all-reduced, so every process decides alike
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, _ = self.stepper.finish(step)
         self.scheduler.step()
         return loss_sum, grad_norm
 

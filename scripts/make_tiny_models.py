@@ -66,9 +66,26 @@ def _sentencepiece_siglip_tokenizer(texts, vocab_size, text_len, workdir: Path):
     return SiglipTokenizer(vocab_file=str(workdir / "spiece.model"), model_max_length=text_len)
 
 
+# Real architectures, for GPU checks and the benchmark (weights random; speed and memory do
+# not depend on them). Vision and text towers share these sizes in the released checkpoints.
+SIGLIP_PRESETS = {
+    "b16-224": dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_layers=12,
+                    num_heads=12, model_vocab_size=32000),
+    "l16-384": dict(image_size=384, patch_size=16, hidden_size=1024, intermediate_size=4096, num_layers=24,
+                    num_heads=16, model_vocab_size=32000),  # the XraySigLIP shape
+    "so400m-384": dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=27,
+                       num_heads=16, model_vocab_size=32000),
+}
+GEMMA3_PRESETS = {
+    "1b": dict(hidden_size=1152, intermediate_size=6912, num_layers=26, num_heads=4, head_dim=256,
+               model_vocab_size=262144, sliding_window=512, max_position_embeddings=32768,
+               rope_theta=1_000_000.0, query_pre_attn_scalar=256),
+}
+
+
 def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_size=96,
                       num_layers=4, num_heads=4, text_len=64, vocab_size=1024, seed=0,
-                      tokenizer_kind="bpe") -> Path:
+                      tokenizer_kind="bpe", intermediate_size=None, model_vocab_size=None) -> Path:
     """A SigLIP (vision + text towers) saved like a hub checkpoint: model, image processor,
     tokenizer. The text length is fixed by the checkpoint, as for real SigLIP.
     tokenizer_kind="sentencepiece" gives the SiglipTokenizer class of real checkpoints."""
@@ -84,10 +101,10 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos_id)])
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                             unk_token="<unk>", model_max_length=text_len)
-    common = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+    common = dict(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads)
     config = SiglipConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=text_len,
+        text_config=dict(vocab_size=max(len(tokenizer), model_vocab_size or 0), max_position_embeddings=text_len,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id, bos_token_id=eos_id,
                          projection_size=hidden_size, **common),
         vision_config=dict(image_size=image_size, patch_size=patch_size, **common),
@@ -103,25 +120,38 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
 
 
 def build_tiny_gemma3(out_dir, texts, *, hidden_size=96, num_layers=2, num_heads=2,
-                      vocab_size=1024, seed=0) -> Path:
+                      vocab_size=1024, seed=0, tokenizer_from=None, intermediate_size=None, head_dim=None,
+                      model_vocab_size=None, dtype=None, **config_kwargs) -> Path:
     """A Gemma3ForCausalLM with Gemma3's special tokens (<start_of_turn>, <end_of_turn>,
-    <image_soft_token>) in a small byte-level BPE vocabulary."""
+    <image_soft_token>) in a small byte-level BPE vocabulary, or with the tokenizer of a real
+    Gemma 3 folder (`tokenizer_from`)."""
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    tok = _train_bpe(texts, GEMMA_SPECIAL, vocab_size)
-    bos_id = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos_id)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<bos>", unk_token="<unk>", model_max_length=512)
+    if tokenizer_from:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        bos_id = tokenizer.bos_token_id
+        eot_id = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    else:
+        tok = _train_bpe(texts, GEMMA_SPECIAL, vocab_size)
+        bos_id = tok.token_to_id("<bos>")
+        eot_id = tok.token_to_id("<end_of_turn>")
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos_id)])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                            bos_token="<bos>", unk_token="<unk>", model_max_length=512)
+    kw = dict(max_position_embeddings=1024, sliding_window=256)
+    kw.update(config_kwargs)
     config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        vocab_size=max(len(tokenizer), model_vocab_size or 0), hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=1,
-        head_dim=hidden_size // num_heads, max_position_embeddings=1024, sliding_window=256,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id,
-                                                           tok.token_to_id("<end_of_turn>")],
-        bos_token_id=bos_id, tie_word_embeddings=True,
+        head_dim=head_dim or hidden_size // num_heads,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id, eot_id],
+        bos_token_id=bos_id, tie_word_embeddings=True, **kw,
     )
     model = Gemma3ForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
     model.generation_config.eos_token_id = config.eos_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -161,6 +191,12 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=112)
     p.add_argument("--hidden_size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--siglip_preset", choices=["tiny", *SIGLIP_PRESETS], default="tiny",
+                   help="a real SigLIP architecture instead of the small one (random weights)")
+    p.add_argument("--gemma3_preset", choices=["tiny", *GEMMA3_PRESETS], default="tiny",
+                   help="a real Gemma3 architecture instead of the small one (random weights, bf16)")
+    p.add_argument("--gemma3_tokenizer", default=None,
+                   help="take the tokenizer of this Gemma 3 folder (e.g. the packaged 270M's)")
     p.add_argument("--lm_pretrain_steps", type=int, default=0,
                    help="train the small Gemma3 on the texts first (a stand-in for a pretrained LLM)")
     return p.parse_args(argv)
@@ -170,9 +206,17 @@ def main(argv=None):
     args = parse_args(argv)
     texts = _texts_from_files(args.texts)
     out = Path(args.out_dir)
-    build_tiny_siglip(out / "siglip", texts, image_size=args.image_size,
-                      hidden_size=args.hidden_size, seed=args.seed)
-    build_tiny_gemma3(out / "gemma3", texts, hidden_size=args.hidden_size, seed=args.seed)
+    if args.siglip_preset == "tiny":
+        build_tiny_siglip(out / "siglip", texts, image_size=args.image_size,
+                          hidden_size=args.hidden_size, seed=args.seed)
+    else:
+        build_tiny_siglip(out / "siglip", texts, seed=args.seed, **SIGLIP_PRESETS[args.siglip_preset])
+    if args.gemma3_preset == "tiny":
+        build_tiny_gemma3(out / "gemma3", texts, hidden_size=args.hidden_size, seed=args.seed,
+                          tokenizer_from=args.gemma3_tokenizer)
+    else:  # stored in bf16 as the released Gemma 3 checkpoints are
+        build_tiny_gemma3(out / "gemma3", texts, seed=args.seed, tokenizer_from=args.gemma3_tokenizer,
+                          dtype=torch.bfloat16, **GEMMA3_PRESETS[args.gemma3_preset])
     if args.lm_pretrain_steps:
         pretrain_lm(out / "gemma3", texts, steps=args.lm_pretrain_steps, seed=args.seed)
     print(f"Built config-initialised (random) SigLIP and Gemma3 under {out} (no download).",

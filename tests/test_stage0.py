@@ -177,3 +177,41 @@ def test_bad_rows_fail_before_training_naming_file_and_row(tiny_siglip, demo_dir
     bad.write_text(json.dumps(rows[:2] + [{**rows[2], "image": "images/nope.png"}]))
     with pytest.raises(ValueError, match=r"row 2 of .*bad\.json.*--image_root"):
         main(_args(tiny_siglip, tmp_path / "o", bad, max_steps=1, image_root=demo_dir))
+
+
+def test_fp16_overflow_is_skipped_through_the_scaler_and_training_goes_on(tiny_siglip, demo_dir, tmp_path,
+                                                                           monkeypatch):
+    """fp16 as on a GPU (a GradScaler), with an inf loss planted in step 2: the scaler skips that
+    step and lowers its scale, and the run goes on (it used to raise `unscale_() has already been
+    called` on the next step)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    import accelerator_setup
+    import Stage0.trainer as stage0_trainer
+
+    class ScaledAccelerator(Accelerator):  # accelerate builds a GradScaler for GPUs only
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.scaler, self.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), True
+
+    real, calls = stage0_trainer.siglip_loss, []
+
+    def planted(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("inf") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(accelerator_setup, "Accelerator", ScaledAccelerator)
+    monkeypatch.setattr(stage0_trainer, "siglip_loss", planted)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        trainer = main(_args(tiny_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=4,
+                             mixed_precision="fp16"))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert trainer.stepper.steps_taken == 3
+    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 7
+    assert all(torch.isfinite(p).all() for p in trainer.encoder.model.parameters())
