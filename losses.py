@@ -23,65 +23,115 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 4096
 
 
-def _labels_chunk(pos: torch.Tensor, start: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """z for columns [start, start+width): +1 where column == the row's positive index."""
-    z = torch.full_like(like, -1.0)
-    rows = torch.nonzero((pos >= start) & (pos < start + width), as_tuple=True)[0]
-    z[rows, pos[rows] - start] = 1.0
-    return z
+class Positives:
+    """Which (image, text) pairs are positives (z = +1), built chunk by chunk so the full
+    [n, m] matrix never exists. Three equivalent spellings:
+
+    - `index`: image i's one positive is text column index[i] (-1: none). The paper's case.
+    - `image_labels`, `text_labels`: a pair is positive when the labels are equal and >= 0.
+      Stage0 passes caption ids, so every copy of a repeated caption is a positive for every
+      image that carries it. The multi-positive losses of the recipes reuse this.
+    - `mask`: a dense bool [n, m] matrix, for small multi-label cases.
+    """
+
+    def __init__(self, n: int, device, *, index=None, image_labels=None, text_labels=None, mask=None):
+        given = [index is not None, image_labels is not None or text_labels is not None, mask is not None]
+        if sum(given) > 1:
+            raise ValueError("give positives as one of: index, image_labels + text_labels, mask")
+        if (image_labels is None) != (text_labels is None):
+            raise ValueError("image_labels and text_labels go together")
+        if sum(given) == 0:
+            index = torch.arange(n, device=device)
+        self.index = index.to(device) if index is not None else None
+        self.img = image_labels.to(device) if image_labels is not None else None
+        self.txt = text_labels.to(device) if text_labels is not None else None
+        self.mask = mask.to(device) if mask is not None else None
+
+    def tensors(self):
+        return self.index, self.img, self.txt, self.mask
+
+    @staticmethod
+    def z(tensors, start: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """z for text columns [start, start+width): +1 for positives, -1 otherwise."""
+        index, img, txt, mask = tensors
+        if mask is not None:
+            return mask[:, start:start + width].to(like.dtype) * 2 - 1
+        if img is not None:
+            pos = (img[:, None] == txt[None, start:start + width]) & (img[:, None] >= 0)
+            return pos.to(like.dtype) * 2 - 1
+        z = torch.full_like(like, -1.0)
+        rows = torch.nonzero((index >= start) & (index < start + width), as_tuple=True)[0]
+        z[rows, index[rows] - start] = 1.0
+        return z
 
 
 class _SigLIPLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, log_t, b, pos, chunk):
+    def forward(ctx, x, y, log_t, b, chunk, index, img_lab, txt_lab, mask):
+        pos = (index, img_lab, txt_lab, mask)
         t = log_t.exp()
         total = x.new_zeros(())
         for s in range(0, y.shape[0], chunk):
             logits = t * (x @ y[s:s + chunk].T) + b
-            z = _labels_chunk(pos, s, logits.shape[1], logits)
+            z = Positives.z(pos, s, logits.shape[1], logits)
             total = total - F.logsigmoid(z * logits).sum()
-        ctx.save_for_backward(x, y, log_t, b, pos)
+        ctx.save_for_backward(x, y, log_t, b, *(p if p is not None else torch.empty(0) for p in pos))
+        ctx.present = [p is not None for p in pos]
         ctx.chunk = chunk
         return total / x.shape[0]
 
     @staticmethod
     def backward(ctx, g):
-        x, y, log_t, b, pos = ctx.saved_tensors
+        x, y, log_t, b, *saved = ctx.saved_tensors
+        pos = tuple(p if present else None for p, present in zip(saved, ctx.present))
         t, n = log_t.exp(), x.shape[0]
-        gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+        need_x, need_y, need_t, need_b = ctx.needs_input_grad[:4]
+        gx = torch.zeros_like(x) if need_x else None
+        gy = torch.zeros_like(y) if need_y else None
         g_logt, g_b = torch.zeros_like(log_t), torch.zeros_like(b)
         for s in range(0, y.shape[0], ctx.chunk):
             yc = y[s:s + ctx.chunk]
             sim = x @ yc.T
             logits = t * sim + b
-            z = _labels_chunk(pos, s, logits.shape[1], logits)
+            z = Positives.z(pos, s, logits.shape[1], logits)
             # d/dl [-log sigmoid(z l)] = -z * sigmoid(-z l)
             dl = (-z * torch.sigmoid(-z * logits)) * (g / n)
-            gx += t * (dl @ yc)
-            gy[s:s + ctx.chunk] = t * (dl.T @ x)
-            g_logt += (dl * sim).sum() * t
-            g_b += dl.sum()
-        return gx, gy, g_logt.reshape(log_t.shape), g_b.reshape(b.shape), None, None
+            # A frozen tower's features need no gradient: skipping it saves a third of the FLOPs.
+            if need_x:
+                gx += t * (dl @ yc)
+            if need_y:
+                gy[s:s + ctx.chunk] = t * (dl.T @ x)
+            if need_t:
+                g_logt += (dl * sim).sum() * t
+            if need_b:
+                g_b += dl.sum()
+        return (gx, gy, g_logt.reshape(log_t.shape) if need_t else None, g_b.reshape(b.shape) if need_b else None,
+                None, None, None, None, None)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
                 positive_index: torch.Tensor | None = None,
+                image_labels: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
+                positive_mask: torch.Tensor | None = None,
                 chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """SigLIP loss: mean over images of the sum over all texts.
 
     image_features [n, d] and text_features [m, d] must be L2-normalised (m >= n when texts
     from other processes or micro-batches are appended as extra negatives).
     logit_scale is t' (log of the temperature t), as stored by SiglipModel.
-    positive_index[i] is the column of image i's caption (default: i); -1 means none.
+    Positives (see `Positives`): positive_index[i] is the column of image i's caption (default:
+    i; -1 means none), or image_labels/text_labels mark every equal-label pair positive (a
+    repeated caption is then a positive, not a negative), or positive_mask [n, m] marks them.
+    With unique labels all three equal the paper's loss exactly.
     """
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         x, y = image_features.float(), text_features.float()
         log_t = logit_scale.float().reshape(())
         b = logit_bias.float().reshape(())
-        if positive_index is None:
-            positive_index = torch.arange(x.shape[0], device=x.device)
-        return _SigLIPLoss.apply(x, y, log_t, b, positive_index.to(x.device), chunk_size)
+        pos = Positives(x.shape[0], x.device, index=positive_index, image_labels=image_labels,
+                        text_labels=text_labels, mask=positive_mask)
+        return _SigLIPLoss.apply(x, y, log_t, b, chunk_size, *pos.tensors())
 
 
 def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias):
@@ -137,6 +187,7 @@ def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 def siglip_loss_global(image_features, text_features, logit_scale, logit_bias, *,
                        local_positive_index: torch.Tensor | None = None,
+                       labels: torch.Tensor | None = None,
                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """SigLIP loss where this process's images meet the texts of *all* processes.
 
@@ -144,9 +195,15 @@ def siglip_loss_global(image_features, text_features, logit_scale, logit_bias, *
     single-process loss on the union batch, and since DDP averages gradients and the gather
     sends back every process's share, the gradients equal it too (tested with 2 processes).
     local_positive_index indexes this process's own text rows (default: arange(n_local)).
+    labels (one per local image/text row, e.g. caption ids): every pair with equal labels on
+    any process is a positive, instead of only each row's own text.
     """
     rank, _ = world()
     all_text, sizes = gather_with_grad(text_features)
+    if labels is not None:
+        all_labels, _ = gather_with_grad(labels.to(image_features.device))
+        return siglip_loss(image_features, all_text, logit_scale, logit_bias, image_labels=labels,
+                           text_labels=all_labels, chunk_size=chunk_size)
     if local_positive_index is None:
         local_positive_index = torch.arange(image_features.shape[0], device=image_features.device)
     offset = sum(sizes[:rank])

@@ -39,6 +39,10 @@ def parse_args(argv=None):
     g.add_argument("--caption_key", default="caption")
     g.add_argument("--max_text_length", type=int, default=None,
                    help="default and maximum: the checkpoint's text length (max_position_embeddings)")
+    g.add_argument("--duplicate_captions", choices=["positive", "negative"], default="positive",
+                   help="a caption repeated in the batch: a positive for every image that carries it "
+                        "(default), or a negative for all but its own row as in the SigLIP paper, whose "
+                        "web captions are unique")
     g.add_argument("--text_attention_mask", action="store_true",
                    help="pass the padding mask to the text tower (pretrained SigLIP never saw one)")
     g = p.add_argument_group("what trains")

@@ -65,7 +65,7 @@ def embed_captions(encoder: DualEncoder, input_ids, attention_mask, batch_size, 
 
 @torch.no_grad()
 def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, autocast=contextlib.nullcontext,
-                         num_workers=0) -> dict[str, float]:
+                         num_workers=0, duplicates_positive: bool = True) -> dict[str, float]:
     """Val SigLIP loss (on batches of `batch_size` in file order) and R@1/R@5 both ways."""
     was_training = encoder.training
     encoder.eval()
@@ -77,7 +77,9 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
             img, _, scale, bias = encoder(pixel_values=b["pixel_values"].to(device))
         img = img.float()
         imgs.append(img)
-        losses.append(siglip_loss(img, txt[b["caption_id"].to(device)], scale, bias).item())
+        ids = b["caption_id"].to(device)
+        pos = dict(image_labels=ids, text_labels=ids) if duplicates_positive else {}
+        losses.append(siglip_loss(img, txt[ids], scale, bias, **pos).item())
     encoder.train(was_training)
     metrics = image_text_retrieval(torch.cat(imgs), txt, dataset.caption_ids)
     return {"loss": sum(losses) / len(losses), **metrics}
@@ -89,6 +91,10 @@ class VisionEncoderTrainerStage0:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.freeze_text = args.freeze_text_encoder
+        # A caption repeated in the batch ("No acute cardiopulmonary process.") is a positive for
+        # every image that carries it; as a negative it would push normal images away from the
+        # normal caption (at equilibrium p(match) = 1/(1+d) for d duplicates).
+        self.duplicates_positive = getattr(args, "duplicate_captions", "positive") == "positive"
         model.text_model.requires_grad_(not args.freeze_text_encoder)
         model.logit_scale.requires_grad_(not args.freeze_logit_scale)
         model.logit_bias.requires_grad_(not args.freeze_logit_scale)
@@ -149,16 +155,20 @@ class VisionEncoderTrainerStage0:
 
     def _step_frozen_text(self, window) -> torch.Tensor:
         dev = self.accelerator.device
-        local_txt = torch.cat([self.text_cache[b["caption_id"].to(dev)] for b in window])
-        all_txt, sizes = gather_with_grad(local_txt)
+        local_ids = torch.cat([b["caption_id"].to(dev) for b in window])
+        all_txt, sizes = gather_with_grad(self.text_cache[local_ids])
+        all_ids, _ = gather_with_grad(local_ids)
         offset = sum(sizes[:world()[0]])
-        n_local, total = local_txt.shape[0], 0.0
+        n_local, total = local_ids.shape[0], 0.0
         for b in self.stepper.micro_batches(window):
             n = b["pixel_values"].shape[0]
             with self.accelerator.autocast():
                 img, _, scale, bias = self.encoder(pixel_values=b["pixel_values"])
-            pos = torch.arange(n, device=dev) + offset
-            loss = siglip_loss(img, all_txt, scale, bias, positive_index=pos) * (n / n_local)
+            if self.duplicates_positive:  # every row with this caption, on any process, is a positive
+                pos = dict(image_labels=b["caption_id"].to(dev), text_labels=all_ids)
+            else:
+                pos = dict(positive_index=torch.arange(n, device=dev) + offset)
+            loss = siglip_loss(img, all_txt, scale, bias, **pos) * (n / n_local)
             self.stepper.backward(loss)
             offset += n
             total += loss.detach()
@@ -169,7 +179,8 @@ class VisionEncoderTrainerStage0:
         for b in self.stepper.micro_batches(window):
             with self.accelerator.autocast():
                 img, txt, scale, bias = self.encoder(b["pixel_values"], b["input_ids"], b["attention_mask"])
-            loss = siglip_loss_global(img, txt, scale, bias) / len(window)
+            labels = b["caption_id"] if self.duplicates_positive else None
+            loss = siglip_loss_global(img, txt, scale, bias, labels=labels) / len(window)
             self.stepper.backward(loss)
             total += loss.detach()
         return total
@@ -213,7 +224,8 @@ class VisionEncoderTrainerStage0:
     def end_of_epoch(self, epoch: int, step: int):
         if self.val_dataset is not None and self.accelerator.is_main_process:
             m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset, self.args.batch_size,
-                                     self.accelerator.device, self.accelerator.autocast)
+                                     self.accelerator.device, self.accelerator.autocast,
+                                     duplicates_positive=self.duplicates_positive)
             logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
             log_metrics(self.accelerator, {f"val/{k}": v for k, v in m.items()}, step)
             self._set_modes()

@@ -130,10 +130,13 @@ def _assert_same_weights(a, b, atol):
     assert worst <= atol, f"max weight difference {worst}"
 
 
-def test_gradient_accumulation_is_exact_with_frozen_text(tiny_siglip, demo_dir, tmp_path):
+@pytest.mark.parametrize("captions", ["demo", "repeated"])
+def test_gradient_accumulation_is_exact_with_frozen_text(captions, tiny_siglip, demo_dir, short_caption_jsons,
+                                                          tmp_path):
     """4 micro-batches of 4 meet every caption of the step, so they train exactly like one
-    batch of 16 (a per-micro-batch loss would see 4 captions and drift)."""
-    train = demo_dir / "stage0_train.json"
+    batch of 16 (a per-micro-batch loss would see 4 captions and drift). With repeated captions
+    (a few canonical ones), every copy in any micro-batch is a positive."""
+    train = demo_dir / "stage0_train.json" if captions == "demo" else short_caption_jsons["train"]
     main(_args(tiny_siglip, tmp_path / "big", train, max_steps=3, batch_size=16, seed=5))
     main(_args(tiny_siglip, tmp_path / "accum", train, max_steps=3, batch_size=4,
                gradient_accumulation_steps=4, seed=5))
@@ -142,17 +145,21 @@ def test_gradient_accumulation_is_exact_with_frozen_text(tiny_siglip, demo_dir, 
     _assert_same_weights(_final_weights(tmp_path / "big"), _final_weights(tmp_path / "accum"), atol=1e-4)
 
 
-def test_two_processes_train_like_one_on_the_union_batch(tiny_siglip, demo_dir, tmp_path):
+@pytest.mark.parametrize("captions,text", [("demo", "frozen"), ("repeated", "frozen"), ("repeated", "trained")])
+def test_two_processes_train_like_one_on_the_union_batch(captions, text, tiny_siglip, demo_dir, short_caption_jsons,
+                                                         tmp_path):
     """The whole trainer under DDP (2 CPU processes, gloo): each process's images meet both
-    processes' captions, so 2 x 8 ends with the weights of 1 x 16."""
+    processes' captions, so 2 x 8 ends with the weights of 1 x 16. With repeated captions the
+    copies of one caption sit on both ranks and are positives on both."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    train = demo_dir / "stage0_train.json"
-    main(_args(tiny_siglip, tmp_path / "one", train, max_steps=3, batch_size=16, seed=5))
-    argv = _args(tiny_siglip, tmp_path / "two", train, max_steps=3, batch_size=8, seed=5)
+    train = demo_dir / "stage0_train.json" if captions == "demo" else short_caption_jsons["train"]
+    kw = {"no_freeze_text_encoder": True} if text == "trained" else {}
+    main(_args(tiny_siglip, tmp_path / "one", train, max_steps=3, batch_size=16, seed=5, **kw))
+    argv = _args(tiny_siglip, tmp_path / "two", train, max_steps=3, batch_size=8, seed=5, **kw)
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,3 +222,24 @@ def test_fp16_overflow_is_skipped_through_the_scaler_and_training_goes_on(tiny_s
     assert trainer.stepper.steps_taken == 3
     assert trainer.accelerator.scaler.get_scale() == 2.0 ** 7
     assert all(torch.isfinite(p).all() for p in trainer.encoder.model.parameters())
+
+
+def test_repeated_captions_are_positives_unless_asked_otherwise(tiny_siglip, short_caption_jsons, tmp_path,
+                                                              monkeypatch):
+    """Stage0 hands the loss caption ids: two rows with one caption are positives for each other.
+    `--duplicate_captions negative` gives the paper's one-positive-per-row loss."""
+    import Stage0.trainer as stage0_trainer
+    seen = []
+    real = stage0_trainer.siglip_loss
+
+    def spy(*a, **k):
+        seen.append(k)
+        return real(*a, **k)
+    monkeypatch.setattr(stage0_trainer, "siglip_loss", spy)
+    train = short_caption_jsons["train"]
+    main(_args(tiny_siglip, tmp_path / "pos", train, max_steps=1))
+    assert "image_labels" in seen[-1]
+    ids = seen[-1]["text_labels"]
+    assert len(set(ids.tolist())) < len(ids), "the batch should repeat captions"
+    main(_args(tiny_siglip, tmp_path / "neg", train, max_steps=1, duplicate_captions="negative"))
+    assert "positive_index" in seen[-1] and "image_labels" not in seen[-1]
