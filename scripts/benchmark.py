@@ -12,6 +12,9 @@ Rows:
                (Gemma3's 262,144-token vocabulary; an answer-length target after an image prompt)
   siglip_mem   activation memory the SigLIP loss keeps for backward: chunked vs naive (B x B)
   text_cache   Stage0 step with the frozen text tower's caption embeddings cached vs recomputed
+  tokenize     Stage1/Stage2 sample token ids per second with the real Gemma 3 tokenizer (packaged
+               270M; a small one if it is not installed): special tokens looked up once vs a
+               get_vocab() dict rebuilt per lookup (the old path)
 """
 from __future__ import annotations
 
@@ -132,22 +135,59 @@ def bench_text_cache(args):
             "shape": f"B={b}, equal-size towers"}
 
 
+def bench_tokenize(args):
+    from types import SimpleNamespace
+
+    from Stage2.dataset import END_OF_TURN, START_OF_TURN, build_example
+    from transformers import AutoTokenizer
+    try:
+        from scripts.prepare_gemma270m import prepare_gemma270m
+        path, which = prepare_gemma270m(), "Gemma 3 (262k vocab)"
+    except ImportError:
+        from scripts.make_tiny_models import build_tiny_gemma3
+        import tempfile
+        path = build_tiny_gemma3(Path(tempfile.mkdtemp()) / "g", ["is there an effusion"], vocab_size=400)
+        which = "small BPE (gemma3-270m package not installed)"
+    tok = AutoTokenizer.from_pretrained(path)
+    config = SimpleNamespace(image_token_index=tok.bos_token_id, image_seq_length=576)
+    qa = [("Is there a pleural effusion on the left side?", "Yes, a small left pleural effusion."),
+          ("Describe the findings.", "Cardiomegaly. No pneumothorax.")] * 10
+
+    def ours():
+        for q, a in qa:
+            build_example(tok, config, q, a)
+
+    def old_path():  # what chat_token_ids did per call: two full vocabulary dicts per sample
+        for q, a in qa:
+            for _ in range(2):
+                v = tok.get_vocab()
+                v[START_OF_TURN], v[END_OF_TURN]
+            build_example(tok, config, q, a)
+
+    t_old = _timeit(old_path, max(1, args.repeats // 2), "cpu")
+    t_new = _timeit(ours, args.repeats, "cpu")
+    n = len(qa)
+    return {"row": "tokenize", "baseline_s": t_old / n, "ours_s": t_new / n, "speedup": t_old / t_new,
+            "samples_per_s": n / t_new, "shape": f"per Stage2 sample, {which}"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", nargs="*", default=["lm_loss", "siglip_mem", "text_cache"])
+    p.add_argument("--only", nargs="*", default=["lm_loss", "siglip_mem", "text_cache", "tokenize"])
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    benches = {"lm_loss": bench_lm_loss, "siglip_mem": bench_siglip_memory, "text_cache": bench_text_cache}
+    benches = {"lm_loss": bench_lm_loss, "siglip_mem": bench_siglip_memory, "text_cache": bench_text_cache,
+               "tokenize": bench_tokenize}
     rows = [benches[name](args) for name in args.only]
     print(f"device: {args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu"
           else f"device: {torch.cuda.get_device_name()}")
     print("| benchmark | shape | plain | ours | ratio |\n|---|---|---|---|---|")
     for r in rows:
         if "speedup" in r:
-            print(f"| {r['row']} | {r['shape']} | {r['baseline_s']*1e3:.0f} ms | {r['ours_s']*1e3:.0f} ms "
+            print(f"| {r['row']} | {r['shape']} | {r['baseline_s']*1e3:.1f} ms | {r['ours_s']*1e3:.1f} ms "
                   f"| {r['speedup']:.1f}x faster |")
         else:
             print(f"| {r['row']} | {r['shape']} | {r['baseline_MiB']:.0f} MiB | {r['ours_MiB']:.0f} MiB "

@@ -142,6 +142,19 @@ def test_labels_supervise_exactly_answer_and_end_of_turn(s2):
     assert [x for x in labels_q if x != -100] == a_ids + [eot]
 
 
+def test_building_samples_never_rebuilds_the_vocabulary(s2, monkeypatch):
+    """get_vocab() rebuilds a dict of the whole vocabulary (262k entries for Gemma 3: 0.4 s): the
+    per-sample path must look special tokens up, not call it. Counted, not timed."""
+    model, tok, _ = build_vlm(s2["siglip"], s2["gemma3"])
+    calls = []
+    real = type(tok).get_vocab
+    monkeypatch.setattr(type(tok), "get_vocab", lambda self: calls.append(1) or real(self))
+    for q in ("Is there cardiomegaly?", "Where is the effusion?", "Describe the findings."):
+        build_prompt(tok, model.config, q)
+        build_example(tok, model.config, q, "yes")
+    assert calls == []
+
+
 def test_dataset_padding_and_bad_rows(s2, tmp_path):
     model, tok, ip = build_vlm(s2["siglip"], s2["gemma3"])
     d = s2["data"]
