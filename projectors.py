@@ -190,14 +190,31 @@ def num_image_tokens(image_processor, vision_config) -> int:
 
 # ---------------------------------------------------------------- the VLM
 
-def _image_token(tokenizer) -> tuple[str, int]:
-    vocab = tokenizer.get_vocab()
+def _token_id(tokenizer, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return tid
+
+
+def _image_token(tokenizer, num_rows: int) -> tuple[str, int, bool]:
+    """The image placeholder: (token, id, added). Llava looks the placeholder's embedding up
+    before splicing image features in, so its id must be a row of the LM's table. In order:
+    Gemma 3's own `<image_soft_token>` / `<image>`; else an `<unusedN>` token (the Gemma 3
+    tokenizer has 6,242 that text never produces), which keeps the LM's shapes and so keeps
+    adapters and tools made for the base checkpoint working; only if neither exists, a new
+    token, which resizes the embedding table and tied head."""
     for tok in IMAGE_TOKEN_CANDIDATES:
-        if tok in vocab:
-            return tok, vocab[tok]
-    # The real Gemma 3 270M tokenizer has no image placeholder: add one.
+        tid = _token_id(tokenizer, tok)
+        if tid is not None and tid < num_rows:
+            return tok, tid, False
+    for n in range(64):
+        tok = f"<unused{n}>"
+        tid = _token_id(tokenizer, tok)
+        if tid is not None and tid < num_rows:
+            return tok, tid, False
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return "<image>", tokenizer.convert_tokens_to_ids("<image>")
+    return "<image>", tokenizer.convert_tokens_to_ids("<image>"), True
 
 
 def build_vlm(vision_model_name, llm_name, *, projector_depth: int = 2, torch_dtype=None):
@@ -212,11 +229,14 @@ def build_vlm(vision_model_name, llm_name, *, projector_depth: int = 2, torch_dt
     lm = _checked_from_pretrained(AutoModelForCausalLM, llm_name,
                                   **({"dtype": torch_dtype} if torch_dtype is not None else {}))
     base = getattr(lm, lm.base_model_prefix)
-    image_token, image_token_id = _image_token(tokenizer)
+    image_token, image_token_id, _ = _image_token(tokenizer, lm.get_input_embeddings().num_embeddings)
     if image_token_id >= lm.get_input_embeddings().num_embeddings:
-        # Llava looks up the placeholder's embedding before splicing in image features, so
-        # its id must be a row of the table (the rows it adds are never seen by the LM).
+        # Neither a placeholder nor an unused token exists: a new row (never seen by the LM, as
+        # Llava replaces it with image features) at the cost of a resized table.
         old = lm.get_input_embeddings().num_embeddings
+        logger.warning("the LM tokenizer has no image placeholder and no <unusedN> token: added %s and resized "
+                       "the embedding table from %d rows; the exported LM no longer matches the base's shapes",
+                       image_token, old)
         lm.resize_token_embeddings(max(len(tokenizer), image_token_id + 1), mean_resizing=False)
         with torch.no_grad():  # the mean row (Hewitt 2021) keeps new logits ordinary; cheap for 262k rows
             table = lm.get_input_embeddings().weight

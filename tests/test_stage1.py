@@ -196,8 +196,10 @@ def test_stage1_with_real_gemma3_270m(setup, tmp_path):
                     "--num_workers", "0", "--report_to", "none", "--max_caption_len", "32",
                     "--warmup_steps", "1", "--logging_steps", "1", "--no-save_every_epoch"])
     model = trainer.model
-    # The packaged tokenizer has no image placeholder: one is added and the embeddings grow by a row.
-    assert trainer.tokenizer.convert_ids_to_tokens(model.config.image_token_index) == "<image>"
+    # The packaged tokenizer has no image placeholder: an unused token stands in, so the LM keeps
+    # its 262,144-row table and tied head.
+    assert trainer.tokenizer.convert_ids_to_tokens(model.config.image_token_index) == "<unused0>"
+    assert len(trainer.tokenizer) == 262144
     assert trainer.results["val_loss"] < trainer.results["val_loss_before"] - 0.1, trainer.results
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,3 +210,12 @@ def test_stage1_with_real_gemma3_270m(setup, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, pixel_values=pixels).logits,
                                    model(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=0)
+    # The exported LM is the base checkpoint: same keys, shapes and values.
+    from transformers import AutoModelForCausalLM
+
+    from Stage2.trainer import language_model_of
+    base = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).state_dict()
+    exported = language_model_of(loaded).state_dict()
+    assert exported.keys() == base.keys()
+    for k, v in base.items():
+        assert exported[k].shape == v.shape and torch.equal(exported[k].float(), v.float()), k

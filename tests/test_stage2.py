@@ -563,8 +563,8 @@ def test_stage2_with_real_gemma3_270m(s2, tmp_path):
                         "--learning_rate", "5e-5", "--num_epochs", "1", "--max_steps", "3", "--num_workers", "0",
                         "--report_to", "none", "--max_a_len", "32", "--warmup_steps", "0", "--logging_steps", "1",
                         "--no-save_every_epoch", "--checkpoints_total_limit", "1"])
-    # The packaged tokenizer has no image placeholder (one is added) and no chat template (not needed).
-    assert trainer.tokenizer.convert_ids_to_tokens(trainer.vlm.config.image_token_index) == "<image>"
+    # The packaged tokenizer has no image placeholder (an unused token stands in) and no chat template.
+    assert trainer.tokenizer.convert_ids_to_tokens(trainer.vlm.config.image_token_index) == "<unused0>"
     assert trainer.results["step"] == 3
     answer = _cli("--model_path", out / "final_model", "--image_path", d / small[0]["image"],
                   "--question", small[0]["problem"], "--max_new_tokens", "16")
