@@ -165,10 +165,24 @@ def main(argv=None):
     else:
         warnings.warn("no --stage1_projector_path: the projector starts from random weights "
                       "(Stage 2 normally follows Stage 1's alignment)")
+    start_projector = {k: v.detach().clone() for k, v in projector_of(model).state_dict().items()}
+
+    def base_loader():
+        """This run's starting VLM again, on CPU in the checkpoints' dtypes (for the export)."""
+        import transformers
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            base, _, _ = build_vlm(args.vision_model_name, args.llm_name, projector_depth=depth)
+        finally:
+            transformers.logging.set_verbosity(level)
+        projector_of(base).load_state_dict(start_projector)
+        return base
     train_loader = make_loader(args.train_json, args, model, tokenizer, image_processor, shuffle=True)
     val_loader = (make_loader(args.val_json, args, model, tokenizer, image_processor, shuffle=False)
                   if args.val_json else None)
-    trainer = VQATrainerStage2(args, accelerator, model, tokenizer, image_processor, train_loader, val_loader)
+    trainer = VQATrainerStage2(args, accelerator, model, tokenizer, image_processor, train_loader, val_loader,
+                               base_loader=base_loader)
     results = trainer.train()
     if accelerator.is_main_process:
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))

@@ -96,12 +96,29 @@ def language_model_of(vlm):
     return lm
 
 
+def vlm_name(peft_name: str) -> str | None:
+    """A parameter's name in the plain VLM, from its name under a PEFT wrapper (None for the
+    adapters themselves and for modules_to_save's untouched originals)."""
+    if "lora_" in peft_name or ".original_module." in peft_name:
+        return None
+    name = peft_name.removeprefix("base_model.model.")
+    return name.replace(".modules_to_save.default", "").replace(".base_layer", "")
+
+
 class VQATrainerStage2:
-    def __init__(self, args, accelerator, model, tokenizer, image_processor, train_loader, val_loader=None):
+    def __init__(self, args, accelerator, model, tokenizer, image_processor, train_loader, val_loader=None,
+                 base_loader=None):
+        """base_loader(): the VLM this run started from, built again on CPU in the checkpoints'
+        own dtypes. The export takes every weight that did not train from it, and merges LoRA
+        into its weights, instead of into the bf16 training copies."""
         self.args, self.accelerator = args, accelerator
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.vlm, self.peft = model, None
+        self.vlm, self.peft, self.base_loader = model, None, base_loader
         self.train_vision = bool(args.train_ve_first_epoch)
+        # The parts whose weights change in this run (the vision tower stays in after epoch 1).
+        self.trained_parts = {part for part, on in (("llm", args.unfreeze_llm and not args.lora_r),
+                                                    ("projector", args.unfreeze_projection_layer),
+                                                    ("vision", self.train_vision)) if on}
         self._configure_trainable(model)
         if args.gradient_checkpointing:
             # Non-reentrant: the reentrant variant computes no gradient for LoRA adapters when
@@ -290,15 +307,37 @@ class VQATrainerStage2:
         return val
 
     def export_model(self):
-        """A plain LlavaForConditionalGeneration to save: LoRA merged into the LM weights (on a
-        copy; training goes on), every weight in the LM's dtype."""
-        if self.peft is not None:
-            model = copy.deepcopy(self.peft).merge_and_unload()
-        else:
+        """A plain LlavaForConditionalGeneration to save, as if trained in full precision:
+        - weights that never trained are the checkpoint's own (not their bf16 training copies);
+        - trained weights are cast once, to the checkpoint's dtype;
+        - LoRA is merged in fp32 on CPU into the checkpoint's weights: W + B·A·alpha/r. Merging
+          into bf16 copies (merge_and_unload) applies the delta off by 3-30% at real magnitudes.
+        Without LoRA and without bf16 storage the live model is already exactly that."""
+        downcast = any(p.dtype != torch.float32 for p in self.vlm.parameters())
+        if self.base_loader is None or (self.peft is None and not downcast):
             model = self.vlm
-        dtype = model.model.language_model.embed_tokens.weight.dtype
-        if any(p.dtype != dtype for p in model.parameters()):
-            model = (model if model is not self.vlm else copy.deepcopy(model)).to(dtype)
+            dtype = model.model.language_model.embed_tokens.weight.dtype
+            if any(p.dtype != dtype for p in model.parameters()):
+                model = copy.deepcopy(model).to(dtype)
+            return model
+        model = self.base_loader()
+        state = model.state_dict()
+        live = self.peft if self.peft is not None else self.vlm
+        with torch.no_grad():
+            for name, p in live.named_parameters():
+                key = vlm_name(name)
+                if key is not None and part_of(key) in self.trained_parts:
+                    state[key] = p.detach().to("cpu", state[key].dtype)
+            if self.peft is not None:
+                from peft.tuners.lora import LoraLayer
+                for name, module in self.peft.named_modules():
+                    if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                        key = vlm_name(name) + ".weight"
+                        a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
+                        b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
+                        delta = (b @ a) * module.scaling["default"]
+                        state[key] = (state[key].float() + delta).to(state[key].dtype)
+        model.load_state_dict(state, strict=True)
         return model
 
     def save(self, name) -> Path:

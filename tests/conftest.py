@@ -51,3 +51,15 @@ def tiny_siglip(tmp_path_factory, demo_dir):
     texts = _texts_from_files([demo_dir / "stage0_train.json"]) + ["no acute finding, cardiomegaly"]
     return build_tiny_siglip(tmp_path_factory.mktemp("tiny") / "siglip", texts, image_size=64,
                              hidden_size=64, num_layers=2, num_heads=2)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """For tests that build an Accelerator with another precision than earlier ones in this
+    process (accelerate keeps one global state)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -22,15 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "engines" / "step_probe.py"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Tests here build Accelerators with other precisions in this process."""
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def _free_port():

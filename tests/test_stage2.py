@@ -287,6 +287,36 @@ def test_lora_changes_only_adapters_and_merges_exactly(s2):
     assert any("multi_modal_projector" in k for k in adapter) and any("lora_A" in k for k in adapter)
 
 
+def test_bf16_lora_exports_the_model_that_was_trained(s2, tmp_path, fresh_accelerator_state):
+    """After a bf16 LoRA run from an fp32 base, every adapted weight of language_model/ is the
+    fp32 checkpoint's W + B·A·alpha/r computed from lora_adapter/, and every other weight is the
+    checkpoint's own, in its dtype (merging into the bf16 training copies was off by ~1e-2)."""
+    from safetensors.torch import load_file
+    out = tmp_path / "bf16_lora"
+    main(_argv(s2, out, "--mixed_precision", "bf16", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "1e-2",
+               "--max_steps", "4", "--num_epochs", "1", "--no-save_every_epoch", val=None))
+    final = out / "final_model"
+    lm = load_file(final / "language_model" / "model.safetensors")
+    base = load_file(Path(s2["gemma3"]) / "model.safetensors")
+    adapter = load_file(final / "lora_adapter" / "adapter_model.safetensors")
+    cfg = json.loads((final / "lora_adapter" / "adapter_config.json").read_text())
+    scaling = cfg["lora_alpha"] / cfg["r"]
+    targets = {k[: -len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight")}
+    assert targets
+    worst = 0.0
+    for t in targets:
+        key = t.replace("base_model.model.model.language_model.", "model.") + ".weight"
+        delta = (adapter[t + ".lora_B.weight"].float() @ adapter[t + ".lora_A.weight"].float()) * scaling
+        assert delta.norm() > 0
+        assert lm[key].dtype == base[key].dtype == torch.float32
+        worst = max(worst, ((lm[key] - (base[key] + delta)).norm() / delta.norm()).item())
+    assert worst < 1e-3, f"merged delta off by {worst:.2%} of its norm"
+    adapted = {t.replace("base_model.model.model.language_model.", "model.") + ".weight" for t in targets}
+    for k, v in base.items():
+        if k not in adapted:
+            assert torch.equal(lm[k], v), f"{k}: not the checkpoint's weight"
+
+
 def test_accumulation_and_checkpointing_give_the_same_gradients(s2, tmp_path):
     """The loss is normalised by the answer tokens of the whole optimizer step, so 2 x 4 with
     accumulation equals one batch of 8; gradient checkpointing changes nothing either."""
