@@ -37,6 +37,7 @@ from projectors import lm_loss_on_supervised, save_vlm
 logger = logging.getLogger("siglip_med")
 
 LANGUAGE_MODEL_DIR, VISION_TOWER_DIR, LORA_DIR = "language_model", "vision_tower", "lora_adapter"
+TRAINABLE_FILE = "trainable_weights.safetensors"  # in resume checkpoints, instead of the whole VLM
 
 
 class SupervisedLM(nn.Module):
@@ -139,6 +140,10 @@ class VQATrainerStage2:
         self.module, self.optimizer, self.train_loader = accelerator.prepare(SupervisedLM(model), optimizer,
                                                                              train_loader)
         self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+        from accelerate.utils import DistributedType
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed writes its own
+            accelerator.register_save_state_pre_hook(self._save_trainable)
+            accelerator.register_load_state_pre_hook(self._load_trainable)
         self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
         self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
         # Stepped by hand (accelerate would step it once per process); registered for resume.
@@ -156,6 +161,41 @@ class VQATrainerStage2:
         logger.info("Stage2: %s parameters, %s trainable (%s)%s; %d optimizer steps", f"{total:,}", f"{trainable:,}",
                     ", ".join(f"{k} {v:,}" for k, v in sorted(by_part.items())),
                     " [vision tower: epoch 1 only]" if self.train_vision else "", self.total_steps)
+
+    # ------------------------------------------------------------ resume checkpoints
+
+    def _keeps(self, name: str, p) -> bool:
+        """A parameter that a resume checkpoint must hold: trainable now, or of a part that
+        trained in this run (the vision tower keeps its epoch-1 weights after it freezes)."""
+        key = vlm_name(name.removeprefix("vlm."))
+        return p.requires_grad or (key is not None and part_of(key) in self.trained_parts)
+
+    def _save_trainable(self, models, weights, output_dir):
+        """Resume checkpoints hold what trains (plus the optimizer state), not the frozen VLM:
+        megabytes for LoRA or a projector instead of gigabytes at 1B parameters."""
+        if self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+            plain = self.accelerator.unwrap_model(self.module)
+            state = {n: p.detach().to("cpu").contiguous() for n, p in plain.named_parameters() if self._keeps(n, p)}
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
+        weights.clear()
+
+    def _load_trainable(self, models, input_dir):
+        path = Path(input_dir) / TRAINABLE_FILE
+        if not path.is_file():
+            return  # a full-model checkpoint: accelerate loads it
+        from safetensors.torch import load_file
+        plain = self.accelerator.unwrap_model(self.module)
+        result = plain.load_state_dict(load_file(str(path), device=str(self.accelerator.device)), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{path}: holds weights this model does not have ({result.unexpected_keys[:3]}...); "
+                             "it was written by a run with another model or LoRA setup")
+        missing = [n for n, p in plain.named_parameters() if self._keeps(n, p) and n in result.missing_keys]
+        if missing:
+            raise ValueError(f"{path}: lacks trained weights {missing[:3]}...; it was written by a run that "
+                             "trained other parts (--unfreeze_*/--lora_r/--train_ve_first_epoch differ)")
+        models.clear()
 
     # ------------------------------------------------------------ what trains
 

@@ -371,6 +371,12 @@ def test_resume_matches_uninterrupted_run(s2, tmp_path):
               "--no-save_every_epoch")
     full = main(_argv(s2, tmp_path / "full", *common, val=None))
     main(_argv(s2, tmp_path / "cut", *common, "--max_steps", "4", "--checkpointing_steps", "1", val=None))
+    ckpt = sorted((tmp_path / "cut" / "checkpoints").glob("step_*"))[-1]
+    # Only what trains (the LM here) is in a resume checkpoint, not the frozen tower and projector.
+    from safetensors.torch import load_file
+    assert not (ckpt / "model.safetensors").exists()
+    held = load_file(ckpt / "trainable_weights.safetensors")
+    assert held and all(k.startswith("vlm.model.language_model.") or k.startswith("vlm.lm_head.") for k in held)
     resumed = main(_argv(s2, tmp_path / "cut", *common, "--resume_from_checkpoint", "latest", val=None))
     assert resumed.results["step"] == full.results["step"] == 6
     a, b = full.vlm.state_dict(), resumed.vlm.state_dict()
