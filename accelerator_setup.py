@@ -257,6 +257,31 @@ def epoch_batches(accelerator: Accelerator, dataloader, epoch: int, skip_batches
     return accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
 
 
+class EvalShard:
+    """This process's share of a validation loader, for metrics every process computes and then
+    reduces: process r takes batches r, r + P, r + 2P, ... of the file-order batches, with no
+    sample padded in or repeated (accelerate's even batches would count some twice). Batches
+    come moved to the device. Every process must evaluate: rank 0 alone, while the others wait
+    at a collective, trips the NCCL watchdog on a large val set."""
+
+    def __init__(self, accelerator: Accelerator, loader):
+        from torch.utils.data import DataLoader
+        self.device = accelerator.device
+        n, bs = len(loader.dataset), loader.batch_size
+        batches = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
+        self.loader = DataLoader(loader.dataset, batch_sampler=batches[accelerator.process_index::accelerator.num_processes],
+                                 collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                                 pin_memory=loader.pin_memory)
+
+    def __iter__(self):
+        from accelerate.utils import send_to_device
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
+
+    def __len__(self):
+        return len(self.loader)
+
+
 def accumulation_windows(batches, k: int):
     """Group micro-batches into optimizer steps of k (the last may be shorter)."""
     window = []

@@ -80,6 +80,46 @@ def _projector_config(model) -> dict:
             "act": model.config.projector_hidden_act}
 
 
+def tower_fingerprint(tower) -> str:
+    """A content hash of a vision tower's weights. Taken over the weights rounded to bf16, so a
+    tower stored in bf16 for training (Stage1) and the same checkpoint in fp32 (Stage2, the CLI)
+    agree, while any fine-tune changes it."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(tower.state_dict().items()):
+        h.update(f"{k}:{tuple(v.shape)};".encode())
+        h.update(v.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def recorded_tower(projector_dir) -> dict | None:
+    """{"source", "sha256"} of the tower a projector was trained with, if its folder says."""
+    path = Path(projector_dir)
+    if (path / PROJECTOR_DIR).is_dir():
+        path = path / PROJECTOR_DIR
+    try:
+        return json.loads((path / "config.json").read_text()).get("vision_tower")
+    except (OSError, ValueError):
+        return None
+
+
+def check_tower(model, record: dict | None, given: str, *, what: str, override_flag: str, allow: bool) -> None:
+    """Refuse to pair a projector with a vision tower other than the one it was aligned to: the
+    dimensions may match while the features mean something else."""
+    if not record or not record.get("sha256"):
+        return
+    got = tower_fingerprint(model.model.vision_tower)
+    if got == record["sha256"]:
+        return
+    msg = (f"{what} was trained with the vision tower {record.get('source')!r} (weights {record['sha256']}), "
+           f"but this run loaded {given!r} (weights {got}): the projector would read features it was never "
+           f"aligned to. Leave --vision_model_name out to use the recorded tower, or pass {override_flag} "
+           f"to pair them anyway.")
+    if not allow:
+        raise ValueError(msg)
+    warnings.warn(msg.split(": the projector")[0] + f"; {override_flag} given, going on")
+
+
 def load_projector(path) -> MLPProjector:
     """Read `projection_layer/` (or the VLM folder holding it) back into an MLPProjector."""
     path = Path(path)
@@ -276,6 +316,7 @@ def build_vlm(vision_model_name, llm_name, *, projector_depth: int = 2, torch_dt
     # no longer match the number of image features.
     model.generation_config.suppress_tokens = [image_token_id]
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.vision_tower_source = str(vision_model_name)
     if torch_dtype is not None:
         model.to(torch_dtype)
     model.eval()
@@ -303,6 +344,9 @@ def save_vlm(model, tokenizer, image_processor, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     proj_cfg = _projector_config(model)
+    # Which tower the projector reads: Stage2 and the inference CLI default to it and refuse another.
+    proj_cfg["vision_tower"] = {"source": getattr(model, "vision_tower_source", None),
+                                "sha256": tower_fingerprint(model.model.vision_tower)}
     if proj_cfg["depth"] != 2:
         warnings.warn(f"projector depth {proj_cfg['depth']} != 2: LlavaForConditionalGeneration has a "
                       f"fixed 2-layer projector, so {out} does NOT load with plain transformers; "

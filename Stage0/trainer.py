@@ -66,23 +66,40 @@ def embed_captions(encoder: DualEncoder, input_ids, attention_mask, batch_size, 
 @torch.no_grad()
 def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, autocast=contextlib.nullcontext,
                          num_workers=0, duplicates_positive: bool = True) -> dict[str, float]:
-    """Val SigLIP loss (on batches of `batch_size` in file order) and R@1/R@5 both ways."""
+    """Val SigLIP loss (mean over batches of `batch_size` in file order) and R@1/R@5 both ways.
+
+    Under several processes every process must call this: each embeds its share of the
+    batches (batch k on process k mod P), and the image embeddings and loss sums are gathered,
+    so every process returns exactly the single-process metrics."""
+    rank, ws = world()
     was_training = encoder.training
     encoder.eval()
     txt = embed_captions(encoder, dataset.input_ids, dataset.attention_mask, batch_size, device, autocast)
-    imgs, losses = [], []
-    dl = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
+    n = len(dataset)
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    dl = DataLoader(dataset, batch_sampler=batches[rank::ws], collate_fn=collate_fn, num_workers=num_workers)
+    rows, imgs = [], []
+    loss_sum = torch.zeros((), device=device)
     for b in dl:
         with autocast():
             img, _, scale, bias = encoder(pixel_values=b["pixel_values"].to(device))
         img = img.float()
         imgs.append(img)
+        rows.append(b["index"].to(device))
         ids = b["caption_id"].to(device)
         pos = dict(image_labels=ids, text_labels=ids) if duplicates_positive else {}
-        losses.append(siglip_loss(img, txt[ids], scale, bias, **pos).item())
+        loss_sum += siglip_loss(img, txt[ids], scale, bias, **pos)
     encoder.train(was_training)
-    metrics = image_text_retrieval(torch.cat(imgs), txt, dataset.caption_ids)
-    return {"loss": sum(losses) / len(losses), **metrics}
+    dim = txt.shape[1]
+    imgs = torch.cat(imgs) if imgs else torch.zeros(0, dim, device=device)
+    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=device)
+    if ws > 1:
+        imgs, _ = gather_with_grad(imgs)
+        rows, _ = gather_with_grad(rows)
+        torch.distributed.all_reduce(loss_sum)
+    imgs = imgs[rows.argsort()]  # back to file order
+    metrics = image_text_retrieval(imgs, txt, dataset.caption_ids)
+    return {"loss": (loss_sum / len(batches)).item(), **metrics}
 
 
 class VisionEncoderTrainerStage0:
@@ -222,8 +239,10 @@ class VisionEncoderTrainerStage0:
         acc.end_training()
 
     def end_of_epoch(self, epoch: int, step: int):
-        if self.val_dataset is not None and self.accelerator.is_main_process:
-            m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset, self.args.batch_size,
+        if self.val_dataset is not None:  # on every process, each on its share
+            # Val loss batches are the global batch, what the training loss sees: the same for 1 x 16 and 2 x 8.
+            m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset,
+                                     self.args.batch_size * self.accelerator.num_processes,
                                      self.accelerator.device, self.accelerator.autocast,
                                      duplicates_positive=self.duplicates_positive)
             logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))

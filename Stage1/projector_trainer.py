@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from accelerator_setup import (
+    EvalShard,
     OptimizerStep,
     StepLogger,
     accumulation_windows,
@@ -42,7 +43,7 @@ class ProjectionTrainerStage1:
         optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.projector, self.optimizer, self.train_loader = accelerator.prepare(projector, optimizer, train_loader)
         model.model.multi_modal_projector = self.projector
-        self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+        self.val_loader = EvalShard(accelerator, val_loader) if val_loader is not None else None
         self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
         self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
         # Not prepared: accelerate would step it once per process, but total_steps is already

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
 import torch
 
 from image_loader import ImageLoadError, load_image
-from projectors import PROJECTOR_DIR, build_vlm, load_projector, load_vlm, projector_of
+from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, load_vlm, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, build_prompt, chat_token_ids, pad_token_id
 from Stage2.trainer import VISION_TOWER_DIR
 
@@ -50,7 +50,7 @@ def resolve_dtype(name: str, device: str):
 
 
 def load_model(model_path=None, *, llm_path=None, projector_path=None, vision_model_name=None,
-               device="cpu", dtype=torch.float32):
+               device="cpu", dtype=torch.float32, allow_vision_tower_mismatch=False):
     """(model, tokenizer, image_processor, description) from an exported folder, or reassembled
     from the LM folder, the projector and the vision tower. Missing folders raise
     FileNotFoundError naming the flag."""
@@ -70,11 +70,15 @@ def load_model(model_path=None, *, llm_path=None, projector_path=None, vision_mo
         pdir = proj / PROJECTOR_DIR if (proj / PROJECTOR_DIR).is_dir() else proj
         if not (pdir / "config.json").is_file():
             raise FileNotFoundError(f"--projector_path {proj}: not a {PROJECTOR_DIR}/ folder (no config.json)")
+        record = recorded_tower(pdir)
         if vision_model_name is None:
             trained_tower = llm.parent / VISION_TOWER_DIR
-            vision_model_name = str(trained_tower) if trained_tower.is_dir() else DEFAULT_VISION
+            vision_model_name = ((record or {}).get("source")
+                                 or (str(trained_tower) if trained_tower.is_dir() else DEFAULT_VISION))
         projector = load_projector(pdir)
         model, tokenizer, image_processor = build_vlm(vision_model_name, llm, projector_depth=projector.depth)
+        check_tower(model, record, vision_model_name, what=f"--projector_path {pdir}",
+                    override_flag="--allow_vision_tower_mismatch", allow=allow_vision_tower_mismatch)
         projector_of(model).load_state_dict(projector.state_dict(), strict=True)
         model.to(dtype)
         source = {"llm_path": str(llm), "projector_path": str(pdir), "vision_model_name": str(vision_model_name)}
@@ -133,8 +137,11 @@ def parse_args(argv=None):
     g.add_argument("--llm_path", default=None, help="Stage 2's final_model/language_model")
     g.add_argument("--projector_path", default=None, help="Stage 2's final_model/projection_layer")
     g.add_argument("--vision_model_name", default=None,
-                   help=f"vision tower for the triple (default: a vision_tower/ next to --llm_path if "
-                        f"Stage 2 trained one, else {DEFAULT_VISION})")
+                   help=f"vision tower for the triple (default: the one the projector recorded, else a "
+                        f"vision_tower/ next to --llm_path, else {DEFAULT_VISION}); another tower than the "
+                        "projector's is refused")
+    g.add_argument("--allow_vision_tower_mismatch", action="store_true",
+                   help="pair --projector_path with a different tower than it was trained on")
     g = p.add_argument_group("input")
     g.add_argument("--image_path", required=True, help="PNG, JPEG or DICOM")
     g.add_argument("--question", required=True)
@@ -181,8 +188,8 @@ def main(argv=None) -> str:
         model, tokenizer, image_processor, source = load_model(
             args.model_path, llm_path=args.llm_path, projector_path=args.projector_path,
             vision_model_name=args.vision_model_name, device=args.device,
-            dtype=resolve_dtype(args.dtype, args.device))
-    except FileNotFoundError as e:
+            dtype=resolve_dtype(args.dtype, args.device), allow_vision_tower_mismatch=args.allow_vision_tower_mismatch)
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     gen = generation_kwargs(tokenizer, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)

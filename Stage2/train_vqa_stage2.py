@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from accelerator_setup import add_common_args, setup_accelerator_and_logging
-from projectors import PROJECTOR_DIR, build_vlm, load_projector, projector_of
+from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, VQADataset, pad_token_id
 from Stage2.trainer import VQATrainerStage2
 
@@ -57,8 +57,12 @@ def parse_args(argv=None):
                    "markers are never cut)")
     g.add_argument("--max_a_len", type=int, default=256, help="answer tokens kept, <end_of_turn> included")
     g = p.add_argument_group("model")
-    g.add_argument("--vision_model_name", default=DEFAULT_VISION,
-                   help="the vision tower Stage 1 used: SigLIP hub id or folder, or a Stage0 final_model/")
+    g.add_argument("--vision_model_name", default=None,
+                   help="the vision tower Stage 1 used: SigLIP hub id or folder, or a Stage0 final_model/ "
+                        f"(default: the one Stage 1 recorded, else {DEFAULT_VISION}); another tower than "
+                        "Stage 1's is refused")
+    g.add_argument("--allow_vision_tower_mismatch", action="store_true",
+                   help="pair the Stage 1 projector with a different tower than it was trained on")
     g.add_argument("--llm_name", default=DEFAULT_LLM, help="the Gemma3 causal LM Stage 1 used (hub id or folder)")
     g.add_argument("--stage1_projector_path", default=None,
                    help="Stage 1 output: its final_model/ (a VLM folder) or that folder's projection_layer/")
@@ -159,8 +163,15 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = setup_accelerator_and_logging(args, stage="Stage2")
     depth = stage1_projector_depth(args.stage1_projector_path) if args.stage1_projector_path else args.projector_depth
+    record = recorded_tower(stage1_projector_dir(args.stage1_projector_path)) if args.stage1_projector_path else None
+    if args.vision_model_name is None:
+        args.vision_model_name = (record or {}).get("source") or DEFAULT_VISION
+        logger.info("vision tower: %s (%s)", args.vision_model_name,
+                    "recorded by Stage 1" if record and record.get("source") else "default")
     model, tokenizer, image_processor = build_vlm(args.vision_model_name, args.llm_name, projector_depth=depth)
     if args.stage1_projector_path:
+        check_tower(model, record, args.vision_model_name, what=f"the Stage 1 projector {args.stage1_projector_path}",
+                    override_flag="--allow_vision_tower_mismatch", allow=args.allow_vision_tower_mismatch)
         load_stage1_projector(model, args.stage1_projector_path, args)
     else:
         warnings.warn("no --stage1_projector_path: the projector starts from random weights "

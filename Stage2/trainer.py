@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from accelerator_setup import (
+    EvalShard,
     OptimizerStep,
     StepLogger,
     accumulation_windows,
@@ -139,7 +140,7 @@ class VQATrainerStage2:
             accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.module, self.optimizer, self.train_loader = accelerator.prepare(SupervisedLM(model), optimizer,
                                                                              train_loader)
-        self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+        self.val_loader = EvalShard(accelerator, val_loader) if val_loader is not None else None
         from accelerate.utils import DistributedType
         if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed writes its own
             accelerator.register_save_state_pre_hook(self._save_trainable)
@@ -388,6 +389,8 @@ class VQATrainerStage2:
         acc.wait_for_everyone()
         if acc.is_main_process:
             model = self.export_model()
+            if "vision" in self.trained_parts:  # the projector now reads the fine-tuned tower
+                model.vision_tower_source = str(out / VISION_TOWER_DIR)
             save_vlm(model, self.tokenizer, self.image_processor, out)
             lm = language_model_of(model)
             lm.save_pretrained(out / LANGUAGE_MODEL_DIR, safe_serialization=True)

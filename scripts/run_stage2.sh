@@ -5,7 +5,8 @@
 #   NUM_GPUS=8 BATCH_SIZE=16 ./scripts/run_stage2.sh --max_steps 100
 #   EXTRA_FLAGS="--train_ve_first_epoch --unfreeze_projection_layer" ./scripts/run_stage2.sh
 #   LORA_R=16 LEARNING_RATE=2e-4 ./scripts/run_stage2.sh      # LoRA on the LM instead of a full fine-tune
-# VISION_MODEL_NAME and LLM_NAME must be the towers Stage 1 was trained with.
+# LLM_NAME must be the LM Stage 1 was trained with. VISION_MODEL_NAME defaults to the tower
+# Stage 1 recorded in its projection_layer/config.json; another tower is refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 : "${VAL_JSON:=data/cxr/stage2_val.json}"
 : "${STAGE1_PROJECTOR_PATH:=runs/stage1/final_model}"   # or runs/stage1/final_model/projection_layer
 : "${OUTPUT_DIR:=runs/stage2}"
-: "${VISION_MODEL_NAME:=StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli}"
+: "${VISION_MODEL_NAME:=}"                # empty: the tower Stage 1 recorded
 : "${LLM_NAME:=google/gemma-3-1b-it}"
 : "${BATCH_SIZE:=8}"                  # per GPU
 : "${GRAD_ACCUM:=4}"
@@ -45,7 +46,7 @@ accelerate launch \
     --val_json "$VAL_JSON" \
     --stage1_projector_path "$STAGE1_PROJECTOR_PATH" \
     --output_dir "$OUTPUT_DIR" \
-    --vision_model_name "$VISION_MODEL_NAME" \
+    ${VISION_MODEL_NAME:+--vision_model_name "$VISION_MODEL_NAME"} \
     --llm_name "$LLM_NAME" \
     --batch_size "$BATCH_SIZE" \
     --gradient_accumulation_steps "$GRAD_ACCUM" \

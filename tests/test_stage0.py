@@ -1,4 +1,5 @@
 """Stage0 end to end on the demo data with a tiny config-built SigLIP."""
+import json
 import shutil
 
 import pytest
@@ -158,8 +159,16 @@ def test_two_processes_train_like_one_on_the_union_batch(captions, text, tiny_si
     root = Path(__file__).resolve().parents[1]
     train = demo_dir / "stage0_train.json" if captions == "demo" else short_caption_jsons["train"]
     kw = {"no_freeze_text_encoder": True} if text == "trained" else {}
-    main(_args(tiny_siglip, tmp_path / "one", train, max_steps=3, batch_size=16, seed=5, **kw))
-    argv = _args(tiny_siglip, tmp_path / "two", train, max_steps=3, batch_size=8, seed=5, **kw)
+    # Validation on both processes, each on its share of an odd-sized val set: the 1-process metrics.
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(json.loads((demo_dir / "stage0_val.json").read_text())[:21]))
+    val_kw = {}
+    if captions == "demo":  # one whole epoch of 3 steps, then validation
+        train = tmp_path / "train48.json"
+        train.write_text(json.dumps(json.loads((demo_dir / "stage0_train.json").read_text())[:48]))
+        val_kw = {"val_json": val, "num_epochs": 1, "image_root": demo_dir}
+    main(_args(tiny_siglip, tmp_path / "one", train, max_steps=3, batch_size=16, seed=5, **kw, **val_kw))
+    argv = _args(tiny_siglip, tmp_path / "two", train, max_steps=3, batch_size=8, seed=5, **kw, **val_kw)
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,6 +181,12 @@ def test_two_processes_train_like_one_on_the_union_batch(captions, text, tiny_si
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes=2" in proc.stderr
     _assert_same_weights(_final_weights(tmp_path / "one"), _final_weights(tmp_path / "two"), atol=1e-4)
+    if val_kw:
+        one, two = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                     if "val/loss" in line] for n in ("one", "two"))
+        assert len(one) == len(two) == 1
+        for k, v in one[0].items():
+            assert two[0][k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
 
 
 def test_bad_rows_fail_before_training_naming_file_and_row(tiny_siglip, demo_dir, tmp_path):

@@ -343,7 +343,10 @@ def test_two_processes_train_like_one_on_the_union_batch(s2, tmp_path):
     must be told about) still stays bit-identical after epoch 1."""
     import socket
     flags = ("--train_ve_first_epoch", "--unfreeze_projection_layer", "--weight_decay", "0.1", "--seed", "5")
-    main(_argv(s2, tmp_path / "one", *flags, "--batch_size", "16", val=None))
+    # 13 val rows: the 2 processes' shares are uneven, and none may be padded or counted twice.
+    d = s2["data"]
+    (d / "odd_val.json").write_text(json.dumps(json.loads((d / "stage2_val.json").read_text())[:13]))
+    main(_argv(s2, tmp_path / "one", *flags, "--batch_size", "16", val="odd_val.json"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -352,16 +355,21 @@ def test_two_processes_train_like_one_on_the_union_batch(s2, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                            "127.0.0.1", "--master_port", str(port), "Stage2/train_vqa_stage2.py",
                            *_argv(s2, tmp_path / "two", *flags, "--batch_size", "4",
-                                  "--gradient_accumulation_steps", "2", val=None)],
+                                  "--gradient_accumulation_steps", "2", val="odd_val.json")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes=2" in proc.stderr
     one, two = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
                 for n in ("one", "two"))
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two):
+    train_one, train_two = ([r for r in rows if "train/loss" in r] for rows in (one, two))
+    assert len(train_one) == len(train_two) == 6
+    for a, b in zip(train_one, train_two):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+    # Validation runs on both processes, each on its share, reduced: the 1-process numbers.
+    val_one, val_two = ([r["val/loss"] for r in rows if "val/loss" in r] for rows in (one, two))
+    assert len(val_one) == len(val_two) == 3  # before training and after each epoch
+    assert val_two == pytest.approx(val_one, rel=1e-5)
     ep1, final = (_split(_weights(tmp_path / "two" / n))["vision"] for n in ("epoch_1", "final_model"))
     assert _same(ep1, final) and not _same(_split(_fresh(s2))["vision"], ep1)
 
@@ -400,6 +408,39 @@ def test_stage1_handoff_accepts_both_folders_and_names_mismatches(s2, tmp_path):
         load_stage1_projector(model, other, args)
     with pytest.raises(FileNotFoundError, match="--stage1_projector_path"):
         main(_argv(s2, tmp_path / "y", "--stage1_projector_path", str(tmp_path / "nothing_here")))
+
+
+def test_stage2_uses_the_tower_stage1_aligned_and_refuses_another(s2, tmp_path, capsys):
+    """Stage1's output records its tower (source and a content hash). Stage2 and the CLI's
+    --projector_path default to it; a different tower of the same width is refused by name."""
+    from projectors import recorded_tower, tower_fingerprint
+    record = recorded_tower(s2["stage1"])
+    model, _, _ = build_vlm(s2["siglip"], s2["gemma3"])
+    assert record == {"source": str(s2["siglip"]), "sha256": tower_fingerprint(model.model.vision_tower)}
+    # Same architecture, other weights: the dimensions check alone would let it through.
+    lookalike = build_tiny_siglip(tmp_path / "lookalike", _texts_from_files([s2["data"] / "stage2_train.json"]),
+                                  image_size=32, patch_size=16, hidden_size=128, num_layers=2, num_heads=2,
+                                  vocab_size=300, seed=7)
+    argv = _argv(s2, tmp_path / "default", "--max_steps", "1", "--num_epochs", "1", val=None)
+    i = argv.index("--vision_model_name")
+    no_tower = argv[:i] + argv[i + 2:]
+    trainer = main(no_tower)
+    assert trainer.args.vision_model_name == str(s2["siglip"])
+    with pytest.raises(ValueError, match=r"trained with the vision tower .*siglip.* but this run loaded .*lookalike"):
+        main(no_tower[:] + ["--vision_model_name", str(lookalike), "--output_dir", str(tmp_path / "other")])
+    with pytest.warns(UserWarning, match="--allow_vision_tower_mismatch given"):
+        main(no_tower + ["--vision_model_name", str(lookalike), "--output_dir", str(tmp_path / "forced"),
+                         "--allow_vision_tower_mismatch"])
+    # The CLI's triple: the projector's recorded tower by default, a different one refused in one line.
+    final = tmp_path / "default" / "final_model"
+    img = s2["data"] / json.loads((s2["data"] / "small_val.json").read_text())[0]["image"]
+    triple = ["--llm_path", str(final / "language_model"), "--projector_path", str(final / "projection_layer"),
+              "--image_path", str(img), "--question", "Is there cardiomegaly?", "--max_new_tokens", "2"]
+    from Stage2.inference_vqa_stage2 import main as cli
+    cli(triple)
+    with pytest.raises(SystemExit):
+        cli(triple + ["--vision_model_name", str(lookalike)])
+    assert "lookalike" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- learning, CLI, evaluation
@@ -574,6 +615,7 @@ def test_launcher_flags_parse():
     call = text[text.index("Stage2/train_vqa_stage2.py") + len("Stage2/train_vqa_stage2.py"):]
     call = re.sub(r'"\$(\w+)"', lambda m: shlex.quote(defaults[m.group(1)]), call.replace('"$@"', ""))
     call = call.replace("$EXTRA_FLAGS", "--train_ve_first_epoch")
+    call = re.sub(r"\$\{\w+:\+[^}]*\}", "", call)  # optional flags, empty by default
     args = parse_args(shlex.split(call.replace("\\\n", " ")))
     assert args.llm_name == "google/gemma-3-1b-it" and args.resume_from_checkpoint == "latest"
     assert args.stage1_projector_path == "runs/stage1/final_model" and args.train_ve_first_epoch
