@@ -326,6 +326,30 @@ def build_vlm(vision_model_name, llm_name, *, projector_depth: int = 2, torch_dt
     return model, tokenizer, image_processor
 
 
+def chat_template(image_token: str) -> str:
+    """The Jinja chat template of the exported processor: it renders exactly the turn Stage 2
+    trains on (Stage2.dataset.build_prompt), so `processor.apply_chat_template` + `processor(...)`
+    and `pipeline("image-text-to-text")` give the training ids. The image placeholder is
+    emitted once and comes before the text (the training order); the processor expands it to
+    one token per image feature. No <bos>: the tokenizer adds it. Gemma's own `-it` template
+    emits `<start_of_image>` and its expansion, which this VLM never saw."""
+    nl = "{{ '\\n' }}"
+    return (
+        "{%- for message in messages -%}"
+        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+        "{{ '<start_of_turn>' + role }}" + nl +
+        "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+        "{%- else -%}"
+        "{%- for item in message['content'] if item['type'] == 'image' -%}" + image_token.replace("'", "") +
+        "{%- endfor -%}"
+        "{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endfor -%}"
+        "{%- endif -%}"
+        "{{ '<end_of_turn>' }}" + nl +
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model' }}" + nl + "{%- endif -%}"
+    )
+
+
 def _processor(model, tokenizer, image_processor):
     from transformers import LlavaProcessor
     cfg = model.config
@@ -335,7 +359,7 @@ def _processor(model, tokenizer, image_processor):
                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                           image_token=token,
                           num_additional_image_tokens=int(cfg.vision_feature_select_strategy == "default"),
-                          chat_template=getattr(tokenizer, "chat_template", None))
+                          chat_template=chat_template(token))
 
 
 def save_vlm(model, tokenizer, image_processor, out_dir) -> Path:
@@ -351,13 +375,26 @@ def save_vlm(model, tokenizer, image_processor, out_dir) -> Path:
         warnings.warn(f"projector depth {proj_cfg['depth']} != 2: LlavaForConditionalGeneration has a "
                       f"fixed 2-layer projector, so {out} does NOT load with plain transformers; "
                       "use projectors.load_vlm")
+    # generate() and pipelines stop where Stage 2 taught the model to stop.
+    eot = _token_id(tokenizer, "<end_of_turn>")
+    gen = model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    if eot is not None and eot not in eos:
+        gen.eos_token_id = [e for e in eos if e is not None] + [eot]
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
+    # The folder's tokenizer carries the VLM's template too (a `-it` tokenizer's own one
+    # would emit <start_of_image>); the caller's tokenizer object is left as it was.
+    own = getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = chat_template(tokenizer.convert_ids_to_tokens(model.config.image_token_index))
     try:
-        _processor(model, tokenizer, image_processor).save_pretrained(out)
-    except Exception as e:  # a processor is a convenience; the model folder is complete without it
-        warnings.warn(f"could not save a LlavaProcessor ({e}); load tokenizer and image processor separately")
+        tokenizer.save_pretrained(out)
+        image_processor.save_pretrained(out)
+        try:
+            _processor(model, tokenizer, image_processor).save_pretrained(out)
+        except Exception as e:  # a processor is a convenience; the model folder is complete without it
+            warnings.warn(f"could not save a LlavaProcessor ({e}); load tokenizer and image processor separately")
+    finally:
+        tokenizer.chat_template = own
     pdir = out / PROJECTOR_DIR
     pdir.mkdir(exist_ok=True)
     from safetensors.torch import save_file

