@@ -30,25 +30,26 @@ _STATE_FILE = "trainer_state.json"
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags every stage shares; each stage adds its own model/data flags."""
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_dir", "--save_dir", dest="output_dir", required=True)
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="autocast precision; bf16 on Ampere+ GPUs")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "auto"], default="no", nargs="?",
+                   const="auto", help="autocast precision; given alone: bf16 where supported, else fp16")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="<=0 disables clipping")
     g.add_argument("--warmup_ratio", type=float, default=0.05)
     g.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
-    g.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant", "one_cycle"], default="cosine",
+                   help="after the warmup; one_cycle: torch's OneCycleLR (cosine up over the warmup, then down)")
     g.add_argument("--max_steps", type=int, default=None,
                    help="stop after this many optimizer steps (default: all epochs)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--report_to", choices=["wandb", "tensorboard", "none"], default="wandb",
                    help="falls back to tensorboard, then none, if the tracker cannot start")
-    g.add_argument("--wandb_project", default="siglip-med")
-    g.add_argument("--run_name", default=None)
-    g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--checkpointing_steps", type=int, default=0,
+    g.add_argument("--wandb_project", "--project_name", dest="wandb_project", default="siglip-med")
+    g.add_argument("--run_name", "--experiment_name", dest="run_name", default=None)
+    g.add_argument("--logging_steps", "--log_interval", dest="logging_steps", type=int, default=10)
+    g.add_argument("--checkpointing_steps", "--save_interval", dest="checkpointing_steps", type=int, default=0,
                    help="save resumable state every N optimizer steps (0: only at epoch ends)")
     g.add_argument("--checkpoints_total_limit", type=int, default=2,
                    help="keep the newest N resume checkpoints")
@@ -110,6 +111,7 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
     """Build the Accelerator, refuse an engine the stage cannot use (before any model loads),
     seed everything, start the tracker on the main process."""
     out = Path(args.output_dir)
+    args.mixed_precision = resolve_mixed_precision(args.mixed_precision)
     tracker = _tracker(args, out)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -163,9 +165,24 @@ def log_metrics(accelerator: Accelerator, metrics: dict, step: int) -> None:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """`--mixed_precision` given alone: bf16 where the device computes it, else fp16."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
 def make_scheduler(optimizer, args, total_steps: int):
     from transformers import get_scheduler
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
+    if args.lr_scheduler == "one_cycle":
+        # The knee seed's schedule. No momentum cycling: AdamW's beta1 stays as configured.
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total_steps, 1),
+            pct_start=min(max(warmup / max(total_steps, 1), 1e-6), 0.999), anneal_strategy="cos",
+            cycle_momentum=False)
     name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 

@@ -50,6 +50,8 @@ class ImageLoadError(ValueError):
 
 
 def _where(row, source):
+    if isinstance(row, str) and source:  # a CSV's "line N"
+        return f" ({row} of {source})"
     if row is not None and source:
         return f" (row {row} of {source})"
     if row is not None:
@@ -266,3 +268,45 @@ def read_json_rows(json_path, image_root, keys, *, image_key="image") -> list[di
         path = resolve_image_path(row[image_key], image_root, row=i, source=str(json_path))
         out.append({**row, "image_path": str(path), "row": i})
     return out
+
+
+def read_csv_rows(csv_path, image_root, keys, *, image_key, split_column=None, split=None) -> list[dict]:
+    """read_json_rows for a CSV with a header: every row checked up front, errors name the
+    file's line (the header is line 1). `split_column`/`split` keep the rows of one split."""
+    import csv
+    csv_path = pathlib.Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: no such data file")
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        wanted = list(keys) + ([split_column] if split_column else [])
+        missing = [k for k in wanted if k not in columns]
+        if missing:
+            raise ValueError(f"{csv_path}: no column {missing} (columns: {columns}); name the columns with "
+                             "--img_path_column / --findings_column / --split_column")
+        out = []
+        for i, row in enumerate(reader):
+            line = i + 2
+            if split_column and str(row[split_column]).strip() != split:
+                continue
+            empty = [k for k in keys if not str(row.get(k) or "").strip()]
+            if empty:
+                raise ValueError(f"{csv_path} line {line}: empty {empty}")
+            path = resolve_image_path(row[image_key].strip(), image_root, row=f"line {line}", source=str(csv_path))
+            out.append({**row, "image_path": str(path), "row": f"line {line}", "line": line})
+    if not out:
+        raise ValueError(f"{csv_path}: no rows" + (f" with {split_column} == {split!r}" if split_column else ""))
+    return out
+
+
+def read_rows(path, image_root, keys, *, image_key="image", split_column=None, split=None) -> list[dict]:
+    """Rows of a JSON list or a CSV file (by suffix), each checked, with `image_path` resolved."""
+    if str(path).lower().endswith(".csv"):
+        return read_csv_rows(path, image_root, keys, image_key=image_key, split_column=split_column, split=split)
+    rows = read_json_rows(path, image_root, keys, image_key=image_key)
+    if split_column:
+        rows = [r for r in rows if str(r.get(split_column, "")).strip() == split]
+        if not rows:
+            raise ValueError(f"{path}: no rows with {split_column} == {split!r}")
+    return rows

@@ -6,13 +6,24 @@ import logging
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import load_image, read_json_rows
+from image_loader import load_image, read_rows
 
 logger = logging.getLogger("siglip_med")
 
 
-def read_pairs(json_path, image_root, image_key="image", caption_key="caption") -> list[dict]:
-    rows = read_json_rows(json_path, image_root, (image_key, caption_key), image_key=image_key)
+# Column names when none are given: the JSON layout of seed 000, the CSV layout of seed 003.
+DEFAULT_KEYS = {"json": ("image", "caption"), "csv": ("img_path", "impression")}
+
+
+def data_keys(path, image_key=None, caption_key=None) -> tuple[str, str]:
+    kind = "csv" if str(path).lower().endswith(".csv") else "json"
+    return image_key or DEFAULT_KEYS[kind][0], caption_key or DEFAULT_KEYS[kind][1]
+
+
+def read_pairs(path, image_root, image_key=None, caption_key=None, split_column=None, split=None) -> list[dict]:
+    image_key, caption_key = data_keys(path, image_key, caption_key)
+    rows = read_rows(path, image_root, (image_key, caption_key), image_key=image_key,
+                     split_column=split_column, split=split)
     return [{**r, "caption": str(r[caption_key]).strip()} for r in rows]
 
 
@@ -25,9 +36,9 @@ class ImageTextContrastiveDataset(Dataset):
     """
 
     def __init__(self, json_path, image_root, image_processor, tokenizer, max_length: int,
-                 image_key="image", caption_key="caption"):
+                 image_key=None, caption_key=None, split_column=None, split=None):
         self.json_path = str(json_path)
-        self.rows = read_pairs(json_path, image_root, image_key, caption_key)
+        self.rows = read_pairs(json_path, image_root, image_key, caption_key, split_column, split)
         self.image_processor = image_processor
         self.captions = list(dict.fromkeys(r["caption"] for r in self.rows))
         index = {c: i for i, c in enumerate(self.captions)}

@@ -18,11 +18,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer
-
 from metrics import auc
 from Stage0.dataset import ImageTextContrastiveDataset, collate_fn
-from Stage0.train_vision_encoder_stage0 import load_model, text_length
+from Stage0.towers import load_model, text_length
+from Stage0.train_vision_encoder_stage0 import reinit_image_backbone
 from Stage0.trainer import DualEncoder, evaluate_contrastive
 
 logger = logging.getLogger("siglip_med")
@@ -30,7 +29,7 @@ logger = logging.getLogger("siglip_med")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", nargs="+", required=True, help="one or more SigLIP folders")
+    p.add_argument("--model_path", nargs="+", required=True, help="one or more Stage0 model folders")
     p.add_argument("--labels", nargs="+", default=None, help="column names for the table")
     p.add_argument("--reinit_vision_tower", nargs="*", default=[],
                    help="labels of models to evaluate with a random vision tower (a fine-tune's start)")
@@ -67,10 +66,11 @@ def zero_shot_auc(encoder, dataset, findings, tokenizer, max_len, batch_size, de
 
 def evaluate_model(path, args, findings, reinit=False) -> dict[str, float]:
     torch.manual_seed(args.seed)
-    model = load_model(path, reinit_vision=reinit).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    max_len = text_length(model, tokenizer, None)
+    model, tokenizer, image_processor = load_model(path)
+    if reinit:
+        reinit_image_backbone(model)
+    model.to(args.device).eval()
+    max_len = text_length(model.text, tokenizer, None)
     ds = ImageTextContrastiveDataset(args.test_json, args.image_root, image_processor, tokenizer, max_len)
     encoder = DualEncoder(model)
     out = evaluate_contrastive(encoder, ds, args.batch_size, args.device)

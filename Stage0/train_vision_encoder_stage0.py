@@ -1,27 +1,33 @@
-"""Stage 0: fine-tune a pretrained SigLIP vision encoder on image-caption pairs.
+"""Stage 0: contrastive (SigLIP loss) training of an image tower against a text tower.
 
-The text tower and the logit scale/bias stay frozen by default (seed 000); only the vision
-tower learns to place images next to their captions under the SigLIP loss.
+Seed 000: one pretrained SigLIP; its text tower and logit scale/bias stay frozen by default
+and the vision tower learns to place images next to their captions.
 
     accelerate launch Stage0/train_vision_encoder_stage0.py \\
         --model_name StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli \\
         --train_json data/train.json --image_root data/ --output_dir runs/stage0
+
+Seed 003 (knee X-ray): any image backbone against a SigLIP or BERT-style text tower, from a CSV
+with a split column, new projection heads and a learnable temperature and bias:
+
+    accelerate launch Stage0/train_vision_encoder_stage0.py --image_model_name microsoft/rad-dino \\
+        --text_model_name google/siglip-base-patch16-224 --csv_file knee.csv --image_size 448 \\
+        --output_dir runs/knee
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python Stage0/train_vision_encoder_stage0.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, SiglipVisionModel
-
 from accelerator_setup import add_common_args, setup_accelerator_and_logging
 from Stage0.dataset import ImageTextContrastiveDataset
+from Stage0.towers import build_model, text_length
 from Stage0.trainer import VisionEncoderTrainerStage0
 
 logger = logging.getLogger("siglip_med")
@@ -29,27 +35,55 @@ logger = logging.getLogger("siglip_med")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data")
+    g = p.add_argument_group("towers (default: one pretrained SigLIP, --model_name)")
     g.add_argument("--model_name", default="StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli",
                    help="hub id or local folder of a SigLIP checkpoint (or a Stage0 final_model/)")
-    g.add_argument("--train_json", required=True, help='JSON list of {"image": ..., "caption": ...}')
-    g.add_argument("--val_json", default=None, help="same format; val loss and R@1/R@5 each epoch")
-    g.add_argument("--image_root", default="", help="folder that the JSON's image paths are relative to")
-    g.add_argument("--image_key", default="image")
-    g.add_argument("--caption_key", default="caption")
+    g.add_argument("--image_model_name", default=None,
+                   help="replace the image tower: a SigLIP (its vision half) or any Hugging Face image backbone "
+                        "AutoModel loads (DINOv2, microsoft/rad-dino); gets a projection head")
+    g.add_argument("--text_model_name", default=None,
+                   help="replace the text tower: a SigLIP (its text half) or a BERT-style encoder (mean-pooled)")
+    g.add_argument("--image_pooling", choices=["cls", "mean"], default="cls",
+                   help="non-SigLIP image backbones: the CLS token or the mean of the patch tokens")
+    g.add_argument("--projection_dim", type=int, default=None,
+                   help="shared embedding width (default: the SigLIP tower's, else the text tower's)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="non-SigLIP image towers: resize and crop to this size (RAD-DINO: 224 or 448, not 518)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="new heads: initial t = 1/temperature (default: the SigLIP paper's t = 10, b = -10); "
+                        "both stay learnable")
+    g = p.add_argument_group("data: a JSON list or a CSV")
+    g.add_argument("--train_json", "--csv_file", "--data_path", dest="train_json", required=True,
+                   help='JSON list of {"image": ..., "caption": ...}, or a CSV (columns img_path, impression, '
+                        "and split when it holds several splits)")
+    g.add_argument("--val_json", default=None,
+                   help="same format; val loss, accuracy and R@1/R@5 each epoch (default with a split column: "
+                        "the --val_split rows of the training file)")
+    g.add_argument("--image_root", default="", help="folder that relative image paths are under")
+    g.add_argument("--image_key", "--img_path_column", dest="image_key", default=None,
+                   help="image path column (default: image for JSON, img_path for CSV)")
+    g.add_argument("--caption_key", "--findings_column", "--impression_column", dest="caption_key", default=None,
+                   help="text column (default: caption for JSON, impression for CSV)")
+    g.add_argument("--split_column", default=None,
+                   help="column naming each row's split (default for a CSV: split, if it has one)")
+    g.add_argument("--train_split", default="train")
+    g.add_argument("--val_split", default="val")
     g.add_argument("--max_text_length", type=int, default=None,
-                   help="default and maximum: the checkpoint's text length (max_position_embeddings)")
+                   help="default: the text tower's own length for SigLIP (64 for most), 128 for BERT; more "
+                        "than the tower's limit is clamped with a warning")
     g.add_argument("--duplicate_captions", choices=["positive", "negative"], default="positive",
                    help="a caption repeated in the batch: a positive for every image that carries it "
                         "(default), or a negative for all but its own row as in the SigLIP paper, whose "
                         "web captions are unique")
     g.add_argument("--text_attention_mask", action="store_true",
-                   help="pass the padding mask to the text tower (pretrained SigLIP never saw one)")
+                   help="pass the padding mask to a SigLIP text tower (pretrained SigLIP never saw one)")
     g = p.add_argument_group("what trains")
     g.add_argument("--no_freeze_text_encoder", dest="freeze_text_encoder", action="store_false",
-                   help="also train the text tower (default: frozen)")
-    g.add_argument("--no_freeze_logit_scale", dest="freeze_logit_scale", action="store_false",
-                   help="also train the logit scale and bias (default: frozen)")
+                   help="also train the text tower (default: frozen; a new text projection head always trains)")
+    g.add_argument("--no_freeze_logit_scale", dest="freeze_logit_scale", action="store_false", default=None,
+                   help="also train a pretrained SigLIP's logit scale and bias (new heads' always train)")
+    g.add_argument("--freeze_logit_scale", dest="freeze_logit_scale", action="store_true",
+                   help="keep the logit scale and bias fixed, new heads too")
     g.add_argument("--freeze_vision_encoder", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--reinit_vision_tower", action="store_true",
                    help="start the vision tower from random weights (ablations; the demo uses it)")
@@ -57,55 +91,60 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", type=int, default=32, help="per process")
     g.add_argument("--learning_rate", type=float, default=1e-5)
     g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--num_epochs", type=int, default=3)
+    g.add_argument("--num_epochs", "--epochs", dest="num_epochs", type=int, default=3)
     g.add_argument("--save_epoch_models", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT_DIR/epoch_N/ after every epoch")
     add_common_args(p)
     p.set_defaults(wandb_project="stage0_vision_encoder")
-    return p.parse_args(argv)
-
-
-def text_length(model, tokenizer, requested: int | None) -> int:
-    """The checkpoint fixes its text length (64 for most SigLIPs): never more than its
-    position table, and by default exactly it."""
-    limit = model.config.text_config.max_position_embeddings
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if tok_max and tok_max < limit:
-        limit = tok_max
-    if requested and requested > limit:
-        logger.warning("--max_text_length %d exceeds the checkpoint's %d; using %d", requested, limit, limit)
-    return min(requested or limit, limit)
-
-
-def load_model(model_name, reinit_vision=False):
-    model = AutoModel.from_pretrained(model_name, dtype=torch.float32)
-    for attr in ("vision_model", "text_model", "logit_scale", "logit_bias"):
-        if not hasattr(model, attr):
-            raise ValueError(f"{model_name}: {type(model).__name__} is not a SigLIP dual encoder "
-                             f"(no .{attr}); Stage0 expects a SiglipModel checkpoint")
-    if reinit_vision:
-        fresh = SiglipVisionModel(model.config.vision_config)
-        model.vision_model.load_state_dict(fresh.state_dict())
-        logger.info("vision tower re-initialised from random weights (--reinit_vision_tower)")
-    return model
+    args = p.parse_args(argv)
+    if args.temperature is not None:
+        if args.temperature <= 0:
+            p.error("--temperature must be > 0")
+        if args.temperature < 0.1:
+            warnings.warn(f"--temperature {args.temperature:g} is a softmax (CLIP) value; in the sigmoid loss it "
+                          f"sets the initial t = {1 / args.temperature:.1f} next to a bias b = -10, and both are "
+                          "learnt. The SigLIP paper starts at t = 10 (--temperature 0.1, the default).")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     accelerator = setup_accelerator_and_logging(args, stage="Stage0")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name)
-    image_processor = AutoImageProcessor.from_pretrained(args.model_name)
-    model = load_model(args.model_name, args.reinit_vision_tower)
-    max_len = text_length(model, tokenizer, args.max_text_length)
+    model, tokenizer, image_processor = build_model(args)
+    if args.freeze_logit_scale is None:  # a pretrained pair keeps its own; new heads learn theirs
+        args.freeze_logit_scale = model.siglip is not None
+    if args.reinit_vision_tower:
+        reinit_image_backbone(model)
+    max_len = text_length(model.text, tokenizer, args.max_text_length)
+    split_column = args.split_column
+    if split_column is None and str(args.train_json).lower().endswith(".csv"):
+        import csv
+        with open(args.train_json, newline="", encoding="utf-8-sig") as f:
+            split_column = "split" if "split" in (csv.DictReader(f).fieldnames or []) else None
     kw = dict(image_root=args.image_root, image_processor=image_processor, tokenizer=tokenizer,
               max_length=max_len, image_key=args.image_key, caption_key=args.caption_key)
-    train_ds = ImageTextContrastiveDataset(args.train_json, **kw)
-    val_ds = ImageTextContrastiveDataset(args.val_json, **kw) if args.val_json else None
+    train_ds = ImageTextContrastiveDataset(args.train_json, split_column=split_column,
+                                           split=args.train_split if split_column else None, **kw)
+    if args.val_json:
+        val_ds = ImageTextContrastiveDataset(args.val_json, split_column=args.split_column,
+                                             split=args.val_split if args.split_column else None, **kw)
+    elif split_column:
+        val_ds = ImageTextContrastiveDataset(args.train_json, split_column=split_column, split=args.val_split, **kw)
+    else:
+        val_ds = None
     logger.info("train: %d pairs (%d distinct captions)%s; text length %d", len(train_ds),
                 len(train_ds.captions), f", val: {len(val_ds)}" if val_ds else "", max_len)
     trainer = VisionEncoderTrainerStage0(args, accelerator, model, tokenizer, image_processor, train_ds, val_ds)
     trainer.train()
     return trainer
+
+
+def reinit_image_backbone(model):
+    """Random weights for the image backbone (ablations; the demo's fine-tune starts there)."""
+    backbone = model.image.backbone
+    fresh = type(backbone)(backbone.config)
+    backbone.load_state_dict(fresh.state_dict())
+    logger.info("vision tower re-initialised from random weights (--reinit_vision_tower)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ large batch. With a trainable text tower the negatives are one micro-batch on ev
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -24,41 +25,45 @@ from accelerator_setup import (OptimizerStep, StepLogger, accumulation_windows, 
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
 from metrics import image_text_retrieval
 from Stage0.dataset import collate_fn
+from Stage0.towers import ContrastiveModel
 
 logger = logging.getLogger("siglip_med")
 
 
 class DualEncoder(torch.nn.Module):
     """One forward() for DDP: L2-normalised image and/or text embeddings plus the logit
-    scale and bias (returned from forward so DDP sees them used when they train)."""
+    scale and bias (returned from forward so DDP sees them used when they train). Text comes
+    as token ids (through the whole text tower) or as cached backbone features of a frozen
+    text tower (through its head only, which may still train)."""
 
-    def __init__(self, model, text_attention_mask: bool = False):
+    def __init__(self, model: ContrastiveModel):
         super().__init__()
         self.model = model
-        self.text_attention_mask = text_attention_mask
         # FSDP wraps each of these block classes as its own shard unit.
-        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+        self._no_split_modules = sorted({c for m in (model.image.backbone, model.text.backbone)
+                                         for c in (getattr(m, "_no_split_modules", None) or [])})
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, text_features=None):
         img = txt = None
         if pixel_values is not None:
-            img = F.normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+            img = F.normalize(self.model.image(pixel_values), dim=-1)
         if input_ids is not None:
-            # Pretrained SigLIP text towers were trained on max-length padding without a mask
-            # (big_vision): passing one changes what the pooled last position sees.
-            mask = attention_mask if self.text_attention_mask else None
-            txt = F.normalize(self.model.get_text_features(input_ids=input_ids,
-                                                           attention_mask=mask).pooler_output, dim=-1)
+            txt = F.normalize(self.model.text(input_ids, attention_mask), dim=-1)
+        elif text_features is not None:
+            txt = F.normalize(self.model.text.head(text_features), dim=-1)
         return img, txt, self.model.logit_scale, self.model.logit_bias
 
 
 @torch.no_grad()
-def embed_captions(encoder: DualEncoder, input_ids, attention_mask, batch_size, device, autocast):
-    out = []
+def embed_captions(encoder: DualEncoder, input_ids, attention_mask, batch_size, device, autocast,
+                   features_only: bool = False):
+    """Every caption's L2-normalised embedding, or (features_only) its text-backbone features,
+    which a frozen backbone gives once for the whole run."""
+    out, text = [], encoder.model.text
     for s in range(0, input_ids.shape[0], batch_size):
+        ids, mask = input_ids[s:s + batch_size].to(device), attention_mask[s:s + batch_size].to(device)
         with autocast():
-            _, t, _, _ = encoder(input_ids=input_ids[s:s + batch_size].to(device),
-                                 attention_mask=attention_mask[s:s + batch_size].to(device))
+            t = text.features(ids, mask) if features_only else encoder(input_ids=ids, attention_mask=mask)[1]
         out.append(t.float())
     return torch.cat(out)
 
@@ -112,17 +117,18 @@ class VisionEncoderTrainerStage0:
         # every image that carries it; as a negative it would push normal images away from the
         # normal caption (at equilibrium p(match) = 1/(1+d) for d duplicates).
         self.duplicates_positive = getattr(args, "duplicate_captions", "positive") == "positive"
-        model.text_model.requires_grad_(not args.freeze_text_encoder)
+        model.text.backbone.requires_grad_(not args.freeze_text_encoder)
+        model.text.head.requires_grad_(True)  # a new projection head always learns
         model.logit_scale.requires_grad_(not args.freeze_logit_scale)
         model.logit_bias.requires_grad_(not args.freeze_logit_scale)
-        model.vision_model.requires_grad_(not args.freeze_vision_encoder)
+        model.image.requires_grad_(not args.freeze_vision_encoder)
         total, trainable = count_parameters(model)
         logger.info("parameters: %s total, %s trainable (text tower %s, logit scale/bias %s)",
                     f"{total:,}", f"{trainable:,}", "frozen" if args.freeze_text_encoder else "trained",
                     "frozen" if args.freeze_logit_scale else "trained")
         if trainable == 0:
             raise ValueError("nothing to train: every tower and the logit scale are frozen")
-        self.encoder = DualEncoder(model, text_attention_mask=args.text_attention_mask)
+        self.encoder = DualEncoder(model)
 
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -151,8 +157,9 @@ class VisionEncoderTrainerStage0:
         self.text_cache = None
         if self.freeze_text:
             t0 = time.time()
-            self.text_cache = embed_captions(self.encoder, train_dataset.input_ids, train_dataset.attention_mask,
-                                             args.batch_size, accelerator.device, accelerator.autocast)
+            self.text_cache = embed_captions(unwrap(accelerator, self.encoder), train_dataset.input_ids,
+                                             train_dataset.attention_mask, args.batch_size, accelerator.device,
+                                             accelerator.autocast, features_only=True)
             logger.info("embedded %d distinct captions once with the frozen text tower (%.1fs)",
                         len(self.text_cache), time.time() - t0)
         elif args.gradient_accumulation_steps > 1:
@@ -166,21 +173,23 @@ class VisionEncoderTrainerStage0:
         model = unwrap(self.accelerator, self.encoder).model
         model.train()
         if self.freeze_text:
-            model.text_model.eval()
+            model.text.backbone.eval()
         if self.args.freeze_vision_encoder:
-            model.vision_model.eval()
+            model.image.eval()
 
     def _step_frozen_text(self, window) -> torch.Tensor:
         dev = self.accelerator.device
         local_ids = torch.cat([b["caption_id"].to(dev) for b in window])
-        all_txt, sizes = gather_with_grad(self.text_cache[local_ids])
+        # Every process's captions of the whole step: backbone features, fixed; the text head
+        # (if any) is applied inside each micro-batch's forward, so it trains exactly too.
+        all_feats, sizes = gather_with_grad(self.text_cache[local_ids])
         all_ids, _ = gather_with_grad(local_ids)
         offset = sum(sizes[:world()[0]])
         n_local, total = local_ids.shape[0], 0.0
         for b in self.stepper.micro_batches(window):
             n = b["pixel_values"].shape[0]
             with self.accelerator.autocast():
-                img, _, scale, bias = self.encoder(pixel_values=b["pixel_values"])
+                img, all_txt, scale, bias = self.encoder(pixel_values=b["pixel_values"], text_features=all_feats)
             if self.duplicates_positive:  # every row with this caption, on any process, is a positive
                 pos = dict(image_labels=b["caption_id"].to(dev), text_labels=all_ids)
             else:
@@ -248,20 +257,28 @@ class VisionEncoderTrainerStage0:
             logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
             log_metrics(self.accelerator, {f"val/{k}": v for k, v in m.items()}, step)
             self._set_modes()
+            self._keep_best(m, epoch, step)
         if self.args.save_epoch_models:
             self.save_model(Path(self.args.output_dir) / f"epoch_{epoch}")
 
+    def _keep_best(self, metrics: dict, epoch: int, step: int):
+        """OUTPUT_DIR/best_model/: the model with the lowest val loss so far. Its metrics file
+        is the record, so a resumed run keeps comparing against the best before the stop."""
+        best = Path(self.args.output_dir) / "best_model"
+        record = best / "val_metrics.json"
+        previous = json.loads(record.read_text())["loss"] if record.is_file() else float("inf")
+        if metrics["loss"] < previous:
+            self.save_model(best)
+            if self.accelerator.is_main_process:
+                record.write_text(json.dumps({**metrics, "epoch": epoch, "step": step}, indent=2))
+
     def save_model(self, out_dir: Path):
-        """vision_encoder.bin (the seed's file), the whole SiglipModel in Hugging Face format
-        (safetensors) and the processor/tokenizer files."""
+        """vision_encoder.bin (the seed's file) and the model in Hugging Face format: the whole
+        SiglipModel for one pretrained SigLIP, else a towers folder (see Stage0/towers.py);
+        processor and tokenizer files with it."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model = unwrap(self.accelerator, self.encoder).model
-            out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in model.vision_model.state_dict().items()},
-                       out_dir / "vision_encoder.bin")
-            model.save_pretrained(out_dir, safe_serialization=True)
-            self.tokenizer.save_pretrained(out_dir)
-            self.image_processor.save_pretrained(out_dir)
+            model.save_pretrained(out_dir, self.tokenizer, self.image_processor)
             logger.info("saved %s", out_dir)
         self.accelerator.wait_for_everyone()

@@ -31,7 +31,9 @@ step "3a. stand-in for a pretrained SigLIP: train the small one jointly (both to
 MODEL_NAME="$OUT/tiny/siglip" TRAIN_JSON="$DEMO/pretrain_train.json" VAL_JSON="$DEMO/stage0_val.json" \
 IMAGE_ROOT="$DEMO" OUTPUT_DIR="$OUT/pretrain" LEARNING_RATE=2e-3 NUM_EPOCHS="$EPOCHS_PRETRAIN" \
 FREEZE_FLAGS="--no_freeze_text_encoder --no_freeze_logit_scale" \
-    bash Stage0/run_train_vision_encoder_stage0.sh "${COMMON[@]}"
+    bash Stage0/run_train_vision_encoder_stage0.sh "${COMMON[@]}" --duplicate_captions negative
+# (--duplicate_captions negative: the paper's loss, as real SigLIPs were pretrained on unique web
+# captions; the fine-tune below, like every Stage0 run by default, counts repeated captions positive.)
 
 step "3b. Stage0 as the seed runs it: text tower + logit scale frozen, fresh vision tower"
 MODEL_NAME="$OUT/pretrain/final_model" TRAIN_JSON="$DEMO/stage0_train.json" VAL_JSON="$DEMO/stage0_val.json" \
