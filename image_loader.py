@@ -293,7 +293,9 @@ def read_csv_rows(csv_path, image_root, keys, *, image_key, split_column=None, s
             empty = [k for k in keys if not str(row.get(k) or "").strip()]
             if empty:
                 raise ValueError(f"{csv_path} line {line}: empty {empty}")
-            path = resolve_image_path(row[image_key].strip(), image_root, row=f"line {line}", source=str(csv_path))
+            # Relative paths: under --image_root, else next to the CSV.
+            path = resolve_image_path(row[image_key].strip(), image_root or csv_path.parent, row=f"line {line}",
+                                      source=str(csv_path))
             out.append({**row, "image_path": str(path), "row": f"line {line}", "line": line})
     if not out:
         raise ValueError(f"{csv_path}: no rows" + (f" with {split_column} == {split!r}" if split_column else ""))

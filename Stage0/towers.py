@@ -151,13 +151,17 @@ class ContrastiveModel(nn.Module):
 
 # ---------------------------------------------------------------- building
 
-def _siglip_text(name, siglip=None):
-    if siglip is not None:
-        return siglip.text_model
-    config = AutoConfig.from_pretrained(name)
-    if config.model_type == "siglip_text_model":
-        return SiglipTextModel.from_pretrained(name)
-    return SiglipModel.from_pretrained(name).text_model
+def _siglip_text(name):
+    """The text half of a SigLIP checkpoint (or a text-only one) as a SiglipTextModel: its keys
+    carry the same `text_model.` prefix, so only the text weights are read."""
+    from projectors import _checked_from_pretrained
+    return _checked_from_pretrained(SiglipTextModel, name)
+
+
+def _auto_backbone(path):
+    config = AutoConfig.from_pretrained(path)
+    cls = SiglipTextModel if config.model_type == "siglip_text_model" else AutoModel
+    return cls.from_pretrained(path, dtype=torch.float32)
 
 
 def _image_processor(name, backbone, image_size: int | None):
@@ -269,8 +273,8 @@ def load_model(path, *, text_attention_mask=False):
                 AutoImageProcessor.from_pretrained(path))
     from safetensors.torch import load_file
     spec = json.loads((path / TOWERS_FILE).read_text())
-    image_backbone = AutoModel.from_pretrained(path / IMAGE_DIR, dtype=torch.float32)
-    text_backbone = AutoModel.from_pretrained(path / TEXT_DIR, dtype=torch.float32)
+    image_backbone = _auto_backbone(path / IMAGE_DIR)
+    text_backbone = _auto_backbone(path / TEXT_DIR)
     heads = load_file(str(path / HEADS_FILE))
     img_kind, txt_kind = spec["image"]["kind"], spec["text"]["kind"]
     image_head = heads["image.weight"].shape[0] if "image.weight" in heads else None

@@ -104,7 +104,10 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
         torch.distributed.all_reduce(loss_sum)
     imgs = imgs[rows.argsort()]  # back to file order
     metrics = image_text_retrieval(imgs, txt, dataset.caption_ids)
-    return {"loss": (loss_sum / len(batches)).item(), **metrics}
+    # Contrastive accuracy (seed 003): top-1 both ways over the whole set, a repeated text
+    # counting as correct for every image that carries it: R@1 over the distinct captions.
+    return {"loss": (loss_sum / len(batches)).item(), "acc_i2t": metrics["i2t_R@1"], "acc_t2i": metrics["t2i_R@1"],
+            **metrics}
 
 
 class VisionEncoderTrainerStage0:
@@ -220,8 +223,10 @@ class VisionEncoderTrainerStage0:
             state = load_checkpoint(acc, resume)
             step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
         k = args.gradient_accumulation_steps
-        log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage0")
         self._set_modes()
+        if self.val_dataset is not None and step == 0:
+            self.validate(0, 0)  # the untrained model's numbers, for comparison (step 0 in metrics.jsonl)
+        log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage0")
         for epoch in range(start_epoch, args.num_epochs):
             batches_done = skip
             for window in accumulation_windows(epoch_batches(acc, self.train_dl, epoch, skip), k):
@@ -247,17 +252,21 @@ class VisionEncoderTrainerStage0:
         self.save_model(Path(args.output_dir) / "final_model")
         acc.end_training()
 
+    def validate(self, epoch: int, step: int) -> dict:
+        """Val metrics on every process (each on its share), logged by the main one."""
+        # Val loss batches are the global batch, what the training loss sees: the same for 1 x 16 and 2 x 8.
+        m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset,
+                                 self.args.batch_size * self.accelerator.num_processes,
+                                 self.accelerator.device, self.accelerator.autocast,
+                                 duplicates_positive=self.duplicates_positive)
+        logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        log_metrics(self.accelerator, {f"val/{k}": v for k, v in m.items()}, step)
+        self._set_modes()
+        return m
+
     def end_of_epoch(self, epoch: int, step: int):
         if self.val_dataset is not None:  # on every process, each on its share
-            # Val loss batches are the global batch, what the training loss sees: the same for 1 x 16 and 2 x 8.
-            m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset,
-                                     self.args.batch_size * self.accelerator.num_processes,
-                                     self.accelerator.device, self.accelerator.autocast,
-                                     duplicates_positive=self.duplicates_positive)
-            logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
-            log_metrics(self.accelerator, {f"val/{k}": v for k, v in m.items()}, step)
-            self._set_modes()
-            self._keep_best(m, epoch, step)
+            self._keep_best(self.validate(epoch, step), epoch, step)
         if self.args.save_epoch_models:
             self.save_model(Path(self.args.output_dir) / f"epoch_{epoch}")
 

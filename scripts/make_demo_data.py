@@ -619,6 +619,9 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--test_fraction", type=float, default=0.1)
     p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--recipe", choices=["cxr", "knee"], default="cxr",
+                   help="knee: knee radiograph phantoms by Kellgren-Lawrence grade in seed 003's CSV layout "
+                        "(scripts/make_knee_demo.py)")
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("--num_images must be at least 1")
@@ -632,6 +635,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    if args.recipe == "knee":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_knee_demo import make_knee_demo
+        return make_knee_demo(args.out_dir, num_images=args.num_images, image_size=args.image_size,
+                              seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     out_dir: Path = args.out_dir
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,48 @@ def build_tiny_gemma3(out_dir, texts, *, hidden_size=96, num_layers=2, num_heads
     return out_dir
 
 
+def build_tiny_dinov2(out_dir, *, image_size=64, patch_size=8, hidden_size=64, num_layers=2, num_heads=2,
+                      seed=0) -> Path:
+    """A Dinov2Model (the RAD-DINO architecture) with DINOv2's own preprocessing: resize the
+    short side and center-crop, ImageNet mean and std."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    config = Dinov2Config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                          num_hidden_layers=num_layers, num_attention_heads=num_heads, mlp_ratio=4)
+    Dinov2Model(config).save_pretrained(out_dir)
+    BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_convert_rgb=True).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_bert(out_dir, texts, *, hidden_size=64, num_layers=2, num_heads=2, vocab_size=600,
+                    seed=0) -> Path:
+    """A BertModel with a WordPiece tokenizer trained on the given texts ([CLS] ... [SEP])."""
+    from tokenizers import normalizers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts or ["a"], trainer=trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=special, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    tokenizer = BertTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                        num_attention_heads=num_heads, intermediate_size=4 * hidden_size, max_position_embeddings=128,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def pretrain_lm(path, texts, *, steps=200, batch_size=32, max_len=96, lr=3e-3, seed=0) -> Path:
     """Next-token training on the given texts: the stand-in for a pretrained LLM. A random LM
     gives near-uniform logits whatever its inputs, which leaves a projector nothing to align to."""

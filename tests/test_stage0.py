@@ -188,9 +188,10 @@ def test_two_processes_train_like_one_on_the_union_batch(captions, text, tiny_si
     if val_kw:
         one, two = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
                      if "val/loss" in line] for n in ("one", "two"))
-        assert len(one) == len(two) == 1
-        for k, v in one[0].items():
-            assert two[0][k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
+        assert len(one) == len(two) == 2  # before training and after the epoch
+        for a, b in zip(one, two):
+            for k, v in a.items():
+                assert b[k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
 
 
 def test_bad_rows_fail_before_training_naming_file_and_row(tiny_siglip, demo_dir, tmp_path):

@@ -1,0 +1,142 @@
+"""Query a Stage0 model (any tower pairing) with text: which description fits an image best.
+
+One image, queries ranked by sigmoid score (the SigLIP loss's own probability of a match):
+
+    python Stage0/inference_stage0.py --model_path runs/knee/best_model --image_path knee.png \\
+        --queries "Normal knee X-ray." "Severe OA of the knee with varus angulation."
+
+A whole CSV or JSON file (the formats training reads), one output row per input row, in order:
+
+    python Stage0/inference_stage0.py --model_path runs/knee/best_model --csv_path knee.csv --split test \\
+        --output_path runs/knee/test_predictions.csv
+
+Without --queries the distinct texts of the file's text column are the queries. The output has
+the image path, `top_match`, `top_score` and one score column per query.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from image_loader import ImageLoadError, load_image, read_rows
+from Stage0.dataset import data_keys
+from Stage0.towers import embed, load_model, text_length
+
+logger = logging.getLogger("siglip_med")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="a Stage0 final_model/ or best_model/ (any towers)")
+    g = p.add_argument_group("one image")
+    g.add_argument("--image_path", default=None, help="PNG, JPEG or DICOM")
+    g.add_argument("--queries", nargs="+", default=None, help="texts to score against the image(s)")
+    g = p.add_argument_group("a data file")
+    g.add_argument("--csv_path", default=None, help="a CSV or JSON data file, as training reads them")
+    g.add_argument("--output_path", default=None, help="the predictions CSV to write")
+    g.add_argument("--image_root", default="", help="folder relative image paths are under (CSV: its folder)")
+    g.add_argument("--img_path_column", "--image_key", dest="image_key", default=None)
+    g.add_argument("--findings_column", "--impression_column", "--caption_key", dest="caption_key", default=None)
+    g.add_argument("--split_column", default=None, help="with --split: only that split's rows")
+    g.add_argument("--split", default=None, help="e.g. test (uses the 'split' column unless --split_column)")
+    g.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--image_size", type=int, default=None, help=argparse.SUPPRESS)  # the seed's; the model fixes it
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if bool(args.image_path) == bool(args.csv_path):
+        p.error("pass --image_path (one image) or --csv_path (a data file), not both")
+    if args.image_path and not args.queries:
+        p.error("--image_path needs --queries")
+    if args.csv_path and not args.output_path:
+        p.error("--csv_path needs --output_path")
+    if args.queries is not None and not all(q.strip() for q in args.queries):
+        p.error("--queries must not be empty")
+    if args.split and not args.split_column:
+        args.split_column = "split"
+    return p, args
+
+
+class _Images(Dataset):
+    def __init__(self, rows, processor, source):
+        self.rows, self.processor, self.source = rows, processor, source
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        image = load_image(r["image_path"], row=r["row"], source=self.source)
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+@torch.no_grad()
+def score(model, tokenizer, pixel_batches, queries, device) -> torch.Tensor:
+    """[images, queries] sigmoid(t * cos + b): the model's probability that the pair matches."""
+    max_len = text_length(model.text, tokenizer, None)
+    tok = tokenizer(list(queries), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    mask = tok.get("attention_mask", torch.ones_like(tok["input_ids"]))
+    _, txt = embed(model, input_ids=tok["input_ids"].to(device), attention_mask=mask.to(device))
+    t, b = model.logit_scale.exp(), model.logit_bias
+    out = []
+    for px in pixel_batches:
+        img, _ = embed(model, pixel_values=px.to(device))
+        out.append(torch.sigmoid(t * img.float() @ txt.float().T + b).cpu())
+    return torch.cat(out)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(message)s", stream=sys.stderr, level=logging.INFO, force=True)
+    try:
+        model, tokenizer, processor = load_model(args.model_path)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        parser.error(str(e))
+    model.to(args.device).eval()
+    if args.image_path:
+        try:
+            image = load_image(args.image_path)
+        except ImageLoadError as e:
+            parser.error(str(e))
+        px = processor(images=image, return_tensors="pt")["pixel_values"]
+        scores = score(model, tokenizer, [px], args.queries, args.device)[0]
+        ranked = sorted(zip(args.queries, scores.tolist()), key=lambda x: -x[1])
+        for q, s in ranked:
+            print(f"{s:.4f}\t{q}")
+        return ranked
+    image_key, caption_key = data_keys(args.csv_path, args.image_key, args.caption_key)
+    keys = (image_key,) if args.queries else (image_key, caption_key)
+    try:
+        rows = read_rows(args.csv_path, args.image_root, keys, image_key=image_key,
+                         split_column=args.split_column, split=args.split)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    queries = args.queries or list(dict.fromkeys(str(r[caption_key]).strip() for r in rows))
+    loader = DataLoader(_Images(rows, processor, args.csv_path), batch_size=args.batch_size)
+    scores = score(model, tokenizer, loader, queries, args.device)
+    best = scores.argmax(dim=1)
+    out = Path(args.output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "top_match", "top_score", *queries])
+        for r, k, s in zip(rows, best.tolist(), scores.tolist()):
+            w.writerow([r[image_key], queries[k], f"{s[k]:.6f}", *(f"{v:.6f}" for v in s)])
+    if caption_key in rows[0]:
+        hits = sum(queries[k] == str(r[caption_key]).strip() for r, k in zip(rows, best.tolist()))
+        logger.info("top-1 accuracy against the %s column: %.4f (%d of %d)", caption_key, hits / len(rows), hits,
+                    len(rows))
+    logger.info("wrote %d rows to %s", len(rows), out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
