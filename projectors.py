@@ -186,6 +186,8 @@ def load_vision_tower(name_or_path, *, torch_dtype=None) -> tuple[nn.Module, boo
     `final_model/`, or a folder holding only Stage0's `vision_encoder.bin` next to a config.json.
     """
     path = Path(str(name_or_path))
+    if (path / "towers.json").is_file():  # a Stage0 towers folder (other image tower): its image_tower/
+        name_or_path = path = path / "image_tower"
     config = AutoConfig.from_pretrained(name_or_path)
     vision_config = getattr(config, "vision_config", None) or config
     only_bin = (path.is_dir() and (path / VISION_ENCODER_FILE).exists()
@@ -207,6 +209,8 @@ def load_vision_tower(name_or_path, *, torch_dtype=None) -> tuple[nn.Module, boo
 
 
 def load_image_processor(name_or_path, vision_config):
+    if (Path(str(name_or_path)) / "towers.json").is_file():
+        name_or_path = Path(str(name_or_path)) / "image_tower"
     try:
         return AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError):

@@ -83,6 +83,19 @@ def test_outputs_reload_with_towers_heads_and_preprocessing(runs):
     assert model.logit_scale.item() != pytest.approx(math.log(10.0))  # it was learnt
 
 
+def test_stage1_takes_a_towers_folder_as_its_vision_tower(runs, knee, tmp_path):
+    """A DINOv2 tower trained here feeds the VLM: its CLS token is dropped ("default"), its own
+    processor preprocesses."""
+    from projectors import build_vlm
+    from scripts.make_tiny_models import build_tiny_gemma3
+    _, out = runs["dinov2/bert"]
+    gemma = build_tiny_gemma3(tmp_path / "gemma", ["mild oa of the knee"], hidden_size=32, vocab_size=300)
+    vlm, _, proc = build_vlm(out / "final_model", gemma)
+    assert vlm.config.vision_feature_select_strategy == "default" and vlm.config.image_seq_length == 64
+    trained = load_model(out / "final_model")[0].image.backbone.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in vlm.model.vision_tower.state_dict().items())
+
+
 def test_batch_inference_matches_the_training_metric(runs, knee, tmp_path):
     """One output row per input row, in order; top-1 accuracy on the val split equals the
     accuracy training logged for the final weights."""
