@@ -433,6 +433,7 @@ class StepLogger:
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
         log_metrics(self.acc, metrics, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        logger.info("Step %d: Loss = %.4f, LR = %.2e", step, loss, lr)  # the seeds' log line
 
     def close(self):
         self.bar.close()

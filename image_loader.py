@@ -312,3 +312,72 @@ def read_rows(path, image_root, keys, *, image_key="image", split_column=None, s
         if not rows:
             raise ValueError(f"{path}: no rows with {split_column} == {split!r}")
     return rows
+
+
+# ---------------------------------------------------------------- CT volumes (NPZ)
+
+def load_volume(path, *, row=None, source=None, key: str = "image") -> np.ndarray:
+    """A CT volume from an NPZ holding {'image': (C, D, H, W)}, as float32; errors name the
+    file, the row and what is wrong (missing file, no 'image' array, wrong rank, NaN/inf)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        _fail(path, row, source, "no such file", "check the path and --image_root")
+    try:
+        with np.load(path) as z:
+            if key not in z.files:
+                _fail(path, row, source, f"no {key!r} array (has {z.files})", "save the volume as np.savez(path, image=vol)")
+            vol = z[key]
+    except ImageLoadError:
+        raise
+    except Exception as e:  # a truncated or non-NPZ file
+        _fail(path, row, source, f"not a readable NPZ ({e})", "re-export the volume", cause=e)
+    if vol.ndim == 3:
+        vol = vol[None]
+    if vol.ndim != 4:
+        _fail(path, row, source, f"'image' has shape {vol.shape}, expected (C, D, H, W)", "save one (C, D, H, W) volume per file")
+    vol = vol.astype(np.float32, copy=False)
+    if not np.isfinite(vol).all():
+        _fail(path, row, source, "the volume holds NaN or inf", "fix or drop this volume")
+    return vol
+
+
+class VolumeProcessor:
+    """A CT volume (C, D, H, W) -> pixel_values (1, D', H', W') for a 3D tower, in the image
+    processors' call style. Intensities are clipped to [clip_min, clip_max] and scaled to [0, 1]
+    (defaults: Hounsfield units -1000..1000, Merlin's range; already-scaled volumes pass
+    0..1), channels are averaged (Merlin reads one channel: a 2-channel NPZ, e.g. two windows
+    of one scan, becomes their mean), and the volume is resized trilinearly to `size` (D, H, W)."""
+
+    def __init__(self, size=(160, 224, 224), clip_min: float = -1000.0, clip_max: float = 1000.0):
+        self.size, self.clip_min, self.clip_max = tuple(int(v) for v in size), float(clip_min), float(clip_max)
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "clip_min": self.clip_min, "clip_max": self.clip_max}
+
+    def save_pretrained(self, out_dir) -> None:
+        out = pathlib.Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "volume_processor.json").write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path):
+        return cls(**json.loads((pathlib.Path(path) / "volume_processor.json").read_text()))
+
+    def __call__(self, images, return_tensors="pt"):
+        import torch
+        import torch.nn.functional as F
+        vols = images if isinstance(images, (list, tuple)) else [images]
+        out = []
+        for v in vols:
+            v = np.clip(np.asarray(v, dtype=np.float32), self.clip_min, self.clip_max)
+            v = (v - self.clip_min) / (self.clip_max - self.clip_min)
+            t = torch.from_numpy(v).mean(0, keepdim=True)[None]  # (1, 1, D, H, W)
+            out.append(F.interpolate(t, size=self.size, mode="trilinear", align_corners=False)[0])
+        return {"pixel_values": torch.stack(out)}
+
+
+def load_input(path, *, row=None, source=None):
+    """An image (PNG/JPEG/DICOM) or, for .npz, a CT volume: whatever the tower's processor takes."""
+    if str(path).lower().endswith(".npz"):
+        return load_volume(path, row=row, source=source)
+    return load_image(path, row=row, source=source)

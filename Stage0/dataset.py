@@ -6,7 +6,7 @@ import logging
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import load_image, read_rows
+from image_loader import load_input, read_rows
 
 logger = logging.getLogger("siglip_med")
 
@@ -16,7 +16,17 @@ DEFAULT_KEYS = {"json": ("image", "caption"), "csv": ("img_path", "impression")}
 
 
 def data_keys(path, image_key=None, caption_key=None) -> tuple[str, str]:
+    """(image column, text column): as given, else the seeds' defaults. A CSV's text column is
+    `impression` (seed 003) or, if it has none, `findings` (seed 002)."""
     kind = "csv" if str(path).lower().endswith(".csv") else "json"
+    if kind == "csv" and caption_key is None:
+        import csv
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                header = csv.DictReader(f).fieldnames or []
+        except OSError:
+            header = []
+        caption_key = next((c for c in ("impression", "findings") if c in header), "impression")
     return image_key or DEFAULT_KEYS[kind][0], caption_key or DEFAULT_KEYS[kind][1]
 
 
@@ -36,7 +46,7 @@ class ImageTextContrastiveDataset(Dataset):
     """
 
     def __init__(self, json_path, image_root, image_processor, tokenizer, max_length: int,
-                 image_key=None, caption_key=None, split_column=None, split=None):
+                 image_key=None, caption_key=None, split_column=None, split=None, tokenize=None):
         self.json_path = str(json_path)
         self.rows = read_pairs(json_path, image_root, image_key, caption_key, split_column, split)
         self.image_processor = image_processor
@@ -48,17 +58,20 @@ class ImageTextContrastiveDataset(Dataset):
         if n_long:
             logger.warning("%s: %d of %d distinct captions exceed the model's %d text tokens and are "
                            "truncated", json_path, n_long, len(self.captions), max_length)
-        tok = tokenizer(self.captions, padding="max_length", truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        self.input_ids = tok["input_ids"]
-        self.attention_mask = tok.get("attention_mask", torch.ones_like(self.input_ids))
+        if tokenize is not None:  # the text tower's own convention (e.g. LLM2Vec's left padding)
+            self.input_ids, self.attention_mask = tokenize(self.captions, max_length)
+        else:
+            tok = tokenizer(self.captions, padding="max_length", truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            self.input_ids = tok["input_ids"]
+            self.attention_mask = tok.get("attention_mask", torch.ones_like(self.input_ids))
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
         r = self.rows[i]
-        image = load_image(r["image_path"], row=r["row"], source=self.json_path)
+        image = load_input(r["image_path"], row=r["row"], source=self.json_path)
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         c = int(self.caption_ids[i])
         return {"pixel_values": pixel_values, "input_ids": self.input_ids[c],

@@ -47,9 +47,8 @@ def parse_args(argv=None):
 @torch.no_grad()
 def zero_shot_auc(encoder, dataset, findings, tokenizer, max_len, batch_size, device) -> dict[str, float]:
     prompts = [f[k] for f in findings for k in ("positive_prompt", "negative_prompt")]
-    tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    _, txt, _, _ = encoder(input_ids=tok["input_ids"].to(device),
-                           attention_mask=tok.get("attention_mask", torch.ones_like(tok["input_ids"])).to(device))
+    ids, mask = encoder.model.text.tokenize(tokenizer, prompts, max_len)
+    _, txt, _, _ = encoder(input_ids=ids.to(device), attention_mask=mask.to(device))
     imgs = []
     for s in range(0, len(dataset), batch_size):
         b = collate_fn([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
@@ -71,7 +70,8 @@ def evaluate_model(path, args, findings, reinit=False) -> dict[str, float]:
         reinit_image_backbone(model)
     model.to(args.device).eval()
     max_len = text_length(model.text, tokenizer, None)
-    ds = ImageTextContrastiveDataset(args.test_json, args.image_root, image_processor, tokenizer, max_len)
+    ds = ImageTextContrastiveDataset(args.test_json, args.image_root, image_processor, tokenizer, max_len,
+                                     tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n))
     encoder = DualEncoder(model)
     out = evaluate_contrastive(encoder, ds, args.batch_size, args.device)
     if findings:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from image_loader import ImageLoadError, load_image, read_rows
+from image_loader import ImageLoadError, load_input, read_rows
 from Stage0.dataset import data_keys
 from Stage0.towers import embed, load_model, text_length
 
@@ -74,7 +74,7 @@ class _Images(Dataset):
 
     def __getitem__(self, i):
         r = self.rows[i]
-        image = load_image(r["image_path"], row=r["row"], source=self.source)
+        image = load_input(r["image_path"], row=r["row"], source=self.source)
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
@@ -82,9 +82,8 @@ class _Images(Dataset):
 def score(model, tokenizer, pixel_batches, queries, device) -> torch.Tensor:
     """[images, queries] sigmoid(t * cos + b): the model's probability that the pair matches."""
     max_len = text_length(model.text, tokenizer, None)
-    tok = tokenizer(list(queries), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    mask = tok.get("attention_mask", torch.ones_like(tok["input_ids"]))
-    _, txt = embed(model, input_ids=tok["input_ids"].to(device), attention_mask=mask.to(device))
+    ids, mask = model.text.tokenize(tokenizer, list(queries), max_len)
+    _, txt = embed(model, input_ids=ids.to(device), attention_mask=mask.to(device))
     t, b = model.logit_scale.exp(), model.logit_bias
     out = []
     for px in pixel_batches:
@@ -103,7 +102,7 @@ def main(argv=None):
     model.to(args.device).eval()
     if args.image_path:
         try:
-            image = load_image(args.image_path)
+            image = load_input(args.image_path)
         except ImageLoadError as e:
             parser.error(str(e))
         px = processor(images=image, return_tensors="pt")["pixel_values"]

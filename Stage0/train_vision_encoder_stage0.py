@@ -49,11 +49,23 @@ def parse_args(argv=None):
                    help="shared embedding width (default: the SigLIP tower's, else the text tower's)")
     g.add_argument("--image_size", type=int, default=None,
                    help="non-SigLIP image towers: resize and crop to this size (RAD-DINO: 224 or 448, not 518)")
+    g.add_argument("--image_model_path", default=None,
+                   help="with --image_model_name merlin: a Merlin checkpoint file (the official release, or any "
+                        "state dict of the I3ResNet-152)")
+    g.add_argument("--text_model_path", default=None,
+                   help="the CT seed's text tower: a decoder LLM folder used the LLM2Vec way (or an LLM2Vec MNTP "
+                        "adapter folder, merged into its base); a Stage0 output folder resumes that whole model")
+    g.add_argument("--volume_size", type=int, nargs=3, default=[160, 224, 224], metavar=("D", "H", "W"),
+                   help="3D towers: volumes are resized to this depth, height, width")
+    g.add_argument("--volume_clip", type=float, nargs=2, default=[-1000.0, 1000.0], metavar=("MIN", "MAX"),
+                   help="3D towers: intensities are clipped to [MIN, MAX] and scaled to [0, 1] (default: HU)")
+    g.add_argument("--merlin_layers", type=int, nargs=4, default=None, help=argparse.SUPPRESS)  # small variants
+    g.add_argument("--merlin_width", type=int, default=64, help=argparse.SUPPRESS)
     g.add_argument("--temperature", type=float, default=None,
                    help="new heads: initial t = 1/temperature (default: the SigLIP paper's t = 10, b = -10); "
                         "both stay learnable")
     g = p.add_argument_group("data: a JSON list or a CSV")
-    g.add_argument("--train_json", "--csv_file", "--data_path", dest="train_json", required=True,
+    g.add_argument("--train_json", "--csv_file", "--data_path", dest="train_json", default=None,
                    help='JSON list of {"image": ..., "caption": ...}, or a CSV (columns img_path, impression, '
                         "and split when it holds several splits)")
     g.add_argument("--val_json", default=None,
@@ -66,6 +78,16 @@ def parse_args(argv=None):
                    help="text column (default: caption for JSON, impression for CSV)")
     g.add_argument("--split_column", default=None,
                    help="column naming each row's split (default for a CSV: split, if it has one)")
+    g.add_argument("--validate_csv", action="store_true",
+                   help="check every row of --csv_file (columns, files, texts, volumes) and exit: 0 if clean, "
+                        "else 1 with one 'line N: reason' per bad row")
+    g.add_argument("--create_example_csv", action="store_true",
+                   help="write --csv_file (default NPZ_DIRECTORY/example.csv) listing the volumes in --npz_directory")
+    g.add_argument("--npz_directory", default=None)
+    g.add_argument("--train_data_dir", default=None, help="legacy directory mode: a folder of NPZ volumes")
+    g.add_argument("--val_data_dir", default=None, help="legacy directory mode: validation volumes")
+    g.add_argument("--text_reports_path", default=None,
+                   help='legacy directory mode: JSON {"<volume file stem>": "report text"}')
     g.add_argument("--train_split", default="train")
     g.add_argument("--val_split", default="val")
     g.add_argument("--max_text_length", type=int, default=None,
@@ -85,6 +107,9 @@ def parse_args(argv=None):
     g.add_argument("--freeze_logit_scale", dest="freeze_logit_scale", action="store_true",
                    help="keep the logit scale and bias fixed, new heads too")
     g.add_argument("--freeze_vision_encoder", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--freeze_image_backbone", action="store_true",
+                   help="train only the projection heads (and the logit scale/bias) on a frozen image backbone: the "
+                        "CT seed's phase 1; phase 2 continues from its output with --model_name PHASE1/final_model")
     g.add_argument("--reinit_vision_tower", action="store_true",
                    help="start the vision tower from random weights (ablations; the demo uses it)")
     g = p.add_argument_group("optimisation")
@@ -96,7 +121,18 @@ def parse_args(argv=None):
                    help="write OUTPUT_DIR/epoch_N/ after every epoch")
     add_common_args(p)
     p.set_defaults(wandb_project="stage0_vision_encoder")
+    tools = argparse.ArgumentParser(add_help=False)
+    for flag in ("--validate_csv", "--create_example_csv"):
+        tools.add_argument(flag, action="store_true")
+    known, _ = tools.parse_known_args(argv)
+    if known.validate_csv or known.create_example_csv:  # the seed runs these with no other flag
+        for a in p._actions:
+            a.required = False
+        args = p.parse_args(argv)
+        raise SystemExit(run_csv_tool(args))
     args = p.parse_args(argv)
+    if not args.train_json and not args.train_data_dir:
+        p.error("pass the data: --train_json / --csv_file (or --train_data_dir for directory mode)")
     if args.temperature is not None:
         if args.temperature <= 0:
             p.error("--temperature must be > 0")
@@ -107,8 +143,30 @@ def parse_args(argv=None):
     return args
 
 
+def run_csv_tool(args) -> int:
+    """--validate_csv / --create_example_csv (seed 002's CSV tools)."""
+    from Stage0.data_tools import create_example_csv, validate_csv
+    if args.create_example_csv:
+        if not args.npz_directory:
+            print("error: --create_example_csv needs --npz_directory", file=sys.stderr)
+            return 2
+        out = create_example_csv(args.npz_directory, args.train_json)
+        print(f"wrote {out}")
+        if not args.validate_csv:
+            return 0
+        args.train_json = str(out)
+    if not args.train_json:
+        print("error: --validate_csv needs --csv_file", file=sys.stderr)
+        return 2
+    return validate_csv(args.train_json, args.image_root, args.image_key, args.caption_key, args.split_column)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.train_data_dir:  # the CT seed's legacy directory mode becomes a CSV
+        from Stage0.data_tools import csv_from_directories
+        args.train_json = str(csv_from_directories(args.train_data_dir, args.val_data_dir, args.text_reports_path,
+                                                   Path(args.output_dir) / "data_from_dirs.csv"))
     accelerator = setup_accelerator_and_logging(args, stage="Stage0")
     model, tokenizer, image_processor = build_model(args)
     if args.freeze_logit_scale is None:  # a pretrained pair keeps its own; new heads learn theirs
@@ -122,7 +180,8 @@ def main(argv=None):
         with open(args.train_json, newline="", encoding="utf-8-sig") as f:
             split_column = "split" if "split" in (csv.DictReader(f).fieldnames or []) else None
     kw = dict(image_root=args.image_root, image_processor=image_processor, tokenizer=tokenizer,
-              max_length=max_len, image_key=args.image_key, caption_key=args.caption_key)
+              max_length=max_len, image_key=args.image_key, caption_key=args.caption_key,
+              tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n))
     train_ds = ImageTextContrastiveDataset(args.train_json, split_column=split_column,
                                            split=args.train_split if split_column else None, **kw)
     if args.val_json:

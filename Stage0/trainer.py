@@ -125,6 +125,8 @@ class VisionEncoderTrainerStage0:
         model.logit_scale.requires_grad_(not args.freeze_logit_scale)
         model.logit_bias.requires_grad_(not args.freeze_logit_scale)
         model.image.requires_grad_(not args.freeze_vision_encoder)
+        if getattr(args, "freeze_image_backbone", False):  # phase 1: the heads learn on fixed features
+            model.image.backbone.requires_grad_(False)
         total, trainable = count_parameters(model)
         logger.info("parameters: %s total, %s trainable (text tower %s, logit scale/bias %s)",
                     f"{total:,}", f"{trainable:,}", "frozen" if args.freeze_text_encoder else "trained",
@@ -179,6 +181,8 @@ class VisionEncoderTrainerStage0:
             model.text.backbone.eval()
         if self.args.freeze_vision_encoder:
             model.image.eval()
+        if getattr(self.args, "freeze_image_backbone", False):
+            model.image.backbone.eval()  # BatchNorm statistics stay the checkpoint's
 
     def _step_frozen_text(self, window) -> torch.Tensor:
         dev = self.accelerator.device

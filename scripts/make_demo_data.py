@@ -619,9 +619,10 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--test_fraction", type=float, default=0.1)
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--recipe", choices=["cxr", "knee"], default="cxr",
+    p.add_argument("--recipe", choices=["cxr", "knee", "ct"], default="cxr",
                    help="knee: knee radiograph phantoms by Kellgren-Lawrence grade in seed 003's CSV layout "
-                        "(scripts/make_knee_demo.py)")
+                        "(scripts/make_knee_demo.py); ct: chest CT phantom volumes as NPZ in seed 002's layout "
+                        "(scripts/make_ct_demo.py; --image_size sets H = W, depth is half of it)")
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("--num_images must be at least 1")
@@ -635,6 +636,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    if args.recipe == "ct":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_ct_demo import make_ct_demo
+        size = args.image_size
+        return make_ct_demo(args.out_dir, num_images=args.num_images, shape=(size // 2, size, size), seed=args.seed,
+                            val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     if args.recipe == "knee":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from make_knee_demo import make_knee_demo

@@ -1,0 +1,87 @@
+"""CSV tools of the chest-CT seed (002): validate a data CSV, list a folder of NPZ volumes as a
+CSV, and turn the legacy directory mode into a CSV."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from image_loader import ImageLoadError, load_image, load_volume, resolve_image_path
+from Stage0.dataset import data_keys
+
+
+def validate_csv(path, image_root="", image_key=None, caption_key=None, split_column=None, out=sys.stdout) -> int:
+    """Check every row: the columns, that each file exists and reads (an NPZ's 'image' is
+    (C, D, H, W) and finite), and that each text is non-empty. Prints `line N: reason` for every
+    problem (the header is line 1) and returns 0 when clean, 1 otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        print(f"{path}: no such file", file=out)
+        return 1
+    image_key, caption_key = data_keys(path, image_key, caption_key)
+    problems = 0
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in (image_key, caption_key, split_column) if c and c not in header]
+        if missing:
+            print(f"line 1: no column {missing} (columns: {header})", file=out)
+            return 1
+        root = image_root or path.parent
+        n = 0
+        for i, row in enumerate(reader):
+            n += 1
+            line = i + 2
+            reasons = []
+            if not str(row.get(caption_key) or "").strip():
+                reasons.append(f"empty {caption_key}")
+            name = str(row.get(image_key) or "").strip()
+            if not name:
+                reasons.append(f"empty {image_key}")
+            else:
+                try:
+                    p = resolve_image_path(name, root, row=f"line {line}", source=str(path))
+                    if p.suffix.lower() == ".npz":
+                        load_volume(p)
+                    else:
+                        load_image(p)
+                except (ImageLoadError, FileNotFoundError, ValueError) as e:
+                    reasons.append(str(e).replace(f" (line {line} of {path})", ""))
+            for r in reasons:
+                print(f"line {line}: {r}", file=out)
+            problems += bool(reasons)
+    print(f"{path}: {n} rows, {problems} with problems" if problems else f"{path}: {n} rows, all valid", file=out)
+    return 1 if problems else 0
+
+
+def create_example_csv(npz_directory, out_path=None, text="No findings text available.") -> Path:
+    """A CSV (img_path, findings, split) for the volumes in a folder: absolute paths, a
+    placeholder text to replace, and a deterministic 80/10/10 split by file name."""
+    folder = Path(npz_directory)
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise SystemExit(f"error: no .npz files in {folder}")
+    out = Path(out_path) if out_path else folder / "example.csv"
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["img_path", "findings", "split"])
+        for i, p in enumerate(files):
+            w.writerow([str(p.resolve()), text, "val" if i % 10 == 8 else "test" if i % 10 == 9 else "train"])
+    return out
+
+
+def csv_from_directories(train_dir, val_dir=None, reports_path=None, out_path="data_from_dirs.csv") -> Path:
+    """The CT seed's legacy directory mode as a CSV: every NPZ of train_dir (and val_dir), its text
+    from the reports JSON by file stem (a placeholder where a report is missing)."""
+    reports = json.loads(Path(reports_path).read_text()) if reports_path else {}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["img_path", "findings", "split"])
+        for split, folder in (("train", train_dir), ("val", val_dir)):
+            if folder:
+                for p in sorted(Path(folder).glob("*.npz")):
+                    w.writerow([str(p.resolve()), reports.get(p.stem, "No report text available."), split])
+    return out

