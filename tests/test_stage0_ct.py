@@ -218,3 +218,24 @@ def test_ct_launcher_runs_the_seed_phases(phase, tmp_path):
         assert args.image_model_name == "merlin" and args.freeze_image_backbone and args.projection_dim == 512
     else:
         assert args.model_name == "runs/ct_clip_phase1/final_model" and not args.freeze_image_backbone
+
+
+def test_legacy_directory_mode(ct, tmp_path):
+    """--train_data_dir / --val_data_dir / --text_reports_path: the volumes of two folders with
+    their reports by file stem (a placeholder where one is missing)."""
+    import shutil
+    rows = list(csv.DictReader(open(ct["csv"])))[:24]
+    for split, part in (("train", rows[:18]), ("val", rows[18:])):
+        (tmp_path / split).mkdir()
+        for r in part:
+            shutil.copy(ct["csv"].parent / r["img_path"], tmp_path / split)
+    reports = {r["img_path"].split("/")[-1][:-4]: r["findings"] for r in rows[:20]}
+    (tmp_path / "reports.json").write_text(json.dumps(reports))
+    trainer = main(["--image_model_name", "merlin", *TINY_MERLIN, "--text_model_name", str(ct["bert"]),
+                    "--train_data_dir", str(tmp_path / "train"), "--val_data_dir", str(tmp_path / "val"),
+                    "--text_reports_path", str(tmp_path / "reports.json"), "--output_dir", str(tmp_path / "out"),
+                    "--max_steps", "1", "--batch_size", "6", "--report_to", "none", "--num_workers", "0",
+                    "--no-save_epoch_models"])
+    assert len(trainer.train_dataset) == 18 and len(trainer.val_dataset) == 6
+    texts = {r["findings"] for r in csv.DictReader(open(tmp_path / "out" / "data_from_dirs.csv"))}
+    assert "No report text available." in texts and rows[0]["findings"] in texts
