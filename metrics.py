@@ -80,3 +80,36 @@ def yes_no(text: str) -> str | None:
         if w in ("yes", "no"):
             return w
     return None
+
+
+# ---------------------------------------------------------------- class retrieval (seed 004)
+
+def classification_metrics(y_true: list[int], y_pred: list[int], class_names: list[str]) -> dict:
+    """Top-1 accuracy, macro precision/recall/F1 (scikit-learn, zero_division=0) and a per-class
+    table (support, recall, F1) over the classes present in y_true."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+    labels = sorted(set(y_true))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    return {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_precision": float(mp),
+            "macro_recall": float(mr), "macro_f1": float(mf),
+            "per_class": {class_names[c]: {"support": int(n), "recall": float(rc), "f1": float(fc)}
+                          for c, n, rc, fc in zip(labels, s, r, f)}}
+
+
+def class_recall_at_k(scores: torch.Tensor, true_sets: list[set[int]], ks=(1, 5)) -> dict[str, float]:
+    """R@K over all class prompts: the share of images with a true class among the K best."""
+    return {f"R@{k}": v for k, v in retrieval_recall(scores, true_sets, ks).items()}
+
+
+def distractor_top1(scores: torch.Tensor, true_class: list[int], n_distractors: int = 9, seed: int = 0) -> float:
+    """The seed's test: one correct class among n random distractors (fixed seed); the share of
+    images whose correct class scores highest. Chance is 1/(n+1) (10% for 9 distractors)."""
+    rng = np.random.default_rng(seed)
+    k = scores.shape[1]
+    hits = []
+    for i, c in enumerate(true_class):
+        others = rng.choice([j for j in range(k) if j != c], size=min(n_distractors, k - 1), replace=False)
+        cand = [c, *others.tolist()]
+        hits.append(int(scores[i, cand].argmax().item() == 0))
+    return float(np.mean(hits)) if hits else float("nan")

@@ -10,10 +10,14 @@ reconstruction kernel). A CSV lists img_path (relative to its folder), findings,
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
+
+try:
+    from scripts.demo_tables import split_for, write_rows_csv
+except ImportError:  # run from scripts/ (make_demo_data.py puts its folder on the path)
+    from demo_tables import split_for, write_rows_csv
 
 
 def _sentence(finding: str, side: str) -> str:
@@ -70,13 +74,7 @@ def make_ct_demo(out_dir, *, num_images=300, shape=(24, 48, 48), seed=0, val_fra
         text = " ".join(_sentence(f, s) for f, s in findings.items()) or "No acute findings in the chest."
         name = f"volumes/ct_{i:05d}.npz"
         np.savez_compressed(out_dir / name, image=render_ct(findings, shape, rng))
-        u = rng.random()
-        split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        split = split_for(rng.random(), val_fraction, test_fraction)
         rows.append({"img_path": name, "findings": text, "split": split, **{f: int(f in findings) for f in
                                                                               ("nodule", "effusion", "consolidation")}})
-    path = out_dir / "ct.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_rows_csv(out_dir / "ct.csv", rows)

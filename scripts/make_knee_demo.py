@@ -13,12 +13,16 @@ split, kl_grade, varus).
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+try:
+    from scripts.demo_tables import split_for, write_rows_csv
+except ImportError:  # run from scripts/ (make_demo_data.py puts its folder on the path)
+    from demo_tables import split_for, write_rows_csv
 
 IMPRESSIONS = {0: "Normal knee X-ray.", 1: "Doubtful narrowing of the knee joint space.",
                2: "Mild OA of the knee", 3: "Moderate OA of the knee with osteophytes",
@@ -100,13 +104,7 @@ def make_knee_demo(out_dir, *, num_images=600, image_size=128, seed=0, val_fract
         right = bool(rng.random() < 0.5)
         name = f"images/knee_{i:05d}.png"
         Image.fromarray(render_knee(kl, varus, right, image_size, rng), mode="L").save(out_dir / name)
-        u = rng.random()
-        split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        split = split_for(rng.random(), val_fraction, test_fraction)
         rows.append({"img_path": name, "impression": impression(kl, varus), "split": split,
                      "kl_grade": kl, "varus": int(varus)})
-    path = out_dir / "knee.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_rows_csv(out_dir / "knee.csv", rows)

@@ -1,0 +1,105 @@
+"""The label-aware losses of the dermatology recipe (seed 004), each against a hand-computed value."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import (hard_negative_weights, icd_dissimilarity, icd_geometry_loss, label_overlap, ramp_coefficients,
+                    sigmoid_pair_loss, siglip_loss, wasserstein_loss)
+
+T, B = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+
+
+def logsig(v):
+    return -math.log1p(math.exp(-v))
+
+
+def test_multi_positive_with_unique_labels_is_the_siglip_loss():
+    torch.manual_seed(0)
+    x, y = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    labels = [{f"c{i}"} for i in range(6)]
+    target = label_overlap(labels, labels)
+    assert torch.equal(target, torch.eye(6))
+    torch.testing.assert_close(sigmoid_pair_loss(x, y, T, B, target), siglip_loss(x, y, T, B))
+
+
+def test_multi_positive_with_shared_labels_differs_and_pulls_same_label_pairs_together():
+    x = torch.eye(3)[:2]
+    y = F.normalize(torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]), dim=-1).requires_grad_()
+    labels = [{"psoriasis"}, {"psoriasis"}]
+    target = label_overlap(labels, labels)
+    assert target.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    loss = sigmoid_pair_loss(x, y, T, B, target)
+    assert abs(loss.item() - siglip_loss(x, y.detach(), T, B).item()) > 1
+    loss.backward()
+    assert (-y.grad[0] @ x[1]).item() > 0  # text 0 moves toward image 1, which shares its label
+
+
+def test_soft_targets_for_multi_label_rows_hand_computed():
+    # image 0 has {a, b}, text 0 {a, b}, text 1 {a}: targets 1 and 1/2 (Jaccard); orthonormal
+    # features put every logit at b = -10 except the matched pair at t + b = 0.
+    x, y = torch.eye(2), torch.eye(2)
+    target = label_overlap([{"a", "b"}, {"a"}], [{"a", "b"}, {"a"}])
+    assert target.tolist() == [[1.0, 0.5], [0.5, 1.0]]
+    loss = sigmoid_pair_loss(x, y, T, B, target)
+    per_image = -(logsig(0.0) + 0.5 * logsig(-10.0) + 0.5 * logsig(10.0))
+    assert loss.item() == pytest.approx(per_image, rel=1e-6)  # mean of two identical rows
+
+
+def test_weighted_sigmoid_hand_computed():
+    x = y = torch.eye(3)
+    loss = sigmoid_pair_loss(x, y, T, B, torch.eye(3), pos_weight=5.0)
+    assert loss.item() == pytest.approx(-(5 * logsig(0.0) + 2 * logsig(10.0)), rel=1e-6)
+
+
+def test_hard_negative_weights():
+    x = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    target = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # rows 0, 1 share a label
+    w = hard_negative_weights(x, x, target, beta=5.0)
+    assert torch.all(w[target > 0] == 0)  # same-label pairs are never negatives
+    assert w[0, 2] == pytest.approx(1.0) and w[2, :2].mean() == pytest.approx(1.0)  # mean 1 per image
+    y = F.normalize(torch.tensor([[1.0, 0.1], [0.2, 1.0], [0.0, 1.0]]), dim=-1)
+    w2 = hard_negative_weights(x[:1], y, torch.tensor([[1.0, 0.0, 0.0]]), beta=5.0)
+    assert w2[0, 1] > w2[0, 2] and w2[0, 1:].mean() == pytest.approx(1.0)  # the harder negative weighs more
+    # equal similarities: every weight 1, the plain loss
+    eq = hard_negative_weights(torch.eye(3), torch.eye(3), torch.eye(3))
+    torch.testing.assert_close(sigmoid_pair_loss(torch.eye(3), torch.eye(3), T, B, torch.eye(3), neg_weight=eq),
+                               siglip_loss(torch.eye(3), torch.eye(3), T, B))
+
+
+def test_icd_dissimilarity_follows_the_who_tree():
+    codes = ["L40.0", "L40.1", "L20.9", "C43.9"]
+    d = icd_dissimilarity(codes)
+    assert torch.equal(d, d.T) and torch.all(d.diagonal() == 0)
+    assert d[0, 1] < d[0, 2] < d[0, 3]  # same category < same chapter (XII) < other chapter (II)
+    # L40.0 and L40.1 meet at L40: one step each; L40.0 to C43.9 goes through the root:
+    # 4 steps up (L40, L40-L45, XII, root) and 6 down (II, C00-C97, C00-C75, C43-C44, C43, C43.9)
+    assert d[0, 1].item() == pytest.approx(2 / 10) and d[0, 3].item() == pytest.approx(1.0)
+
+
+def test_icd_geometry_loss_hand_computed():
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # distance (1 - cos)/2 = 0.5
+    assert icd_geometry_loss(e, torch.tensor([[0.0, 0.5], [0.5, 0.0]])).item() == pytest.approx(0.0)
+    assert icd_geometry_loss(e, torch.tensor([[0.0, 0.1], [0.1, 0.0]])).item() == pytest.approx(0.16)
+
+
+def test_wasserstein_zero_for_identical_and_known_for_a_shift():
+    torch.manual_seed(0)
+    x = torch.randn(40, 6)
+    assert wasserstein_loss(x, x.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    pts = torch.arange(7.0).reshape(-1, 1)
+    assert wasserstein_loss(pts, pts + 3.0).item() == pytest.approx(3.0, rel=1e-5)  # 1-D: exactly the shift
+    y = x.clone().requires_grad_()
+    wasserstein_loss(x + 1.0, y).backward()
+    assert y.grad.abs().sum() > 0  # differentiable
+
+
+def test_ramp_schedule():
+    steps = (0, 1000, 2000, 2500)
+    assert ramp_coefficients(0, steps, 0.5, 0.2, 0.1) == (0.0, 0.0, 0.0)
+    assert ramp_coefficients(500, steps, 0.5, 0.2, 0.1) == pytest.approx((0.25, 0.0, 0.0))
+    assert ramp_coefficients(1500, steps, 0.5, 0.2, 0.1) == pytest.approx((0.5, 0.1, 0.0))
+    assert ramp_coefficients(2250, steps, 0.5, 0.2, 0.1) == pytest.approx((0.5, 0.2, 0.05))
+    assert ramp_coefficients(9000, steps, 0.5, 0.2, 0.1) == pytest.approx((0.5, 0.2, 0.1))
+    assert ramp_coefficients(9000, steps, 1.0, 0.2, 0.1)[0] == 0.9  # the contrastive term keeps a floor
