@@ -211,6 +211,7 @@ class ContrastiveModel(nn.Module):
         # One pretrained SigLIP (both towers, no new heads): saved as that SiglipModel.
         self._siglip = [siglip]  # a list, so the module is not registered twice
         self.spec = spec or {}
+        self.lora = None  # {"config": LoraConfig, "source": checkpoint} once apply_lora ran
 
     @property
     def siglip(self):
@@ -230,7 +231,10 @@ class ContrastiveModel(nn.Module):
         backbone = self.image.backbone
         torch.save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, out / VISION_ENCODER_FILE)
         if self.siglip is not None:
-            self.siglip.save_pretrained(out, safe_serialization=True)
+            if self.lora is not None:
+                save_lora_siglip(self, out)
+            else:
+                self.siglip.save_pretrained(out, safe_serialization=True)
             for obj in (tokenizer, image_processor):
                 if obj is not None:
                     obj.save_pretrained(out)
@@ -392,6 +396,63 @@ def _text_backbone(name):
             tokenizer.pad_token = tokenizer.eos_token
         return backbone, "llm2vec", tokenizer
     return AutoModel.from_pretrained(name), "bert", tokenizer
+
+
+# LoRA on a SigLIP's two encoders: the attention projections and the MLP of every encoder
+# layer. A bare "out_proj" would also match the vision pooling head's nn.MultiheadAttention,
+# where peft's wrapper is bypassed (the module calls its weights directly) and LoRA silently
+# does nothing; the regex keeps to `encoder.layers.N`.
+SIGLIP_LORA_TARGETS = r".*(text_model|vision_model)\.encoder\.layers\.\d+\.(self_attn\.({mods})|mlp\.({mods}))"
+
+
+def apply_lora(model: "ContrastiveModel", source: str, *, r: int, alpha: float, dropout: float,
+               target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2") -> None:
+    """Inject LoRA adapters (peft) in place into both towers of a pretrained SigLIP; only the
+    adapters train (and the logit scale/bias, by flag). `source` is the checkpoint the merged
+    export starts from."""
+    from peft import LoraConfig, inject_adapter_in_model
+    if model.siglip is None:
+        raise ValueError("--lora_r applies to a pretrained SigLIP pair (--model_name); other towers train "
+                         "their heads and backbones directly")
+    mods = "|".join(m.strip() for m in target_modules.split(",") if m.strip())
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=SIGLIP_LORA_TARGETS.format(mods=mods))
+    inject_adapter_in_model(config, model.siglip)
+    for name, p in model.siglip.named_parameters():
+        p.requires_grad_("lora_" in name)
+    model.lora = {"config": config, "source": str(source)}
+    n = sum(p.numel() for n_, p in model.siglip.named_parameters() if "lora_" in n_)
+    logger.info("LoRA r=%d alpha=%g on %s of both SigLIP encoders: %s adapter parameters", r, alpha, mods, f"{n:,}")
+
+
+def save_lora_siglip(model: "ContrastiveModel", out: Path) -> None:
+    """`lora_adapter/` (peft format) and, at `out`, the merged SiglipModel: the checkpoint's own
+    weights plus B·A·alpha/r computed in fp32 on CPU (never merged into reduced-precision copies),
+    with the trained logit scale and bias."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save_file
+    siglip, source = model.siglip, model.lora["source"]
+    (out / "lora_adapter").mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(siglip)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "lora_adapter" / "adapter_model.safetensors"))
+    cfg = model.lora["config"].to_dict()
+    cfg["target_modules"] = model.lora["config"].target_modules
+    cfg["base_model_name_or_path"] = source
+    (out / "lora_adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    merged = SiglipModel.from_pretrained(source, dtype=torch.float32)
+    sd = merged.state_dict()
+    with torch.no_grad():
+        for name, module in siglip.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                key = name + ".weight"
+                a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
+                b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
+                sd[key] = (sd[key].float() + (b @ a) * module.scaling["default"]).to(sd[key].dtype)
+        sd["logit_scale"] = model.logit_scale.detach().to("cpu", sd["logit_scale"].dtype).reshape(sd["logit_scale"].shape)
+        sd["logit_bias"] = model.logit_bias.detach().to("cpu", sd["logit_bias"].dtype).reshape(sd["logit_bias"].shape)
+    merged.load_state_dict(sd, strict=True)
+    merged.save_pretrained(out, safe_serialization=True)
 
 
 def _plain_siglip(args):

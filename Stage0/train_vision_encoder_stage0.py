@@ -106,6 +106,12 @@ def parse_args(argv=None):
                    help="also train a pretrained SigLIP's logit scale and bias (new heads' always train)")
     g.add_argument("--freeze_logit_scale", dest="freeze_logit_scale", action="store_true",
                    help="keep the logit scale and bias fixed, new heads too")
+    g.add_argument("--lora_r", type=int, default=0,
+                   help="LoRA rank on both towers of a pretrained SigLIP (0: full fine-tune); only the adapters train")
+    g.add_argument("--lora_alpha", type=float, default=16.0)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,out_proj,fc1,fc2",
+                   help="within the encoder layers only (never the vision pooling head)")
     g.add_argument("--freeze_vision_encoder", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--freeze_image_backbone", action="store_true",
                    help="train only the projection heads (and the logit scale/bias) on a frozen image backbone: the "
@@ -173,6 +179,11 @@ def main(argv=None):
         args.freeze_logit_scale = model.siglip is not None
     if args.reinit_vision_tower:
         reinit_image_backbone(model)
+    if args.lora_r:
+        from Stage0.towers import apply_lora
+        apply_lora(model, args.model_name, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                   target_modules=args.lora_target_modules)
+        args.freeze_text_encoder = False  # the text adapters train: the text is embedded every step
     max_len = text_length(model.text, tokenizer, args.max_text_length)
     split_column = args.split_column
     if split_column is None and str(args.train_json).lower().endswith(".csv"):

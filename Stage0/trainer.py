@@ -120,11 +120,12 @@ class VisionEncoderTrainerStage0:
         # every image that carries it; as a negative it would push normal images away from the
         # normal caption (at equilibrium p(match) = 1/(1+d) for d duplicates).
         self.duplicates_positive = getattr(args, "duplicate_captions", "positive") == "positive"
-        model.text.backbone.requires_grad_(not args.freeze_text_encoder)
-        model.text.head.requires_grad_(True)  # a new projection head always learns
+        if model.lora is None:  # with LoRA only the adapters train (set by apply_lora)
+            model.text.backbone.requires_grad_(not args.freeze_text_encoder)
+            model.text.head.requires_grad_(True)  # a new projection head always learns
+            model.image.requires_grad_(not args.freeze_vision_encoder)
         model.logit_scale.requires_grad_(not args.freeze_logit_scale)
         model.logit_bias.requires_grad_(not args.freeze_logit_scale)
-        model.image.requires_grad_(not args.freeze_vision_encoder)
         if getattr(args, "freeze_image_backbone", False):  # phase 1: the heads learn on fixed features
             model.image.backbone.requires_grad_(False)
         total, trainable = count_parameters(model)

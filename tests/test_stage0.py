@@ -263,3 +263,29 @@ def test_repeated_captions_are_positives_unless_asked_otherwise(tiny_siglip, sho
     assert len(set(ids.tolist())) < len(ids), "the batch should repeat captions"
     main(_args(tiny_siglip, tmp_path / "neg", train, max_steps=1, duplicate_captions="negative"))
     assert "positive_index" in seen[-1] and "image_labels" not in seen[-1]
+
+
+def test_lora_trains_only_adapters_on_both_towers_and_merges_exactly(tiny_siglip, demo_dir, tmp_path):
+    """LoRA on both SigLIP encoders (never the vision pooling head's MultiheadAttention): only
+    the adapters change, and the merged SiglipModel gives the adapted model's embeddings."""
+    before = SiglipModel.from_pretrained(tiny_siglip).state_dict()
+    trainer = main(_args(tiny_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=3, lora_r=4,
+                         lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2))
+    model = trainer.encoder.model.eval()
+    names = [n for n, _ in model.siglip.named_parameters() if "lora_A" in n]
+    assert any(n.startswith("text_model.") for n in names) and any(n.startswith("vision_model.") for n in names)
+    assert not any(".head." in n for n in names)
+    for n, p in model.siglip.named_parameters():
+        if "lora_" not in n:
+            key = n.replace(".base_layer", "")
+            assert torch.equal(p, before[key]), f"{n} changed"
+    assert any(p.abs().sum() > 0 for n, p in model.siglip.named_parameters() if "lora_B" in n)
+    merged = SiglipModel.from_pretrained(tmp_path / "final_model").eval()
+    assert (tmp_path / "final_model" / "lora_adapter" / "adapter_model.safetensors").is_file()
+    ds = trainer.train_dataset
+    x = torch.stack([ds[i]["pixel_values"] for i in range(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.get_image_features(pixel_values=x).pooler_output, model.image(x),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged.get_text_features(input_ids=ds.input_ids[:4]).pooler_output,
+                                   model.text(ds.input_ids[:4], ds.attention_mask[:4]), rtol=1e-4, atol=1e-5)
