@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 : "${NUM_GPUS:=1}"
 : "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
 
-accelerate launch \
+exec accelerate launch \
     --config_file "$ACCELERATE_CONFIG" \
     --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \

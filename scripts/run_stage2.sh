@@ -36,7 +36,7 @@ cd "$(dirname "$0")/.."
 : "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
 
 # shellcheck disable=SC2086  # EXTRA_FLAGS is a list of flags
-accelerate launch \
+exec accelerate launch \
     --config_file "$ACCELERATE_CONFIG" \
     --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
