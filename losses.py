@@ -321,3 +321,57 @@ def ramp_coefficients(step: int, ramp_steps, alpha: float, beta: float, gamma: f
             return 0.0
         return top if step >= hi or hi == lo else top * (step - lo) / (hi - lo)
     return ramp(s0, s1, min(alpha, alpha_max)), ramp(s1, s2, beta), ramp(s2, s3, gamma)
+
+
+def jaccard_targets(image_hot: torch.Tensor, text_hot: torch.Tensor, soft: bool = True) -> torch.Tensor:
+    """label_overlap for multi-hot rows [n, K] x [m, K]: Jaccard overlap (soft) or 'same label
+    set' (soft=False), as a tensor on the rows' device."""
+    a, b = image_hot.float(), text_hot.float()
+    inter = a @ b.T
+    union = a.sum(1, keepdim=True) + b.sum(1)[None] - inter
+    jac = inter / union.clamp(min=1)
+    return jac if soft else (jac >= 1 - 1e-6).float()
+
+
+class LabelAwareObjective:
+    """The seed-004 total: (1 - a) L_sigmoid + a L_ICD + b L_Wass + g L_hardneg, each term on
+    when named in `losses` (`sigmoid`, `weighted`, `multi_positive`, `icd`, `wasserstein`,
+    `hard_negative`), a, b, g ramped by `ramp_coefficients`. Texts are gathered from every
+    process; pairs that share labels are positives (soft with multi_positive)."""
+
+    KNOWN = {"sigmoid", "weighted", "multi_positive", "icd", "wasserstein", "hard_negative"}
+
+    def __init__(self, losses, *, pos_weight=1.0, alpha=0.0, beta=0.0, gamma=0.0, ramp_steps=(0, 1000, 2000, 2500),
+                 class_codes=None, hard_negative_beta=1.0):
+        self.losses = set(losses)
+        unknown = self.losses - self.KNOWN
+        if unknown:
+            raise ValueError(f"--loss: unknown {sorted(unknown)}; choose from {sorted(self.KNOWN)}")
+        self.pos_weight = pos_weight if "weighted" in self.losses else 1.0
+        self.alpha = alpha if "icd" in self.losses else 0.0
+        self.beta = beta if "wasserstein" in self.losses else 0.0
+        self.gamma = gamma if "hard_negative" in self.losses else 0.0
+        self.ramp_steps, self.hn_beta = ramp_steps, hard_negative_beta
+        self.dissimilarity = icd_dissimilarity(class_codes) if self.alpha and class_codes else None
+        if self.alpha and self.dissimilarity is None:
+            raise ValueError("--loss icd needs ICD-10 codes: an icd10 column in --classes_file")
+
+    def __call__(self, img, txt, scale, bias, image_hot, step: int, class_embeddings=None):
+        all_txt, _ = gather_with_grad(txt)
+        all_hot, _ = gather_with_grad(image_hot.to(img.device))
+        target = jaccard_targets(image_hot.to(img.device), all_hot, soft="multi_positive" in self.losses)
+        a, b, g = ramp_coefficients(step, self.ramp_steps, self.alpha, self.beta, self.gamma)
+        terms = {"sigmoid": sigmoid_pair_loss(img, all_txt, scale, bias, target, pos_weight=self.pos_weight)}
+        total = (1 - a) * terms["sigmoid"]
+        if a and class_embeddings is not None:
+            terms["icd"] = icd_geometry_loss(class_embeddings, self.dissimilarity)
+            total = total + a * terms["icd"]
+        if b:
+            terms["wasserstein"] = wasserstein_loss(img, txt)
+            total = total + b * terms["wasserstein"]
+        if g:
+            w = hard_negative_weights(img, all_txt, target, self.hn_beta)
+            terms["hard_negative"] = sigmoid_pair_loss(img, all_txt, scale, bias, target, neg_weight=w)
+            total = total + g * terms["hard_negative"]
+        return total, {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "coef/alpha": a, "coef/beta": b,
+                       "coef/gamma": g}

@@ -46,9 +46,18 @@ class ImageTextContrastiveDataset(Dataset):
     """
 
     def __init__(self, json_path, image_root, image_processor, tokenizer, max_length: int,
-                 image_key=None, caption_key=None, split_column=None, split=None, tokenize=None):
+                 image_key=None, caption_key=None, split_column=None, split=None, tokenize=None,
+                 label_column=None, class_names=None):
         self.json_path = str(json_path)
         self.rows = read_pairs(json_path, image_root, image_key, caption_key, split_column, split)
+        self.label_hot = None
+        if label_column:  # multi-hot class labels per row (the label-aware losses' positives)
+            index = {c: k for k, c in enumerate(class_names)}
+            self.label_hot = torch.zeros(len(self.rows), len(class_names))
+            for i, r in enumerate(self.rows):
+                for c in str(r.get(label_column) or "").split(";"):
+                    if c.strip():
+                        self.label_hot[i, index[c.strip()]] = 1
         self.image_processor = image_processor
         self.captions = list(dict.fromkeys(r["caption"] for r in self.rows))
         index = {c: i for i, c in enumerate(self.captions)}
@@ -74,12 +83,17 @@ class ImageTextContrastiveDataset(Dataset):
         image = load_input(r["image_path"], row=r["row"], source=self.json_path)
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         c = int(self.caption_ids[i])
-        return {"pixel_values": pixel_values, "input_ids": self.input_ids[c],
+        item = {"pixel_values": pixel_values, "input_ids": self.input_ids[c],
                 "attention_mask": self.attention_mask[c], "caption_id": c, "index": i}
+        if self.label_hot is not None:
+            item["labels"] = self.label_hot[i]
+        return item
 
 
 def collate_fn(batch):
     out = {k: torch.stack([b[k] for b in batch]) for k in ("pixel_values", "input_ids", "attention_mask")}
     out["caption_id"] = torch.tensor([b["caption_id"] for b in batch])
     out["index"] = torch.tensor([b["index"] for b in batch])
+    if "labels" in batch[0]:
+        out["labels"] = torch.stack([b["labels"] for b in batch])
     return out

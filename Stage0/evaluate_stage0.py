@@ -33,7 +33,13 @@ def parse_args(argv=None):
     p.add_argument("--labels", nargs="+", default=None, help="column names for the table")
     p.add_argument("--reinit_vision_tower", nargs="*", default=[],
                    help="labels of models to evaluate with a random vision tower (a fine-tune's start)")
-    p.add_argument("--test_json", required=True)
+    p.add_argument("--test_json", "--csv_file", dest="test_json", required=True,
+                   help="a JSON or CSV data file (with --label_column: labelled rows, class retrieval metrics)")
+    p.add_argument("--label_column", default=None,
+                   help="class labels per row (';'-separated): evaluate top-1 class retrieval over all classes")
+    p.add_argument("--classes_file", default=None, help="condition,description,icd10: the class prompts' texts")
+    p.add_argument("--split", default=None, help="only the rows whose 'split' column is this")
+    p.add_argument("--image_key", "--img_path_column", dest="image_key", default=None)
     p.add_argument("--image_root", default="")
     p.add_argument("--findings_json", default=None,
                    help='list of {"name", "positive_prompt", "negative_prompt"}; rows need "labels"')
@@ -79,6 +85,59 @@ def evaluate_model(path, args, findings, reinit=False) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def evaluate_classes(path, args) -> dict:
+    """Labelled data (seed 004): each image against every class prompt (one matrix product of
+    image embeddings, computed once, by the class text embeddings); top-1 accuracy, macro
+    precision/recall/F1, R@1/R@5 over all classes, the 1-in-10 distractor test, per-class table.
+    For a multi-label row, a predicted class among its labels is correct."""
+    from image_loader import load_input, read_rows
+    from metrics import class_recall_at_k, classification_metrics, distractor_top1
+    from Stage0.labels import class_text, parse_labels, read_classes
+    model, tokenizer, processor = load_model(path)
+    model.to(args.device).eval()
+    image_key = args.image_key or ("img_path" if str(args.test_json).lower().endswith(".csv") else "image")
+    rows = read_rows(args.test_json, args.image_root, (image_key,), image_key=image_key,
+                     split_column="split" if args.split else None, split=args.split)
+    rows = [r for r in rows if parse_labels(r.get(args.label_column))]
+    classes = read_classes(args.classes_file) if args.classes_file else {}
+    label_sets = [parse_labels(r[args.label_column]) for r in rows]
+    names = sorted(set(classes) | {c for s in label_sets for c in s})
+    index = {c: k for k, c in enumerate(names)}
+    ids, mask = model.text.tokenize(tokenizer, [class_text(c, classes) for c in names],
+                                    text_length(model.text, tokenizer, None))
+    txt = torch.nn.functional.normalize(model.text(ids.to(args.device), mask.to(args.device)).float(), dim=-1)
+    imgs = []
+    for s in range(0, len(rows), args.batch_size):
+        px = torch.cat([processor(images=load_input(r["image_path"], row=r["row"], source=args.test_json),
+                                  return_tensors="pt")["pixel_values"] for r in rows[s:s + args.batch_size]])
+        imgs.append(torch.nn.functional.normalize(model.image(px.to(args.device)).float(), dim=-1))
+    scores = torch.sigmoid(model.logit_scale.exp() * torch.cat(imgs) @ txt.T + model.logit_bias).cpu()
+    true_sets = [{index[c] for c in s} for s in label_sets]
+    pred = scores.argmax(1).tolist()
+    y_true = [p if p in t else index[s[0]] for p, t, s in zip(pred, true_sets, label_sets)]
+    out = classification_metrics(y_true, pred, names)
+    out.update(class_recall_at_k(scores, true_sets, ks=(1, 5)))
+    out["distractor_top1"] = distractor_top1(scores, [index[s[0]] for s in label_sets], n_distractors=9,
+                                             seed=args.seed)
+    out["n_images"], out["n_classes"] = len(rows), len(names)
+    return out
+
+
+def class_table(m: dict) -> str:
+    lines = ["| metric | value | chance |", "|---|---|---|",
+             f"| accuracy (top-1 class) | {m['accuracy']:.4f} | majority class share |",
+             f"| macro precision / recall / F1 | {m['macro_precision']:.4f} / {m['macro_recall']:.4f} / "
+             f"{m['macro_f1']:.4f} | ~1/K |",
+             f"| R@1 / R@5 over {m['n_classes']} classes | {m['R@1']:.4f} / {m['R@5']:.4f} | "
+             f"{1 / m['n_classes']:.3f} / {min(5 / m['n_classes'], 1):.3f} |",
+             f"| 1 correct among {min(9, m['n_classes'] - 1)} random distractors | {m['distractor_top1']:.4f} | "
+             f"{1 / min(10, m['n_classes']):.3f} |",
+             "", "| class | support | recall | F1 |", "|---|---|---|---|"]
+    lines += [f"| {c} | {v['support']} | {v['recall']:.3f} | {v['f1']:.3f} |" for c, v in m["per_class"].items()]
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     names = list(results)
     keys = list(dict.fromkeys(k for r in results.values() for k in r))
@@ -97,6 +156,16 @@ def main(argv=None):
     labels = args.labels or [Path(p).name for p in args.model_path]
     if len(labels) != len(args.model_path):
         raise SystemExit("--labels needs one name per --model_path")
+    if args.label_column:
+        if len(args.model_path) != 1:
+            raise SystemExit("--label_column evaluates one --model_path")
+        m = evaluate_classes(args.model_path[0], args)
+        table = class_table(m)
+        print(table)
+        if args.output_json:
+            Path(args.output_json).write_text(json.dumps(m, indent=2))
+            Path(args.output_json).with_suffix(".md").write_text(table + "\n")
+        return m
     findings = json.loads(Path(args.findings_json).read_text()) if args.findings_json else None
     results = {lab: evaluate_model(p, args, findings, reinit=lab in args.reinit_vision_tower)
                for lab, p in zip(labels, args.model_path)}

@@ -73,3 +73,62 @@ def oversample(train_rows: list[int], label_sets: list[list[str]], min_count: in
             for other in label_sets[r]:
                 counts[other] += 1
     return out
+
+
+# ---------------------------------------------------------------- classes and texts
+
+def read_classes(path) -> dict[str, dict]:
+    """A classes CSV `condition,description,icd10` -> {condition: {"description", "icd10"}}."""
+    import csv
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "condition" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: no 'condition' column (columns: {reader.fieldnames})")
+        return {r["condition"].strip(): {"description": (r.get("description") or "").strip(),
+                                         "icd10": (r.get("icd10") or "").strip()}
+                for r in reader if (r.get("condition") or "").strip()}
+
+
+def class_text(condition: str, classes: dict) -> str:
+    """The text of one class, for training captions and retrieval prompts alike: the seed's
+    description template when the classes file describes it, else its name template."""
+    desc = classes.get(condition, {}).get("description", "")
+    return f"Clinical presentation of {condition}: {desc}" if desc else f"A dermatological image showing {condition}."
+
+
+def row_text(labels: list[str], classes: dict) -> str:
+    return " ".join(class_text(c, classes) for c in labels)
+
+
+def prepare_labelled_csv(path, image_root, image_key, label_column, classes_file, out_csv, *, split_column=None,
+                         fractions=(0.8, 0.1, 0.1), oversample_min: int = 0, seed: int = 0):
+    """The labelled data as a training CSV: absolute image path, caption (the rows' class texts),
+    labels, split. Rows without labels are dropped (counted in the log). Without a split column
+    the rows are split by iterative stratification; rare classes are oversampled in train only.
+    Returns (csv path, class names)."""
+    import csv
+
+    from image_loader import read_rows
+    rows = read_rows(path, image_root, (image_key,), image_key=image_key)
+    labelled = [r for r in rows if parse_labels(r.get(label_column))]
+    if len(labelled) < len(rows):
+        logger.info("%s: %d of %d rows have no %r and are left out", path, len(rows) - len(labelled), len(rows),
+                    label_column)
+    if not labelled:
+        raise ValueError(f"{path}: no row has a label in column {label_column!r}")
+    label_sets = [parse_labels(r[label_column]) for r in labelled]
+    classes = read_classes(classes_file) if classes_file else {}
+    names = sorted(set(classes) | {c for s in label_sets for c in s})
+    if split_column and split_column in labelled[0]:
+        split = [str(r[split_column]).strip() for r in labelled]
+    else:
+        split = stratified_split(label_sets, fractions, seed=seed)
+    train = [i for i, s in enumerate(split) if s == "train"]
+    order = oversample(train, label_sets, oversample_min, seed=seed) if oversample_min else train
+    order += [i for i, s in enumerate(split) if s != "train"]
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["img_path", "caption", "labels", "split"])
+        for i in order:
+            w.writerow([labelled[i]["image_path"], row_text(label_sets[i], classes), ";".join(label_sets[i]), split[i]])
+    return out_csv, names, classes

@@ -88,6 +88,23 @@ def parse_args(argv=None):
     g.add_argument("--val_data_dir", default=None, help="legacy directory mode: validation volumes")
     g.add_argument("--text_reports_path", default=None,
                    help='legacy directory mode: JSON {"<volume file stem>": "report text"}')
+    g.add_argument("--label_column", default=None,
+                   help="labelled data (seed 004): one or several class labels per row, ';'-separated; the "
+                        "texts become the classes' texts and the label-aware losses apply")
+    g.add_argument("--classes_file", default=None, help="a CSV condition,description,icd10 for --label_column")
+    g.add_argument("--stratified_split", default="0.8,0.1,0.1",
+                   help="train,val,test fractions of the multi-label stratified split (data without a split column)")
+    g.add_argument("--oversample_min", type=int, default=30,
+                   help="repeat rows of classes with fewer training rows than this (train only; 0: off)")
+    g.add_argument("--loss", default="multi_positive",
+                   help="with --label_column: a comma list of sigmoid, weighted, multi_positive, icd, wasserstein, "
+                        "hard_negative: (1-a) L_sigmoid + a L_icd + b L_wasserstein + g L_hard_negative")
+    g.add_argument("--pos_weight", type=float, default=1.0, help="weighted: the positive pairs' weight")
+    g.add_argument("--alpha", type=float, default=0.3, help="icd: its final weight a (capped at 0.9)")
+    g.add_argument("--beta", type=float, default=0.1, help="wasserstein: its final weight b")
+    g.add_argument("--gamma", type=float, default=0.1, help="hard_negative: its final weight g")
+    g.add_argument("--ramp_steps", default="0,1000,2000,2500",
+                   help="steps s0,s1,s2,s3: a ramps over s0..s1, then b over s1..s2, then g over s2..s3")
     g.add_argument("--train_split", default="train")
     g.add_argument("--val_split", default="val")
     g.add_argument("--max_text_length", type=int, default=None,
@@ -185,6 +202,25 @@ def main(argv=None):
                    target_modules=args.lora_target_modules)
         args.freeze_text_encoder = False  # the text adapters train: the text is embedded every step
     max_len = text_length(model.text, tokenizer, args.max_text_length)
+    objective = class_prompts = None
+    label_kw = {}
+    if args.label_column:
+        from losses import LabelAwareObjective
+        from Stage0.labels import class_text, prepare_labelled_csv
+        image_key = args.image_key or ("img_path" if str(args.train_json).lower().endswith(".csv") else "image")
+        out_csv, class_names, classes = prepare_labelled_csv(
+            args.train_json, args.image_root, image_key, args.label_column, args.classes_file,
+            Path(args.output_dir) / "labelled_data.csv", split_column=args.split_column or "split",
+            fractions=tuple(float(v) for v in args.stratified_split.split(",")), oversample_min=args.oversample_min,
+            seed=args.seed)
+        args.train_json, args.image_key, args.caption_key, args.split_column = str(out_csv), "img_path", "caption", "split"
+        args.image_root = ""
+        objective = LabelAwareObjective(
+            [v.strip() for v in args.loss.split(",") if v.strip()], pos_weight=args.pos_weight, alpha=args.alpha,
+            beta=args.beta, gamma=args.gamma, ramp_steps=[int(v) for v in args.ramp_steps.split(",")],
+            class_codes=[classes.get(c, {}).get("icd10") or "" for c in class_names])
+        class_prompts = model.text.tokenize(tokenizer, [class_text(c, classes) for c in class_names], max_len)
+        label_kw = {"label_column": "labels", "class_names": class_names}
     split_column = args.split_column
     if split_column is None and str(args.train_json).lower().endswith(".csv"):
         import csv
@@ -192,7 +228,7 @@ def main(argv=None):
             split_column = "split" if "split" in (csv.DictReader(f).fieldnames or []) else None
     kw = dict(image_root=args.image_root, image_processor=image_processor, tokenizer=tokenizer,
               max_length=max_len, image_key=args.image_key, caption_key=args.caption_key,
-              tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n))
+              tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n), **label_kw)
     train_ds = ImageTextContrastiveDataset(args.train_json, split_column=split_column,
                                            split=args.train_split if split_column else None, **kw)
     if args.val_json:
@@ -204,7 +240,8 @@ def main(argv=None):
         val_ds = None
     logger.info("train: %d pairs (%d distinct captions)%s; text length %d", len(train_ds),
                 len(train_ds.captions), f", val: {len(val_ds)}" if val_ds else "", max_len)
-    trainer = VisionEncoderTrainerStage0(args, accelerator, model, tokenizer, image_processor, train_ds, val_ds)
+    trainer = VisionEncoderTrainerStage0(args, accelerator, model, tokenizer, image_processor, train_ds, val_ds,
+                                         objective=objective, class_prompts=class_prompts)
     trainer.train()
     return trainer
 

@@ -111,7 +111,10 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
 
 
 class VisionEncoderTrainerStage0:
-    def __init__(self, args, accelerator, model, tokenizer, image_processor, train_dataset, val_dataset=None):
+    def __init__(self, args, accelerator, model, tokenizer, image_processor, train_dataset, val_dataset=None,
+                 objective=None, class_prompts=None):
+        """objective: a losses.LabelAwareObjective for labelled data (class_prompts: the class
+        texts' token ids and mask, for its ICD term); default: the SigLIP loss on captions."""
         self.args, self.accelerator = args, accelerator
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
@@ -161,6 +164,10 @@ class VisionEncoderTrainerStage0:
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
         self.text_cache = None
+        self.objective = objective
+        if objective is not None:
+            self.freeze_text = False  # the label-aware terms embed the texts every step
+            self.class_prompts = tuple(t.to(accelerator.device) for t in class_prompts)
         if self.freeze_text:
             t0 = time.time()
             self.text_cache = embed_captions(unwrap(accelerator, self.encoder), train_dataset.input_ids,
@@ -208,6 +215,24 @@ class VisionEncoderTrainerStage0:
             total += loss.detach()
         return total
 
+    def _step_label_aware(self, window, step) -> torch.Tensor:
+        """The labelled recipe: text through the tower every step (its adapters or weights train),
+        the LabelAwareObjective on each micro-batch; its terms and coefficients are logged."""
+        total, terms = 0.0, {}
+        for b in self.stepper.micro_batches(window):
+            with self.accelerator.autocast():
+                img, txt, scale, bias = self.encoder(b["pixel_values"], b["input_ids"], b["attention_mask"])
+                classes = None
+                if self.objective.alpha:  # class prompts through the text tower, for the ICD geometry
+                    classes = self.encoder(input_ids=self.class_prompts[0], attention_mask=self.class_prompts[1])[1]
+            loss, terms = self.objective(img, txt, scale, bias, b["labels"], step, class_embeddings=classes)
+            loss = loss / len(window)
+            self.stepper.backward(loss)
+            total += loss.detach()
+        if self.args.logging_steps and (step + 1) % self.args.logging_steps == 0:
+            log_metrics(self.accelerator, {f"train/{k}": v for k, v in terms.items()}, step + 1)
+        return total
+
     def _step_trained_text(self, window) -> torch.Tensor:
         total = 0.0
         for b in self.stepper.micro_batches(window):
@@ -237,8 +262,10 @@ class VisionEncoderTrainerStage0:
             for window in accumulation_windows(epoch_batches(acc, self.train_dl, epoch, skip), k):
                 if step >= self.total_steps:
                     break
-                step_fn = self._step_frozen_text if self.freeze_text else self._step_trained_text
-                loss = step_fn(window)
+                if self.objective is not None:
+                    loss = self._step_label_aware(window, step)
+                else:
+                    loss = (self._step_frozen_text if self.freeze_text else self._step_trained_text)(window)
                 grad_norm, _ = self.stepper.finish(step)
                 self.scheduler.step()
                 step += 1

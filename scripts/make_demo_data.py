@@ -619,10 +619,11 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--test_fraction", type=float, default=0.1)
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--recipe", choices=["cxr", "knee", "ct"], default="cxr",
+    p.add_argument("--recipe", choices=["cxr", "knee", "ct", "derm"], default="cxr",
                    help="knee: knee radiograph phantoms by Kellgren-Lawrence grade in seed 003's CSV layout "
                         "(scripts/make_knee_demo.py); ct: chest CT phantom volumes as NPZ in seed 002's layout "
-                        "(scripts/make_ct_demo.py; --image_size sets H = W, depth is half of it)")
+                        "(scripts/make_ct_demo.py; --image_size sets H = W, depth is half of it); derm: long-tailed "
+                        "skin-lesion phantoms with classes.csv (scripts/make_derm_demo.py)")
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("--num_images must be at least 1")
@@ -636,6 +637,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    if args.recipe == "derm":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_derm_demo import make_derm_demo
+        return make_derm_demo(args.out_dir, num_images=args.num_images, image_size=args.image_size, seed=args.seed)
     if args.recipe == "ct":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from make_ct_demo import make_ct_demo
