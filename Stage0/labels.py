@@ -124,6 +124,11 @@ def prepare_labelled_csv(path, image_root, image_key, label_column, classes_file
     else:
         split = stratified_split(label_sets, fractions, seed=seed)
     train = [i for i, s in enumerate(split) if s == "train"]
+    leaked = {labelled[i]["image_path"] for i in train} & {labelled[i]["image_path"]
+                                                          for i, s in enumerate(split) if s == "test"}
+    if leaked:
+        raise ValueError(f"{path}: {len(leaked)} images are in both train and test (e.g. {sorted(leaked)[0]}); "
+                         "a test image must never be trained on")
     order = oversample(train, label_sets, oversample_min, seed=seed) if oversample_min else train
     order += [i for i, s in enumerate(split) if s != "train"]
     with open(out_csv, "w", newline="") as f:

@@ -229,8 +229,7 @@ class VisionEncoderTrainerStage0:
             loss = loss / len(window)
             self.stepper.backward(loss)
             total += loss.detach()
-        if self.args.logging_steps and (step + 1) % self.args.logging_steps == 0:
-            log_metrics(self.accelerator, {f"train/{k}": v for k, v in terms.items()}, step + 1)
+        log_metrics(self.accelerator, {f"train/{k}": v for k, v in terms.items()}, step + 1)  # every step
         return total
 
     def _step_trained_text(self, window) -> torch.Tensor:

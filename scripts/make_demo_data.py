@@ -602,7 +602,8 @@ list image, report-style caption ("FINDINGS: ... IMPRESSION: ...") and 0/1 label
 stage2_*.json holds VQA triplets (image, problem = question, normal_caption = answer,
 question_type closed/location/open, finding); demo.csv has one row per image with its absolute
 img_path, the findings and impression text, split, one 0/1 column per finding, the ICD-10
-codes and the relative image path; findings.json lists the findings with ICD-10 codes and
+codes, the relative image path and `labels` (the findings present, ';'-separated; with classes.csv
+the labelled recipe's example); findings.json lists the findings with ICD-10 codes and
 zero-shot prompts; pretrain_train.json (train images only) adds a single-finding statement per
 image to the captions, the corpus the quickstart's stand-in for a pretrained SigLIP learns
 from. Paths in the JSON files are relative to this folder, so pass it as
@@ -689,7 +690,8 @@ def main(argv=None) -> Path:
             "labels": labels, "id": spec["id"], "icd10": codes, "details": spec["details"]})
         per_split[split]["stage2"].extend(qa)
         csv_rows.append([str(abs_dir / rel), findings_text, impression, split,
-                         *[labels[n] for n in FINDING_NAMES], ";".join(codes), rel])
+                         *[labels[n] for n in FINDING_NAMES], ";".join(codes), rel,
+                         ";".join(n for n in FINDING_NAMES if labels[n])])
 
     # The quickstart trains its small SigLIP from scratch as a stand-in for a pretrained one.
     # A real pretrained text tower has seen short phrases as well as reports; one trained on
@@ -710,8 +712,14 @@ def main(argv=None) -> Path:
     with open(out_dir / "demo.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["img_path", "findings", "impression", "split", *FINDING_NAMES,
-                         "icd10", "image"])
+                         "icd10", "image", "labels"])
         writer.writerows(csv_rows)
+    # The labelled recipe's example (seed 004's layout): demo.csv's `labels` column (the findings
+    # present, ';'-separated) with these classes and their ICD-10 codes.
+    with open(out_dir / "classes.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["condition", "description", "icd10"])
+        writer.writerows([f["name"], f["display"].lower(), f["icd10"]] for f in FINDINGS)
     _write_json(out_dir / "findings.json", FINDINGS)
     (out_dir / "README.txt").write_text(_README.format(seed=args.seed), encoding="utf-8")
 

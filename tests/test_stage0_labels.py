@@ -91,3 +91,30 @@ def test_derm_launcher_runs_the_seed(tmp_path):
     args = parse_args(_launch_argv("scripts/run_derm_lora.sh", tmp_path))
     assert args.label_column == "labels" and args.lora_r == 16 and args.ramp_steps == "0,1000,2000,2500"
     assert args.loss == "multi_positive,icd,wasserstein,hard_negative" and args.oversample_min == 30
+
+
+def test_cxr_demo_findings_are_a_labelled_example(demo_dir, tmp_path):
+    """The CXR demo's multi-label findings with their ICD-10 codes feed the labelled recipe."""
+    from Stage0.labels import prepare_labelled_csv
+    out, names, classes = prepare_labelled_csv(demo_dir / "demo.csv", "", "img_path", "labels",
+                                               demo_dir / "classes.csv", tmp_path / "cxr.csv", oversample_min=0)
+    assert names == sorted(["cardiomegaly", "pleural_effusion", "consolidation", "nodule", "pneumothorax"])
+    assert classes["pleural_effusion"]["icd10"] == "J90"
+    rows = list(csv.DictReader(open(out)))
+    assert any(";" in r["labels"] for r in rows)  # multi-label rows
+    assert all(r["split"] in ("train", "val", "test") for r in rows)
+
+
+def test_an_image_in_both_train_and_test_is_refused(derm, tmp_path):
+    from Stage0.labels import prepare_labelled_csv
+    rows = list(csv.DictReader(open(derm["csv"])))[:30]
+    for r, s in zip(rows, ["train", "test"] * 15):
+        r["split"] = s
+    rows[1]["img_path"] = rows[0]["img_path"]
+    bad = tmp_path / "leak.csv"
+    with bad.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(ValueError, match="both train and test"):
+        prepare_labelled_csv(bad, derm["csv"].parent, "img_path", "labels", derm["classes"], tmp_path / "o.csv")
