@@ -43,6 +43,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="after the warmup; one_cycle: torch's OneCycleLR (cosine up over the warmup, then down)")
     g.add_argument("--max_steps", type=int, default=None,
                    help="stop after this many optimizer steps (default: all epochs)")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="Stage1/Stage2: batch samples of similar token length together (less padding)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--report_to", choices=["wandb", "tensorboard", "none"], default="wandb",
                    help="falls back to tensorboard, then none, if the tracker cannot start")
@@ -297,6 +299,39 @@ class EvalShard:
 
     def __len__(self):
         return len(self.loader)
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffled order in which each batch holds samples of similar length (less padding): a
+    permutation by (seed, epoch) is cut into mega-batches of `group` batches, each sorted by
+    length, cut into batches, and the batches are shuffled. Every sample once per epoch, the
+    same order for the same seed and epoch (so a resumed run sees the same batches);
+    `set_epoch` is called by the loop through accelerate."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, group: int = 50):
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        mega = self.batch_size * self.group
+        ordered = []
+        for s in range(0, len(perm), mega):
+            ordered += sorted(perm[s:s + mega], key=lambda i: -self.lengths[i])
+        # Mega-batches are whole batches, so only the last one can be short; it goes last, or
+        # the DataLoader's cuts would fall mid-group for every batch after it.
+        tail = len(ordered) % self.batch_size
+        full = [ordered[s:s + self.batch_size] for s in range(0, len(ordered) - tail, self.batch_size)]
+        for b in torch.randperm(len(full), generator=g).tolist():
+            yield from full[b]
+        yield from ordered[len(ordered) - tail:]
 
 
 def accumulation_windows(batches, k: int):

@@ -40,6 +40,10 @@ class ImageCaptionDataset(Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def lengths(self) -> list[int]:
+        """Each sample's token count (image tokens, instruction, caption), for length grouping."""
+        return [len(self.prompt_ids) + len(self.caption_ids(r["caption"])) for r in self.rows]
+
     def caption_ids(self, caption: str) -> list[int]:
         ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
         return ids[: self.max_caption_len - 1] + [self.tokenizer.eos_token_id]

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch Stage1/...):
 import torch
 from torch.utils.data import DataLoader
 
-from accelerator_setup import add_common_args, setup_accelerator_and_logging
+from accelerator_setup import LengthGroupedSampler, add_common_args, setup_accelerator_and_logging
 from projectors import build_vlm
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.projector_trainer import ProjectionTrainerStage1
@@ -66,9 +66,12 @@ def make_loader(json_path, args, model, tokenizer, image_processor, *, shuffle):
                              num_image_tokens=model.config.image_seq_length,
                              max_caption_len=args.max_caption_len, instruction=args.instruction)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
-                      collate_fn=CaptionCollator(pad), pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.num_workers > 0)
+    sampler = None
+    if shuffle and args.group_by_length:
+        sampler = LengthGroupedSampler(ds.lengths(), args.batch_size, seed=args.seed)
+    return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=args.num_workers, collate_fn=CaptionCollator(pad),
+                      pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
 
 
 def main(argv=None):

@@ -106,6 +106,11 @@ class VQADataset(Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def lengths(self) -> list[int]:
+        """Each sample's token count (prompt and answer), for length-grouped batching."""
+        return [len(build_example(self.tokenizer, self.config, r[QUESTION_KEY], r.get(ANSWER_KEY, ""),
+                                  max_q_len=self.max_q_len, max_a_len=self.max_a_len)[0]) for r in self.rows]
+
     def pixel_values(self, idx) -> torch.Tensor:
         row = self.rows[idx]
         image = load_image(row["image_path"], row=row["row"], source=self.source)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch Stage2/...):
 import torch
 from torch.utils.data import DataLoader
 
-from accelerator_setup import add_common_args, setup_accelerator_and_logging
+from accelerator_setup import LengthGroupedSampler, add_common_args, setup_accelerator_and_logging
 from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, VQADataset, pad_token_id
 from Stage2.trainer import VQATrainerStage2
@@ -154,9 +154,12 @@ def load_stage1_projector(model, path, args) -> None:
 def make_loader(json_path, args, model, tokenizer, image_processor, *, shuffle):
     ds = VQADataset(json_path, args.image_root, tokenizer, image_processor, model.config,
                     max_q_len=args.max_q_len, max_a_len=args.max_a_len)
-    return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
-                      collate_fn=VQACollator(pad_token_id(tokenizer)), pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.num_workers > 0)
+    sampler = None
+    if shuffle and args.group_by_length:
+        sampler = LengthGroupedSampler(ds.lengths(), args.batch_size, seed=args.seed)
+    return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=args.num_workers, collate_fn=VQACollator(pad_token_id(tokenizer)),
+                      pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
 
 
 def main(argv=None):

@@ -63,3 +63,22 @@ def test_tracker_that_fails_to_start_falls_back(tmp_path, monkeypatch):
     assert any("could not start tensorboard" in str(x.message) for x in w)
     acc_setup.log_metrics(acc, {"loss": 1.5}, step=3)  # still logs to metrics.jsonl
     assert '"loss": 1.5' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_length_grouped_sampler_keeps_every_sample_once_and_is_deterministic():
+    from accelerator_setup import LengthGroupedSampler
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 500, (1003,), generator=g).tolist()
+    s = LengthGroupedSampler(lengths, batch_size=8, seed=3, group=10)
+    s.set_epoch(0)
+    e0 = list(s)
+    assert sorted(e0) == list(range(1003))
+    assert e0 == list(LengthGroupedSampler(lengths, batch_size=8, seed=3, group=10))  # same seed and epoch
+    s.set_epoch(1)
+    assert list(s) != e0 and sorted(s) == list(range(1003))
+
+    def spread(order):  # mean (max - min) length inside the batches of 8
+        batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+        return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
+    random_order = torch.randperm(1003, generator=g).tolist()
+    assert spread(e0) < spread(random_order) / 5

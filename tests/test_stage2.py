@@ -393,6 +393,20 @@ def test_resume_matches_uninterrupted_run(s2, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_length_grouped_batches_resume_exactly(s2, tmp_path):
+    """--group_by_length: batches of similar length, and the order is a function of (seed,
+    epoch), so a resumed run ends with the uninterrupted run's weights."""
+    common = ("--lr_scheduler", "constant", "--warmup_steps", "0", "--no-save_every_epoch", "--group_by_length",
+              "--batch_size", "4")
+    full = main(_argv(s2, tmp_path / "full", *common, val=None))
+    main(_argv(s2, tmp_path / "cut", *common, "--max_steps", "15", "--checkpointing_steps", "5", val=None))
+    resumed = main(_argv(s2, tmp_path / "cut", *common, "--resume_from_checkpoint", "latest", val=None))
+    assert resumed.results["step"] == full.results["step"] == 24
+    a, b = full.vlm.state_dict(), resumed.vlm.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 def test_stage1_handoff_accepts_both_folders_and_names_mismatches(s2, tmp_path):
     stage1 = s2["stage1"]
     args = parse_args(_argv(s2, tmp_path / "x"))
