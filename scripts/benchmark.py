@@ -5,7 +5,8 @@ any machine; absolute times are only meaningful on the GPU they were taken on.
 
     python scripts/benchmark.py                 # CPU-sized shapes (a few minutes on 2 cores)
     python scripts/benchmark.py --device cuda   # larger shapes, bf16 autocast
-    python scripts/benchmark.py --output_json runs/benchmark.json
+    python scripts/benchmark.py --output_json runs/benchmark.json --output_md runs/benchmark.md
+    python scripts/benchmark.py --quick         # one repeat each: a smoke run
 
 Rows:
   lm_loss      LM loss with logits only at supervised positions vs logits at every position
@@ -171,29 +172,53 @@ def bench_tokenize(args):
             "samples_per_s": n / t_new, "shape": f"per Stage2 sample, {which}"}
 
 
+def environment(args) -> dict:
+    import platform
+
+    import transformers
+    return {"device": (f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+                       if args.device == "cpu" else torch.cuda.get_device_name()),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "dtype": "float32" if args.device == "cpu" else "bfloat16 autocast",
+            "attention": "sdpa", "compile": False, "quick": bool(args.quick)}
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    head = (f"device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}; "
+            f"{env['dtype']}; attention {env['attention']}; compile {'on' if env['compile'] else 'off'}")
+    lines = [head, "", "| benchmark | shape | plain | ours | ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "speedup" in r:
+            lines.append(f"| {r['row']} | {r['shape']} | {r['baseline_s']*1e3:.1f} ms | {r['ours_s']*1e3:.1f} ms "
+                         f"| {r['speedup']:.1f}x faster |")
+        else:
+            lines.append(f"| {r['row']} | {r['shape']} | {r['baseline_MiB']:.0f} MiB | {r['ours_MiB']:.0f} MiB "
+                         f"| {r['reduction']:.1f}x less |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="one repeat each (CI's smoke run; CPU shapes on CPU)")
     p.add_argument("--only", nargs="*", default=["lm_loss", "siglip_mem", "text_cache", "tokenize"])
-    p.add_argument("--output_json", default=None)
+    p.add_argument("--output_json", default=None, help="rows and the environment as JSON")
+    p.add_argument("--output_md", default=None, help="the table as Markdown")
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
     torch.manual_seed(0)
     benches = {"lm_loss": bench_lm_loss, "siglip_mem": bench_siglip_memory, "text_cache": bench_text_cache,
                "tokenize": bench_tokenize}
     rows = [benches[name](args) for name in args.only]
-    print(f"device: {args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu"
-          else f"device: {torch.cuda.get_device_name()}")
-    print("| benchmark | shape | plain | ours | ratio |\n|---|---|---|---|---|")
-    for r in rows:
-        if "speedup" in r:
-            print(f"| {r['row']} | {r['shape']} | {r['baseline_s']*1e3:.1f} ms | {r['ours_s']*1e3:.1f} ms "
-                  f"| {r['speedup']:.1f}x faster |")
-        else:
-            print(f"| {r['row']} | {r['shape']} | {r['baseline_MiB']:.0f} MiB | {r['ours_MiB']:.0f} MiB "
-                  f"| {r['reduction']:.1f}x less |")
+    env = environment(args)
+    table = markdown(env, rows)
+    print(table)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"device": args.device, "rows": rows}, indent=2))
+        Path(args.output_json).write_text(json.dumps({**env, "rows": rows}, indent=2))
+    if args.output_md:
+        Path(args.output_md).write_text(table + "\n")
     return rows
 
 
