@@ -57,6 +57,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="keep the newest N resume checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a path to OUTPUT_DIR/checkpoints/step_N")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an output folder that holds another run (its checkpoints are deleted)")
     return p
 
 
@@ -137,8 +139,12 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=logging.INFO if accelerator.is_main_process
                         else logging.ERROR, force=True)
+    check_output_dir(args)  # before args.json is rewritten, on every process alike
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     if tracker is not None:
         init_kwargs = {"wandb": {"name": args.run_name}} if tracker == "wandb" else {}
@@ -154,6 +160,51 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
     logger.info("device=%s processes=%d mixed_precision=%s", accelerator.device,
                 accelerator.num_processes, accelerator.mixed_precision)
     return accelerator
+
+
+# What a resumed run must share with the run that wrote the checkpoints: the model, the data
+# and the optimiser. A longer --num_epochs / --max_steps is honoured (the run continues to the
+# new target); logging, workers and the like may change too.
+_RUN_DEFINING = ("model_name", "image_model_name", "text_model_name", "text_model_path", "image_model_path",
+                 "vision_model_name", "llm_name", "stage1_projector_path", "train_json", "val_json",
+                 "label_column", "learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps",
+                 "lr_scheduler", "seed", "lora_r", "freeze_text_encoder",
+                 "freeze_image_backbone", "unfreeze_llm", "unfreeze_projection_layer", "train_ve_first_epoch")
+
+
+def check_output_dir(args) -> None:
+    """An output folder holding another run is never reused silently: a fresh run (no
+    --resume_from_checkpoint) into a folder with checkpoints or a final model refuses to start,
+    as does a `latest` resume whose model, data or schedule differ from the saved run's, each
+    naming what differs; --overwrite_output_dir starts over."""
+    out = Path(args.output_dir)
+    if getattr(args, "overwrite_output_dir", False) or not out.is_dir():
+        return
+    has_run = bool(list_checkpoints(out)) or (out / "final_model").is_dir()
+    if not has_run:
+        return
+    fix = "pass --overwrite_output_dir to start over there, or choose another --output_dir"
+    if not args.resume_from_checkpoint:
+        raise SystemExit(f"error: {out} holds another run's checkpoints or final_model/; a fresh run there would "
+                         f"mix with them (rotation would delete its own newest checkpoints). {fix}; or resume it "
+                         "with --resume_from_checkpoint latest.")
+    saved = out / "args.json"
+    if args.resume_from_checkpoint == "latest" and saved.is_file() and list_checkpoints(out):
+        before = json.loads(saved.read_text())
+        now = json.loads(json.dumps(vars(args), default=str))
+        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in _RUN_DEFINING
+                   if k in now and k in before and before[k] != now[k]]
+        if changed:
+            raise SystemExit(f"error: --resume_from_checkpoint latest would continue the run in {out}, but this run "
+                             f"differs from it: {'; '.join(changed)}. {fix}.")
+
+
+def warn_if_nothing_to_train(step: int, total_steps: int, output_dir) -> None:
+    """A resumed run that is already complete trains 0 steps: say so rather than pass silently."""
+    if step >= total_steps:
+        logger.warning("the run in %s already reached step %d of %d: nothing to train. Raise --num_epochs or "
+                       "--max_steps to continue it, or pass --overwrite_output_dir to start over.",
+                       output_dir, step, total_steps)
 
 
 def log_metrics(accelerator: Accelerator, metrics: dict, step: int) -> None:

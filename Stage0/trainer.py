@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from accelerator_setup import (OptimizerStep, StepLogger, accumulation_windows, count_parameters,
                                epoch_batches, load_checkpoint, log_metrics, make_scheduler,
-                               resolve_resume, save_checkpoint, steps_per_epoch, unwrap)
+                               resolve_resume, save_checkpoint, steps_per_epoch, unwrap,
+                               warn_if_nothing_to_train)
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
 from metrics import image_text_retrieval
 from Stage0.dataset import collate_fn
@@ -252,6 +253,7 @@ class VisionEncoderTrainerStage0:
             state = load_checkpoint(acc, resume)
             step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
         k = args.gradient_accumulation_steps
+        warn_if_nothing_to_train(step, self.total_steps, args.output_dir)
         self._set_modes()
         if self.val_dataset is not None and step == 0:
             self.validate(0, 0)  # the untrained model's numbers, for comparison (step 0 in metrics.jsonl)

@@ -24,6 +24,7 @@ from accelerator_setup import (
     resolve_resume,
     save_checkpoint,
     steps_per_epoch,
+    warn_if_nothing_to_train,
 )
 from projectors import lm_loss_on_supervised, projector_of, save_vlm
 
@@ -83,6 +84,7 @@ class ProjectionTrainerStage1:
         resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
         if resume is not None:
             state = load_checkpoint(acc, resume)
+        warn_if_nothing_to_train(state["step"], self.total_steps, args.output_dir)
         step = state["step"]
         if self.val_loader is not None and step == 0:
             self.results["val_loss_before"] = self.evaluate(step)

@@ -1,4 +1,5 @@
 import argparse
+import json
 import warnings
 
 import pytest
@@ -82,3 +83,26 @@ def test_length_grouped_sampler_keeps_every_sample_once_and_is_deterministic():
         return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
     random_order = torch.randperm(1003, generator=g).tolist()
     assert spread(e0) < spread(random_order) / 5
+
+
+def test_an_output_folder_holding_another_run_is_never_reused_silently(tiny_siglip, demo_dir, tmp_path, capsys):
+    """A fresh run into a folder with another run's checkpoints refuses (rotation used to delete
+    the new run's checkpoints and keep the old ones); `latest` with another learning rate is
+    refused naming it; --overwrite_output_dir starts over; a finished run says it has nothing
+    to train."""
+    from Stage0.train_vision_encoder_stage0 import main
+    base = ["--model_name", str(tiny_siglip), "--train_json", str(demo_dir / "stage0_train.json"), "--image_root",
+            str(demo_dir), "--output_dir", str(tmp_path), "--batch_size", "16", "--num_workers", "0",
+            "--report_to", "none", "--no-save_epoch_models", "--max_steps", "2", "--checkpointing_steps", "1"]
+    main(base)
+    old = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(SystemExit, match="holds another run"):
+        main(base)
+    with pytest.raises(SystemExit, match=r"learning_rate: 1e-05 -> 0\.001"):
+        main(base + ["--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"])
+    assert json.loads((tmp_path / "args.json").read_text())["learning_rate"] == 1e-5  # the record stays true
+    capsys.readouterr()
+    main(base + ["--resume_from_checkpoint", "latest"])
+    assert "nothing to train" in capsys.readouterr().err
+    main(base + ["--overwrite_output_dir", "--max_steps", "1"])
+    assert old == ["step_1", "step_2"] and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_1"]
