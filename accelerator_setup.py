@@ -307,6 +307,27 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     return state
 
 
+def resume_from(accelerator: Accelerator, output_dir, resume_from_checkpoint) -> dict | None:
+    """Load the checkpoint to resume from; return its trainer state, or None to start fresh.
+    With 'latest', a damaged newest checkpoint (a missing or truncated file) is passed over,
+    with a warning naming it, for the newest one that loads; a path given explicitly must load."""
+    if resume_from_checkpoint != "latest":
+        path = resolve_resume(output_dir, resume_from_checkpoint)
+        return load_checkpoint(accelerator, path) if path is not None else None
+    candidates = list_checkpoints(output_dir)[::-1]
+    for path in candidates:
+        try:
+            return load_checkpoint(accelerator, path)
+        except Exception as e:  # a crash mid-save on another filesystem, a disk error, a deleted file
+            logger.warning("checkpoint %s is damaged (%s: %s); falling back to the one before it", path,
+                           type(e).__name__, str(e).splitlines()[0][:200])
+    if candidates:
+        raise SystemExit(f"error: none of the {len(candidates)} checkpoints under {Path(output_dir) / CHECKPOINT_DIR} "
+                         "loads (see the warnings above); pass --overwrite_output_dir to start over")
+    logger.info("no checkpoint under %s/%s; starting fresh", output_dir, CHECKPOINT_DIR)
+    return None
+
+
 def unwrap(accelerator: Accelerator, model):
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from accelerator_setup import (OptimizerStep, StepLogger, accumulation_windows, count_parameters,
-                               epoch_batches, load_checkpoint, log_metrics, make_scheduler,
-                               resolve_resume, save_checkpoint, steps_per_epoch, unwrap,
+                               epoch_batches, log_metrics, make_scheduler,
+                               resume_from, save_checkpoint, steps_per_epoch, unwrap,
                                warn_if_nothing_to_train)
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
 from metrics import image_text_retrieval
@@ -248,9 +248,8 @@ class VisionEncoderTrainerStage0:
     def train(self):
         args, acc = self.args, self.accelerator
         step, start_epoch, skip = 0, 0, 0
-        resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-        if resume is not None:
-            state = load_checkpoint(acc, resume)
+        state = resume_from(acc, args.output_dir, args.resume_from_checkpoint)
+        if state is not None:
             step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
         k = args.gradient_accumulation_steps
         warn_if_nothing_to_train(step, self.total_steps, args.output_dir)

@@ -26,10 +26,9 @@ from accelerator_setup import (
     accumulation_windows,
     count_parameters,
     epoch_batches,
-    load_checkpoint,
     log_metrics,
     make_scheduler,
-    resolve_resume,
+    resume_from,
     save_checkpoint,
     steps_per_epoch,
     warn_if_nothing_to_train,
@@ -275,9 +274,7 @@ class VQATrainerStage2:
     def train(self):
         args, acc = self.args, self.accelerator
         state = {"step": 0, "epoch": 0, "batches_done": 0}
-        resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-        if resume is not None:
-            state = load_checkpoint(acc, resume)
+        state = resume_from(acc, args.output_dir, args.resume_from_checkpoint) or state
         warn_if_nothing_to_train(state["step"], self.total_steps, args.output_dir)
         step = state["step"]
         if self.val_loader is not None and step == 0:

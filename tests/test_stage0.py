@@ -289,3 +289,24 @@ def test_lora_trains_only_adapters_on_both_towers_and_merges_exactly(tiny_siglip
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(merged.get_text_features(input_ids=ds.input_ids[:4]).pooler_output,
                                    model.text(ds.input_ids[:4], ds.attention_mask[:4]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["missing model.safetensors", "truncated optimizer.bin"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, tiny_siglip, demo_dir, tmp_path, capsys):
+    """`latest` passes over a damaged newest checkpoint, with a warning naming it, and resumes
+    from the previous one: the run still ends with the uninterrupted run's weights."""
+    train = demo_dir / "stage0_train.json"
+    common = dict(batch_size=16, seed=5, lr_scheduler="constant", warmup_steps=0)
+    main(_args(tiny_siglip, tmp_path / "full", train, max_steps=4, **common))
+    main(_args(tiny_siglip, tmp_path / "cut", train, max_steps=3, checkpointing_steps=1, **common))
+    newest = tmp_path / "cut" / "checkpoints" / "step_3"
+    if damage.startswith("missing"):
+        (newest / "model.safetensors").unlink()
+    else:
+        data = (newest / "optimizer.bin").read_bytes()
+        (newest / "optimizer.bin").write_bytes(data[: len(data) // 3])
+    capsys.readouterr()
+    main(_args(tiny_siglip, tmp_path / "cut", train, max_steps=4, resume_from_checkpoint="latest", **common))
+    err = capsys.readouterr().err
+    assert "step_3 is damaged" in err and "resumed from" in err and "step_2" in err
+    _assert_same_weights(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"), atol=0)
