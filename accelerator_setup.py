@@ -423,7 +423,7 @@ class NonFiniteGuard:
     `patience` such steps in a row (the run has diverged)."""
 
     def __init__(self, patience: int = 10):
-        self.patience, self.bad, self.total = patience, 0, 0
+        self.patience, self.bad = patience, 0
 
     def ok(self, value, step: int, skipped_by: str = "skipping the update") -> bool:
         value = torch.as_tensor(value, dtype=torch.float32)
@@ -431,7 +431,6 @@ class NonFiniteGuard:
             self.bad = 0
             return True
         self.bad += 1
-        self.total += 1
         logger.warning("step %d: non-finite gradient norm (%s); %s (%d in a row)",
                        step, value.item() if value.numel() == 1 else "tensor", skipped_by, self.bad)
         if self.bad >= self.patience:
@@ -471,14 +470,11 @@ class OptimizerStep:
         self.max_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
         self.guard = NonFiniteGuard(patience)
         self.steps_taken = 0  # optimizer updates actually applied (skipped ones excluded)
+        from accelerate.utils import DistributedType
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def set_params(self, params) -> None:
         self.params = list(params)
-
-    @property
-    def deepspeed(self) -> bool:
-        from accelerate.utils import DistributedType
-        return self.acc.distributed_type == DistributedType.DEEPSPEED
 
     def micro_batches(self, window):
         """Yield the window's micro-batches, each inside the right gradient-sync context."""

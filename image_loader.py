@@ -270,6 +270,16 @@ def read_json_rows(json_path, image_root, keys, *, image_key="image") -> list[di
     return out
 
 
+def csv_columns(path) -> list[str]:
+    """A CSV's header (empty for a file that cannot be read: reading the rows reports why)."""
+    import csv
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return csv.DictReader(f).fieldnames or []
+    except OSError:
+        return []
+
+
 def read_csv_rows(csv_path, image_root, keys, *, image_key, split_column=None, split=None) -> list[dict]:
     """read_json_rows for a CSV with a header: every row checked up front, errors name the
     file's line (the header is line 1). `split_column`/`split` keep the rows of one split."""

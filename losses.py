@@ -218,16 +218,19 @@ def siglip_loss_global(image_features, text_features, logit_scale, logit_bias, *
 # caption batches. All are computed in float32.
 
 def label_overlap(image_labels: list[set], text_labels: list[set], soft: bool = True) -> torch.Tensor:
-    """Targets for multi-label rows: 1 where the label sets are equal, the Jaccard overlap where
-    they only share some labels (soft), 0 where they share none. Binary with `soft=False`
-    (any shared label is a positive)."""
-    t = torch.zeros(len(image_labels), len(text_labels))
-    for i, a in enumerate(image_labels):
-        for j, b in enumerate(text_labels):
-            inter = len(a & b)
-            if inter:
-                t[i, j] = inter / len(a | b) if soft else 1.0
-    return t
+    """Targets for multi-label rows given as label sets: 1 where the sets are equal, their
+    Jaccard overlap where they only share some labels (soft), 0 where they share none; binary
+    with `soft=False` (any shared label is a positive). `jaccard_targets` on multi-hot rows."""
+    names = sorted(set().union(*image_labels, *text_labels))
+    index = {c: k for k, c in enumerate(names)}
+
+    def hot(sets):
+        h = torch.zeros(len(sets), len(names))
+        for i, s in enumerate(sets):
+            h[i, [index[c] for c in s]] = 1
+        return h
+    t = jaccard_targets(hot(image_labels), hot(text_labels), soft=True)
+    return t if soft else (t > 0).float()
 
 
 def sigmoid_pair_loss(image_features, text_features, logit_scale, logit_bias, target, *,

@@ -136,6 +136,22 @@ def load_projector(path) -> MLPProjector:
     return proj
 
 
+def add_lora_deltas(state: dict, peft_module, key_of=lambda name: name) -> dict:
+    """Merge every LoRA adapter of `peft_module` into `state` (a state dict of the weights as
+    loaded from the checkpoint): W + B·A·alpha/r computed in fp32 on CPU and stored in W's own
+    dtype. `key_of` maps a LoRA module's name to its key prefix in `state`. merge_and_unload
+    would add the delta into whatever copy the model trains (bf16), misplacing it by 3-30%."""
+    from peft.tuners.lora import LoraLayer
+    with torch.no_grad():
+        for name, module in peft_module.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                key = key_of(name) + ".weight"
+                a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
+                b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
+                state[key] = (state[key].float() + (b @ a) * module.scaling["default"]).to(state[key].dtype)
+    return state
+
+
 # ---------------------------------------------------------------- towers
 
 def _has_cls(config) -> bool:
@@ -234,7 +250,9 @@ def num_image_tokens(image_processor, vision_config) -> int:
 
 # ---------------------------------------------------------------- the VLM
 
-def _token_id(tokenizer, token: str) -> int | None:
+def special_token_id(tokenizer, token: str) -> int | None:
+    """The id of one token string, or None if the vocabulary lacks it. A dictionary lookup:
+    `get_vocab()` would rebuild a 262k-entry dict for Gemma 3 on every call (0.4 s a sample)."""
     tid = tokenizer.convert_tokens_to_ids(token)
     if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
         return None
@@ -249,12 +267,12 @@ def _image_token(tokenizer, num_rows: int) -> tuple[str, int, bool]:
     adapters and tools made for the base checkpoint working; only if neither exists, a new
     token, which resizes the embedding table and tied head."""
     for tok in IMAGE_TOKEN_CANDIDATES:
-        tid = _token_id(tokenizer, tok)
+        tid = special_token_id(tokenizer, tok)
         if tid is not None and tid < num_rows:
             return tok, tid, False
     for n in range(64):
         tok = f"<unused{n}>"
-        tid = _token_id(tokenizer, tok)
+        tid = special_token_id(tokenizer, tok)
         if tid is not None and tid < num_rows:
             return tok, tid, False
     tokenizer.add_tokens(["<image>"], special_tokens=True)
@@ -380,7 +398,7 @@ def save_vlm(model, tokenizer, image_processor, out_dir) -> Path:
                       f"fixed 2-layer projector, so {out} does NOT load with plain transformers; "
                       "use projectors.load_vlm")
     # generate() and pipelines stop where Stage 2 taught the model to stop.
-    eot = _token_id(tokenizer, "<end_of_turn>")
+    eot = special_token_id(tokenizer, "<end_of_turn>")
     gen = model.generation_config
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     if eot is not None and eot not in eos:

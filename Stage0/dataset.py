@@ -6,7 +6,7 @@ import logging
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import load_input, read_rows
+from image_loader import csv_columns, load_input, read_rows
 
 logger = logging.getLogger("siglip_med")
 
@@ -20,12 +20,7 @@ def data_keys(path, image_key=None, caption_key=None) -> tuple[str, str]:
     `impression` (seed 003) or, if it has none, `findings` (seed 002)."""
     kind = "csv" if str(path).lower().endswith(".csv") else "json"
     if kind == "csv" and caption_key is None:
-        import csv
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                header = csv.DictReader(f).fieldnames or []
-        except OSError:
-            header = []
+        header = csv_columns(path)
         caption_key = next((c for c in ("impression", "findings") if c in header), "impression")
     return image_key or DEFAULT_KEYS[kind][0], caption_key or DEFAULT_KEYS[kind][1]
 

@@ -91,8 +91,11 @@ def evaluate_classes(path, args) -> dict:
     image embeddings, computed once, by the class text embeddings); top-1 accuracy, macro
     precision/recall/F1, R@1/R@5 over all classes, the 1-in-10 distractor test, per-class table.
     For a multi-label row, a predicted class among its labels is correct."""
-    from image_loader import load_input, read_rows
+    from torch.utils.data import DataLoader
+
+    from image_loader import read_rows
     from metrics import class_recall_at_k, classification_metrics, distractor_top1
+    from Stage0.inference_stage0 import ImageFiles, score
     from Stage0.labels import class_text, parse_labels, read_classes
     model, tokenizer, processor = load_model(path)
     model.to(args.device).eval()
@@ -104,15 +107,8 @@ def evaluate_classes(path, args) -> dict:
     label_sets = [parse_labels(r[args.label_column]) for r in rows]
     names = sorted(set(classes) | {c for s in label_sets for c in s})
     index = {c: k for k, c in enumerate(names)}
-    ids, mask = model.text.tokenize(tokenizer, [class_text(c, classes) for c in names],
-                                    text_length(model.text, tokenizer, None))
-    txt = torch.nn.functional.normalize(model.text(ids.to(args.device), mask.to(args.device)).float(), dim=-1)
-    imgs = []
-    for s in range(0, len(rows), args.batch_size):
-        px = torch.cat([processor(images=load_input(r["image_path"], row=r["row"], source=args.test_json),
-                                  return_tensors="pt")["pixel_values"] for r in rows[s:s + args.batch_size]])
-        imgs.append(torch.nn.functional.normalize(model.image(px.to(args.device)).float(), dim=-1))
-    scores = torch.sigmoid(model.logit_scale.exp() * torch.cat(imgs) @ txt.T + model.logit_bias).cpu()
+    loader = DataLoader(ImageFiles(rows, processor, args.test_json), batch_size=args.batch_size)
+    scores = score(model, tokenizer, loader, [class_text(c, classes) for c in names], args.device)
     true_sets = [{index[c] for c in s} for s in label_sets]
     pred = scores.argmax(1).tolist()
     y_true = [p if p in t else index[s[0]] for p, t, s in zip(pred, true_sets, label_sets)]

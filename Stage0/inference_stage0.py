@@ -65,7 +65,9 @@ def parse_args(argv=None):
     return p, args
 
 
-class _Images(Dataset):
+class ImageFiles(Dataset):
+    """The rows' images (or volumes) through the model's processor, in row order."""
+
     def __init__(self, rows, processor, source):
         self.rows, self.processor, self.source = rows, processor, source
 
@@ -119,7 +121,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     queries = args.queries or list(dict.fromkeys(str(r[caption_key]).strip() for r in rows))
-    loader = DataLoader(_Images(rows, processor, args.csv_path), batch_size=args.batch_size)
+    loader = DataLoader(ImageFiles(rows, processor, args.csv_path), batch_size=args.batch_size)
     scores = score(model, tokenizer, loader, queries, args.device)
     best = scores.argmax(dim=1)
     out = Path(args.output_path)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, SiglipModel, SiglipTextModel
 
-from projectors import load_vision_tower
+from projectors import add_lora_deltas, load_vision_tower
 
 logger = logging.getLogger("siglip_med")
 
@@ -430,7 +430,6 @@ def save_lora_siglip(model: "ContrastiveModel", out: Path) -> None:
     weights plus B·A·alpha/r computed in fp32 on CPU (never merged into reduced-precision copies),
     with the trained logit scale and bias."""
     from peft import get_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
     siglip, source = model.siglip, model.lora["source"]
     (out / "lora_adapter").mkdir(parents=True, exist_ok=True)
@@ -441,14 +440,8 @@ def save_lora_siglip(model: "ContrastiveModel", out: Path) -> None:
     cfg["base_model_name_or_path"] = source
     (out / "lora_adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
     merged = SiglipModel.from_pretrained(source, dtype=torch.float32)
-    sd = merged.state_dict()
+    sd = add_lora_deltas(merged.state_dict(), siglip)
     with torch.no_grad():
-        for name, module in siglip.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                key = name + ".weight"
-                a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
-                b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
-                sd[key] = (sd[key].float() + (b @ a) * module.scaling["default"]).to(sd[key].dtype)
         sd["logit_scale"] = model.logit_scale.detach().to("cpu", sd["logit_scale"].dtype).reshape(sd["logit_scale"].shape)
         sd["logit_bias"] = model.logit_bias.detach().to("cpu", sd["logit_bias"].dtype).reshape(sd["logit_bias"].shape)
     merged.load_state_dict(sd, strict=True)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from image_loader import load_image, read_json_rows
+from projectors import special_token_id
 
 IGNORE_INDEX = -100
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -29,15 +30,6 @@ def read_rows(json_path, image_root, keys=("image", QUESTION_KEY, ANSWER_KEY)) -
 
 
 # ---------------------------------------------------------------- the chat turn
-
-def special_token_id(tokenizer, token: str) -> int | None:
-    """The id of one token string, or None if the vocabulary lacks it. A dictionary lookup:
-    `get_vocab()` would rebuild a 262k-entry dict for Gemma 3 on every call (0.4 s a sample)."""
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        return None
-    return tid
-
 
 def chat_token_ids(tokenizer) -> tuple[int, int]:
     """(<start_of_turn>, <end_of_turn>) ids; a tokenizer without them is not a Gemma3 one."""

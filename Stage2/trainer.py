@@ -33,7 +33,7 @@ from accelerator_setup import (
     steps_per_epoch,
     warn_if_nothing_to_train,
 )
-from projectors import lm_loss_on_supervised, save_vlm
+from projectors import add_lora_deltas, lm_loss_on_supervised, save_vlm
 
 logger = logging.getLogger("siglip_med")
 
@@ -369,14 +369,7 @@ class VQATrainerStage2:
                 if key is not None and part_of(key) in self.trained_parts:
                     state[key] = p.detach().to("cpu", state[key].dtype)
             if self.peft is not None:
-                from peft.tuners.lora import LoraLayer
-                for name, module in self.peft.named_modules():
-                    if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                        key = vlm_name(name) + ".weight"
-                        a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
-                        b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
-                        delta = (b @ a) * module.scaling["default"]
-                        state[key] = (state[key].float() + delta).to(state[key].dtype)
+                add_lora_deltas(state, self.peft, key_of=vlm_name)
         model.load_state_dict(state, strict=True)
         return model
 
