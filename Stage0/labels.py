@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -101,11 +102,12 @@ def row_text(labels: list[str], classes: dict) -> str:
 
 
 def prepare_labelled_csv(path, image_root, image_key, label_column, classes_file, out_csv, *, split_column=None,
-                         fractions=(0.8, 0.1, 0.1), oversample_min: int = 0, seed: int = 0):
+                         fractions=(0.8, 0.1, 0.1), oversample_min: int = 0, seed: int = 0, write: bool = True):
     """The labelled data as a training CSV: absolute image path, caption (the rows' class texts),
     labels, split. Rows without labels are dropped (counted in the log). Without a split column
     the rows are split by iterative stratification; rare classes are oversampled in train only.
-    Returns (csv path, class names)."""
+    Returns (csv path, class names, classes). Every process computes the same result; only the
+    one with `write` writes the file."""
     import csv
 
     from image_loader import read_rows
@@ -131,6 +133,9 @@ def prepare_labelled_csv(path, image_root, image_key, label_column, classes_file
                          "a test image must never be trained on")
     order = oversample(train, label_sets, oversample_min, seed=seed) if oversample_min else train
     order += [i for i, s in enumerate(split) if s != "train"]
+    if not write:
+        return out_csv, names, classes
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     with open(out_csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["img_path", "caption", "labels", "split"])

@@ -212,7 +212,8 @@ def main(argv=None):
             args.train_json, args.image_root, image_key, args.label_column, args.classes_file,
             Path(args.output_dir) / "labelled_data.csv", split_column=args.split_column or "split",
             fractions=tuple(float(v) for v in args.stratified_split.split(",")), oversample_min=args.oversample_min,
-            seed=args.seed)
+            seed=args.seed, write=accelerator.is_main_process)
+        accelerator.wait_for_everyone()  # the file exists for every process before it is read
         args.train_json, args.image_key, args.caption_key, args.split_column = str(out_csv), "img_path", "caption", "split"
         args.image_root = ""
         objective = LabelAwareObjective(
@@ -223,9 +224,8 @@ def main(argv=None):
         label_kw = {"label_column": "labels", "class_names": class_names}
     split_column = args.split_column
     if split_column is None and str(args.train_json).lower().endswith(".csv"):
-        import csv
-        with open(args.train_json, newline="", encoding="utf-8-sig") as f:
-            split_column = "split" if "split" in (csv.DictReader(f).fieldnames or []) else None
+        from image_loader import csv_columns
+        split_column = "split" if "split" in csv_columns(args.train_json) else None
     kw = dict(image_root=args.image_root, image_processor=image_processor, tokenizer=tokenizer,
               max_length=max_len, image_key=args.image_key, caption_key=args.caption_key,
               tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n), **label_kw)

@@ -307,7 +307,13 @@ class VisionEncoderTrainerStage0:
         is the record, so a resumed run keeps comparing against the best before the stop."""
         best = Path(self.args.output_dir) / "best_model"
         record = best / "val_metrics.json"
-        previous = json.loads(record.read_text())["loss"] if record.is_file() else float("inf")
+        previous = [float("inf")]
+        if self.accelerator.is_main_process and record.is_file():
+            previous = [json.loads(record.read_text())["loss"]]
+        # One decision for every process (save_model waits for all of them); the record is the
+        # main process's, which other nodes may not see on their own disks.
+        from accelerate.utils import broadcast_object_list
+        previous = broadcast_object_list(previous)[0] if self.accelerator.num_processes > 1 else previous[0]
         if metrics["loss"] < previous:
             self.save_model(best)
             if self.accelerator.is_main_process:
