@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 4096
+DEFAULT_CHUNK = None  # default_chunk(n): about 4M logits per chunk
 
 
 class Positives:
@@ -51,30 +51,63 @@ class Positives:
         return self.index, self.img, self.txt, self.mask
 
     @staticmethod
-    def z(tensors, start: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        """z for text columns [start, start+width): +1 for positives, -1 otherwise."""
+    def _chunk_mask(tensors, start: int, width: int):
+        """Bool [n, width] positives of columns [start, start+width), or None in index form."""
         index, img, txt, mask = tensors
         if mask is not None:
-            return mask[:, start:start + width].to(like.dtype) * 2 - 1
+            return mask[:, start:start + width]
         if img is not None:
-            pos = (img[:, None] == txt[None, start:start + width]) & (img[:, None] >= 0)
-            return pos.to(like.dtype) * 2 - 1
-        z = torch.full_like(like, -1.0)
+            return (img[:, None] == txt[None, start:start + width]) & (img[:, None] >= 0)
+        return None
+
+    @staticmethod
+    def _index_cells(index, start: int, width: int):
         rows = torch.nonzero((index >= start) & (index < start + width), as_tuple=True)[0]
-        z[rows, index[rows] - start] = 1.0
-        return z
+        return rows, index[rows] - start
+
+    @staticmethod
+    def logits_sum(tensors, start: int, logits: torch.Tensor) -> torch.Tensor:
+        """Sum of the logits of the positive pairs in this chunk."""
+        m = Positives._chunk_mask(tensors, start, logits.shape[1])
+        if m is not None:
+            return torch.where(m, logits, 0).sum()
+        rows, cols = Positives._index_cells(tensors[0], start, logits.shape[1])
+        return logits[rows, cols].sum()
+
+    @staticmethod
+    def subtract(tensors, start: int, dl: torch.Tensor) -> None:
+        """dl -= 1 at this chunk's positive pairs, in place."""
+        m = Positives._chunk_mask(tensors, start, dl.shape[1])
+        if m is not None:
+            dl.sub_(m.to(dl.dtype))
+        else:
+            rows, cols = Positives._index_cells(tensors[0], start, dl.shape[1])
+            dl[rows, cols] -= 1
+
+
+def default_chunk(n: int) -> int:
+    """Text columns per chunk: about 4M logits (16 MiB in fp32) per chunk, at least 256 wide, so
+    the [n, chunk] temporaries stay small beside the features at any batch size while each
+    matmul is still large enough to run at full speed."""
+    return max(256, (1 << 22) // max(n, 1))
 
 
 class _SigLIPLoss(torch.autograd.Function):
+    """-log sigmoid(z * l) is softplus(l) for a negative pair and softplus(l) - l for a positive
+    one, so a chunk costs one matmul and one softplus, and the positives' logits are subtracted
+    on their own; its gradient is sigmoid(l) - [positive], built in place in backward. At most
+    two [n, chunk] buffers live at a time in either pass."""
+
     @staticmethod
     def forward(ctx, x, y, log_t, b, chunk, index, img_lab, txt_lab, mask):
         pos = (index, img_lab, txt_lab, mask)
+        chunk = chunk or default_chunk(x.shape[0])
         t = log_t.exp()
         total = x.new_zeros(())
         for s in range(0, y.shape[0], chunk):
-            logits = t * (x @ y[s:s + chunk].T) + b
-            z = Positives.z(pos, s, logits.shape[1], logits)
-            total = total - F.logsigmoid(z * logits).sum()
+            logits = (x @ y[s:s + chunk].T).mul_(t).add_(b)
+            total += F.softplus(logits).sum()
+            total -= Positives.logits_sum(pos, s, logits)
         ctx.save_for_backward(x, y, log_t, b, *(p if p is not None else torch.empty(0) for p in pos))
         ctx.present = [p is not None for p in pos]
         ctx.chunk = chunk
@@ -91,20 +124,25 @@ class _SigLIPLoss(torch.autograd.Function):
         g_logt, g_b = torch.zeros_like(log_t), torch.zeros_like(b)
         for s in range(0, y.shape[0], ctx.chunk):
             yc = y[s:s + ctx.chunk]
-            sim = x @ yc.T
-            logits = t * sim + b
-            z = Positives.z(pos, s, logits.shape[1], logits)
-            # d/dl [-log sigmoid(z l)] = -z * sigmoid(-z l)
-            dl = (-z * torch.sigmoid(-z * logits)) * (g / n)
-            # A frozen tower's features need no gradient: skipping it saves a third of the FLOPs.
-            if need_x:
-                gx += t * (dl @ yc)
-            if need_y:
-                gy[s:s + ctx.chunk] = t * (dl.T @ x)
-            if need_t:
-                g_logt += (dl * sim).sum() * t
+            # d/dl = sigmoid(l) - [positive], scaled by the incoming gradient over n
+            dl = (x @ yc.T).mul_(t).add_(b).sigmoid_()
+            Positives.subtract(pos, s, dl)
+            dl.mul_(g / n)
             if need_b:
                 g_b += dl.sum()
+            # A frozen tower's features need no gradient: skipping it saves a third of the FLOPs.
+            if need_x or need_t:
+                dx = dl @ yc
+                if need_t:  # dL/dt' = t * sum(dl * x.y) = t * sum(x * (dl @ yc))
+                    g_logt += (dx * x).sum() * t
+                if need_x:
+                    gx.add_(dx)
+            if need_y:
+                gy[s:s + ctx.chunk] = dl.T @ x
+        if need_x:
+            gx.mul_(t)
+        if need_y:
+            gy.mul_(t)
         return (gx, gy, g_logt.reshape(log_t.shape) if need_t else None, g_b.reshape(b.shape) if need_b else None,
                 None, None, None, None, None)
 
@@ -114,7 +152,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                 positive_index: torch.Tensor | None = None,
                 image_labels: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
                 positive_mask: torch.Tensor | None = None,
-                chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
     """SigLIP loss: mean over images of the sum over all texts.
 
     image_features [n, d] and text_features [m, d] must be L2-normalised (m >= n when texts
@@ -188,7 +226,7 @@ def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 def siglip_loss_global(image_features, text_features, logit_scale, logit_bias, *,
                        local_positive_index: torch.Tensor | None = None,
                        labels: torch.Tensor | None = None,
-                       chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                       chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
     """SigLIP loss where this process's images meet the texts of *all* processes.
 
     Returns (1/n_local) * sum_{i local} sum_{j global}. Averaged over processes this equals the
