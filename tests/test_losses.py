@@ -25,7 +25,7 @@ def test_siglip_loss_hand_computed_3x3():
     assert expected == pytest.approx(math.log(2) + 2 * math.log1p(math.exp(-10)), rel=1e-9)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 7, 4096])
+@pytest.mark.parametrize("chunk", [1, 2, 7, 4096, None])
 @pytest.mark.parametrize("m_extra", [0, 3])
 def test_siglip_loss_and_grads_match_naive_autograd(chunk, m_extra):
     torch.manual_seed(0)
@@ -208,3 +208,22 @@ def test_two_processes_equal_one_process_on_union_batch(duplicates):
     # and the local-only loss (no gather) would NOT match: the test can fail
     local = siglip_loss_reference(_norm(img_tower(imgs[:4])), _norm(txt_tower(txts[:4])), scale, bias)
     assert abs(local.item() - ref_loss.item()) > 1e-3
+
+
+def test_default_chunk_keeps_the_chunk_matrix_small_and_covers_every_column():
+    """The default width keeps [n, chunk] near 4M logits at any n (at least 256 wide), and a
+    text count that is not a multiple of it (301 texts in chunks of 256) gives the full-matrix
+    loss and gradients."""
+    from losses import default_chunk
+    assert default_chunk(1024) == 4096 and default_chunk(8192) == 512 and default_chunk(65536) == 256
+    torch.manual_seed(0)
+    x0, y0 = _norm(torch.randn(300, 16)), _norm(torch.randn(301, 16))
+    s0, b0 = torch.tensor(2.0), torch.tensor(-5.0)
+    grads = []
+    for fn in (lambda *a: siglip_loss(*a, chunk_size=default_chunk(20000)), siglip_loss_reference):
+        x, y, s, b = (t.clone().requires_grad_() for t in (x0, y0, s0, b0))
+        loss = fn(x, y, s, b)
+        loss.backward()
+        grads.append((loss.detach(), x.grad, y.grad, s.grad, b.grad))
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
