@@ -1,0 +1,117 @@
+"""Decode a data set's images once, at the vision tower's input size, into the pre-resized cache.
+
+Training reads the cache without a flag: it lives in `.image_cache/<size>-<filter>/` beside the
+data file (see image_cache.py). Give the model whose image processor training will use, or a size:
+
+    python scripts/preprocess_images.py --data data/train.json data/val.json --image_root data/images \\
+        --model StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli --num_workers 8
+    python scripts/preprocess_images.py --data knee.csv --size 384 384        # bicubic, as SigLIP
+    python scripts/preprocess_images.py --data train.json --model runs/stage0/best_model --check
+
+Running it again rebuilds only entries whose source changed (size or modification time) or that
+are missing. Rows may be Stage0 JSON/CSV or Stage1/Stage2 JSON files; only the image column is
+read. CT volumes (.npz) are left out. With --cache_dir DIR, point training at the same place with
+SIGLIP_MED_IMAGE_CACHE=DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from image_cache import RESAMPLE, ENV_VAR, ImageCache, Target, build_cache, cache_folder, target_from_processor
+from image_loader import read_rows
+
+logger = logging.getLogger("siglip_med")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="data files (JSON list or CSV) whose images to cache; one cache per file's folder")
+    p.add_argument("--image_root", default="", help="folder relative image paths are under (CSV: its folder)")
+    p.add_argument("--image_key", "--img_path_column", dest="image_key", default=None,
+                   help="the image column (default: 'image' in JSON, 'img_path' in CSV)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="a model folder or hub id: its image processor gives the size and filter")
+    g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="resize to H x W")
+    p.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic", help="with --size: the PIL filter")
+    p.add_argument("--cache_dir", default=None,
+                   help=f"cache root instead of .image_cache beside the data file (then set {ENV_VAR}=DIR "
+                        "for training)")
+    p.add_argument("--num_workers", type=int, default=4, help="decoding processes (0: this process)")
+    p.add_argument("--check", action="store_true", help="only report fresh/stale/missing; exit 1 unless all fresh")
+    args = p.parse_args(argv)
+    if args.num_workers < 0:
+        p.error("--num_workers must be >= 0")
+    if args.size and min(args.size) < 1:
+        p.error("--size H W must be positive")
+    return p, args
+
+
+def model_target(parser, path) -> Target:
+    from transformers import AutoImageProcessor
+    folder = Path(path)
+    if (folder / "towers.json").is_file():  # a Stage0 towers folder keeps its processor with the image tower
+        folder = folder / "image_tower"
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        parser.error(f"--model {path}: no image processor to read the size from ({e}); pass --size H W instead")
+    target = target_from_processor(processor)
+    if target is None:
+        parser.error(f"--model {path}: its {type(processor).__name__} (size {processor.size}) resizes in a way the "
+                     "cache does not store (only {height, width} or {shortest_edge}); nothing to cache")
+    return target
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(message)s", stream=sys.stderr, level=logging.INFO, force=True)
+    if args.model:
+        target = model_target(parser, args.model)
+    else:
+        target = Target(height=args.size[0], width=args.size[1], resample=RESAMPLE[args.resample])
+    by_folder: dict[Path, list] = {}
+    for data in args.data:
+        key = args.image_key or ("img_path" if str(data).lower().endswith(".csv") else "image")
+        try:
+            rows = read_rows(data, args.image_root, (key,), image_key=key)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+        folder = cache_folder(data, target, args.cache_dir)
+        if folder is None:  # the variable says off; building needs a place
+            folder = cache_folder(data, target, Path(data).resolve().parent / ".image_cache")
+        by_folder.setdefault(folder, []).extend((r["image_path"], r["row"], str(data)) for r in rows)
+
+    failed = 0
+    for folder, jobs in by_folder.items():
+        if args.check:
+            cache = ImageCache.load(folder, target) or ImageCache(folder, target)
+            paths = list(dict.fromkeys(p for p, _, _ in jobs if not p.lower().endswith(".npz")))
+            counts = cache.status(paths)
+            print(f"{folder}: {counts['fresh']} fresh, {counts['stale']} stale, {counts['missing']} missing "
+                  f"of {len(paths)} images")
+            failed += counts["stale"] + counts["missing"]
+            continue
+        try:
+            stats = build_cache(jobs, folder, target, num_workers=args.num_workers)
+        except PermissionError as e:
+            parser.error(f"cannot write the cache in {folder} ({e}); pass --cache_dir DIR on a writable disk and "
+                         f"set {ENV_VAR}=DIR for training")
+        for msg in stats["failed"]:
+            logger.error("%s", msg)
+        failed += len(stats["failed"])
+        print(f"{folder}: built {stats['built']}, already fresh {stats['fresh']}, failed {len(stats['failed'])}"
+              + (f", CT volumes skipped {stats['volumes']}" if stats["volumes"] else "")
+              + f" ({stats['bytes'] / 2**20:.1f} MiB written)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
