@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "load_image", "read_json_rows", "resolve_image_path"]
+__all__ = ["DataFileError", "ImageLoadError", "check_image", "check_input", "check_volume", "load_image",
+           "read_json_rows", "read_rows", "resolve_image_path"]
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -233,6 +234,13 @@ def load_image(path, *, row=None, source=None) -> Image.Image:
     ``row`` and ``source`` only make error messages point at the data-file line
     that named the image. Every failure raises ``ImageLoadError``.
     """
+    path = _existing_file(path, row, source)
+    if _is_dicom(path):
+        return _load_dicom(path, row, source)
+    return _load_pil(path, row, source)
+
+
+def _existing_file(path, row, source) -> pathlib.Path:
     path = pathlib.Path(os.path.expanduser(str(path)))
     if not path.exists():
         _fail(path, row, source, "no such file",
@@ -240,33 +248,185 @@ def load_image(path, *, row=None, source=None) -> Image.Image:
     if not path.is_file():
         _fail(path, row, source, "it is a directory, not a file",
               "Check the image path and --image_root.")
+    return path
+
+
+# ---------------------------------------------------------------- checks before training
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_END_MARKERS = {"PNG": (b"IEND\xaeB`\x82", "IEND chunk"), "JPEG": (b"\xff\xd9", "end-of-image marker")}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def check_image(path, full: bool = False, *, row=None, source=None) -> None:
+    """Raise ImageLoadError where `load_image(path)` would fail, reading as little as that takes.
+
+    Default (`full=False`): the header and the end of the file, no pixels decoded: PIL's
+    `Image.open` (format and size) and, for PNG and JPEG, the end marker (IEND, end-of-image)
+    a truncated file lacks; DICOM: the elements up to and around the pixel data
+    (`dcmread(defer_size=...)` locates the pixel data without reading it), that there is pixel
+    data, that it fits in the file and in its Rows x Columns x frames, and that a decoder for its
+    transfer syntax is installed. This reads a few KiB per file whatever its size (PIL's
+    `verify()` would read every byte of a PNG, as much I/O as an epoch). `full=True` decodes the
+    image as training does, which also finds damage inside the compressed data.
+    """
+    path = _existing_file(path, row, source)
+    if full:
+        load_image(path, row=row, source=source)
+        return
     if _is_dicom(path):
-        return _load_dicom(path, row, source)
-    return _load_pil(path, row, source)
+        _check_dicom_header(path, row, source)
+        return
+    try:
+        with Image.open(path) as im:
+            fmt, (w, h) = im.format, im.size
+            if w < 1 or h < 1:
+                _fail(path, row, source, f"the image is {w}x{h} pixels", "Re-export the image or remove the row.")
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as exc:
+        _fail(path, row, source, "not a recognised image format (PNG, JPEG or DICOM expected)",
+              "Re-export the image as PNG/JPEG/DICOM or fix the path in the data file.", exc)
+    except Image.DecompressionBombError as exc:
+        _fail(path, row, source, f"image is too large for PIL's safety limit ({exc})",
+              "Downscale the image before training.", exc)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        _fail(path, row, source, f"the file is truncated or corrupt ({exc})",
+              "Re-export or re-download the image, or remove the row.", exc)
+    if fmt in _END_MARKERS:
+        # A file cut short (an interrupted copy or download) lacks its end marker. JPEG's
+        # entropy-coded data never holds FF D9 (an FF there is followed by 00 or a restart
+        # marker), so the marker cannot be faked by pixel data. The 4 KiB window allows the
+        # padding some writers append after the marker.
+        marker, name = _END_MARKERS[fmt]
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - 4096))
+            tail = fh.read()
+        if marker not in tail:
+            _fail(path, row, source, f"the {fmt} file is truncated (it has no {name} at its end)",
+                  "Re-export or re-download the image, or remove the row.")
 
 
-def read_json_rows(json_path, image_root, keys, *, image_key="image") -> list[dict]:
+def _check_dicom_header(path, row, source) -> None:
+    try:
+        import pydicom
+        from pydicom.dataelem import RawDataElement
+        from pydicom.errors import InvalidDicomError
+    except ImportError as exc:
+        _fail(path, row, source, "reading DICOM needs pydicom>=3",
+              "Install it with: pip install 'pydicom>=3'.", exc)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            # defer_size: values over 1 KiB (the pixel data) are located in the file, not read.
+            ds = pydicom.dcmread(path, defer_size=1024)
+        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
+            _fail(path, row, source, f"not a readable DICOM file ({exc})",
+                  "Re-export the image from the PACS or convert it to PNG.", exc)
+    if any("End of file" in str(w.message) for w in caught):  # encapsulated data cut short
+        _fail(path, row, source, "the file is truncated (it ends inside the pixel data)",
+              "Re-export the image from the PACS or remove the row.")
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        _fail(path, row, source, "the DICOM file has no pixel data",
+              "It is probably a report or structured-report object; remove the row.")
+    elem = ds.get_item(keyword, keep_deferred=True)
+    if isinstance(elem, RawDataElement):
+        length, tell = elem.length, elem.value_tell
+    else:
+        length, tell = len(elem.value or b""), None
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if k not in ds] + (
+        ["(0002,0010) TransferSyntaxUID in the file meta"] if tsyntax is None else [])
+    if missing:
+        _fail(path, row, source, f"the DICOM file lacks {', '.join(missing)}, which decoding its pixels needs",
+              "Re-export the image from the PACS or remove the row.")
+    if length == _UNDEFINED_LENGTH or tsyntax.is_compressed:
+        try:
+            from pydicom.pixels import get_decoder
+            available = get_decoder(tsyntax).is_available
+        except Exception:  # a transfer syntax pydicom has no decoder for at all
+            available = False
+        if not available:
+            name = getattr(tsyntax, "name", None) or str(tsyntax or "unknown transfer syntax")
+            _fail(path, row, source, f"no decoder is installed for its compressed pixel data ({name})",
+                  f"Install one with: pip install {_decoder_hint(ds)}.")
+        return
+    deflated = getattr(tsyntax, "is_deflated", False)  # offsets are into the inflated stream
+    if tell is not None and not deflated and tell + length > path.stat().st_size:
+        _fail(path, row, source, f"the file is truncated ({path.stat().st_size} bytes, its pixel data ends at byte "
+                                 f"{tell + length})", "Re-export the image from the PACS or remove the row.")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
+                * int(ds.BitsAllocated) + 7) // 8
+    except (TypeError, ValueError) as exc:
+        _fail(path, row, source, f"the DICOM image attributes are invalid ({exc})",
+              "Re-export the image from the PACS or remove the row.", exc)
+    if str(ds.get("PhotometricInterpretation", "")).upper() != "YBR_FULL_422" and length < need:
+        _fail(path, row, source, f"the pixel data holds {length} bytes, fewer than its {ds.Rows}x{ds.Columns} "
+                                 f"x {frames} frame(s) need ({need})",
+              "Re-export the image from the PACS or remove the row.")
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used at all (not valid JSON or CSV, a column missing, no rows):
+    no row can be dropped to fix it. The message starts with the file's path."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def _row_problem(problems, path, row, reason) -> None:
+    """Record one bad row when collecting (`problems` is a list), else raise it at once."""
+    if problems is None:
+        where = f"{row}" if isinstance(row, str) else f"row {row}"
+        raise ValueError(f"{path} {where}: {reason}")
+    problems.append({"file": str(path), "row": row, "reason": reason})
+
+
+def _resolve_or_record(problems, image, image_root, row, source):
+    if problems is None:
+        return resolve_image_path(image, image_root, row=row, source=source)
+    try:
+        return resolve_image_path(image, image_root)
+    except ImageLoadError as e:
+        _row_problem(problems, source, row, str(e))
+        return None
+
+
+def read_json_rows(json_path, image_root, keys, *, image_key="image", problems: list | None = None) -> list[dict]:
     """Load a data file (a JSON list of objects) and check every row up front, so a bad row
     fails before training starts with the file, the row index and what is wrong. Each row
-    comes back with `image_path` (resolved, existing) and `row` (its index) added."""
+    comes back with `image_path` (resolved, existing) and `row` (its index) added.
+
+    `problems`: a list to collect the bad rows in (dicts: file, row, reason; those rows are left
+    out) instead of raising at the first one. A file that is unusable as a whole (not JSON, not a
+    list) raises DataFileError either way."""
     json_path = pathlib.Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"{json_path}: no such data file")
     try:
         rows = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFileError(json_path, f"not valid JSON ({e})") from e
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{json_path}: expected a non-empty JSON list of objects with keys {list(keys)}")
+        raise DataFileError(json_path, f"expected a non-empty JSON list of objects with keys {list(keys)}")
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{json_path} row {i}: expected an object, got {type(row).__name__}")
+            _row_problem(problems, json_path, i, f"expected an object, got {type(row).__name__}")
+            continue
         missing = [k for k in keys if not isinstance(row.get(k), (str, int, float)) or not str(row[k]).strip()]
         if missing:
-            raise ValueError(f"{json_path} row {i}: missing or empty {missing} (has {sorted(row)})")
-        path = resolve_image_path(row[image_key], image_root, row=i, source=str(json_path))
-        out.append({**row, "image_path": str(path), "row": i})
+            _row_problem(problems, json_path, i, f"missing or empty {missing} (has {sorted(row)})")
+            if image_key in missing:
+                continue
+        path = _resolve_or_record(problems, row[image_key], image_root, i, str(json_path))
+        if path is not None and not missing:
+            out.append({**row, "image_path": str(path), "row": i})
     return out
 
 
@@ -276,51 +436,61 @@ def csv_columns(path) -> list[str]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             return csv.DictReader(f).fieldnames or []
-    except OSError:
+    except (OSError, UnicodeDecodeError, csv.Error):
         return []
 
 
-def read_csv_rows(csv_path, image_root, keys, *, image_key, split_column=None, split=None) -> list[dict]:
+def read_csv_rows(csv_path, image_root, keys, *, image_key, split_column=None, split=None,
+                  problems: list | None = None) -> list[dict]:
     """read_json_rows for a CSV with a header: every row checked up front, errors name the
     file's line (the header is line 1). `split_column`/`split` keep the rows of one split."""
     import csv
     csv_path = pathlib.Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: no such data file")
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        wanted = list(keys) + ([split_column] if split_column else [])
-        missing = [k for k in wanted if k not in columns]
-        if missing:
-            raise ValueError(f"{csv_path}: no column {missing} (columns: {columns}); name the columns with "
-                             "--img_path_column / --findings_column / --split_column")
-        out = []
-        for i, row in enumerate(reader):
-            line = i + 2
-            if split_column and str(row[split_column]).strip() != split:
-                continue
-            empty = [k for k in keys if not str(row.get(k) or "").strip()]
-            if empty:
-                raise ValueError(f"{csv_path} line {line}: empty {empty}")
-            # Relative paths: under --image_root, else next to the CSV.
-            path = resolve_image_path(row[image_key].strip(), image_root or csv_path.parent, row=f"line {line}",
-                                      source=str(csv_path))
-            out.append({**row, "image_path": str(path), "row": f"line {line}", "line": line})
-    if not out:
-        raise ValueError(f"{csv_path}: no rows" + (f" with {split_column} == {split!r}" if split_column else ""))
+    out = []
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            wanted = list(keys) + ([split_column] if split_column else [])
+            missing = [k for k in wanted if k not in columns]
+            if missing:
+                raise DataFileError(csv_path, f"no column {missing} (columns: {columns}); name the columns with "
+                                              "--img_path_column / --findings_column / --split_column")
+            for i, row in enumerate(reader):
+                line = i + 2
+                if split_column and str(row[split_column]).strip() != split:
+                    continue
+                empty = [k for k in keys if not str(row.get(k) or "").strip()]
+                if empty:
+                    _row_problem(problems, csv_path, f"line {line}", f"empty {', '.join(empty)}")
+                    if image_key in empty:
+                        continue
+                # Relative paths: under --image_root, else next to the CSV.
+                path = _resolve_or_record(problems, row[image_key].strip(), image_root or csv_path.parent,
+                                          f"line {line}", str(csv_path))
+                if path is not None and not empty:
+                    out.append({**row, "image_path": str(path), "row": f"line {line}", "line": line})
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataFileError(csv_path, f"not a readable CSV ({e})") from e
+    if not out and not problems:
+        raise DataFileError(csv_path, "no rows" + (f" with {split_column} == {split!r}" if split_column else ""))
     return out
 
 
-def read_rows(path, image_root, keys, *, image_key="image", split_column=None, split=None) -> list[dict]:
-    """Rows of a JSON list or a CSV file (by suffix), each checked, with `image_path` resolved."""
+def read_rows(path, image_root, keys, *, image_key="image", split_column=None, split=None,
+              problems: list | None = None) -> list[dict]:
+    """Rows of a JSON list or a CSV file (by suffix), each checked, with `image_path` resolved;
+    `problems` as in read_json_rows."""
     if str(path).lower().endswith(".csv"):
-        return read_csv_rows(path, image_root, keys, image_key=image_key, split_column=split_column, split=split)
-    rows = read_json_rows(path, image_root, keys, image_key=image_key)
+        return read_csv_rows(path, image_root, keys, image_key=image_key, split_column=split_column, split=split,
+                             problems=problems)
+    rows = read_json_rows(path, image_root, keys, image_key=image_key, problems=problems)
     if split_column:
         rows = [r for r in rows if str(r.get(split_column, "")).strip() == split]
-        if not rows:
-            raise ValueError(f"{path}: no rows with {split_column} == {split!r}")
+        if not rows and not problems:
+            raise DataFileError(path, f"no rows with {split_column} == {split!r}")
     return rows
 
 
@@ -349,6 +519,45 @@ def load_volume(path, *, row=None, source=None, key: str = "image") -> np.ndarra
     if not np.isfinite(vol).all():
         _fail(path, row, source, "the volume holds NaN or inf", "fix or drop this volume")
     return vol
+
+
+def check_volume(path, full: bool = False, *, row=None, source=None, key: str = "image") -> None:
+    """Raise ImageLoadError where `load_volume(path)` would fail. Default: from the NPZ's zip
+    directory and the array's .npy header only (the key, a 3-D or 4-D shape, a numeric dtype,
+    and that the stored bytes hold that shape); `full=True` reads the volume, which also finds
+    NaN/inf values."""
+    import zipfile
+    path = pathlib.Path(path)
+    if full:
+        load_volume(path, row=row, source=source, key=key)
+        return
+    if not path.is_file():
+        _fail(path, row, source, "no such file", "check the path and --image_root")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+            if key not in names:
+                _fail(path, row, source, f"no {key!r} array (has {names})",
+                      "save the volume as np.savez(path, image=vol)")
+            info = zf.getinfo(f"{key}.npy")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                header_bytes = f.tell()
+    except ImageLoadError:
+        raise
+    except Exception as e:  # not a zip, a truncated zip, a damaged .npy header
+        _fail(path, row, source, f"not a readable NPZ ({e})", "re-export the volume", cause=e)
+    if len(shape) not in (3, 4):
+        _fail(path, row, source, f"'{key}' has shape {shape}, expected (C, D, H, W)",
+              "save one (C, D, H, W) volume per file")
+    if dtype.kind not in "biuf":
+        _fail(path, row, source, f"'{key}' holds {dtype} values, not numbers", "save the volume as a numeric array")
+    if info.file_size < header_bytes + int(np.prod(shape)) * dtype.itemsize:
+        _fail(path, row, source, f"'{key}' is truncated (its {info.file_size} bytes cannot hold shape {shape})",
+              "re-export the volume")
 
 
 class VolumeProcessor:
@@ -391,3 +600,11 @@ def load_input(path, *, row=None, source=None):
     if str(path).lower().endswith(".npz"):
         return load_volume(path, row=row, source=source)
     return load_image(path, row=row, source=source)
+
+
+def check_input(path, full: bool = False, *, row=None, source=None) -> None:
+    """`check_volume` for .npz, else `check_image`: what `load_input` would refuse, found early."""
+    if str(path).lower().endswith(".npz"):
+        check_volume(path, full, row=row, source=source)
+    else:
+        check_image(path, full, row=row, source=source)

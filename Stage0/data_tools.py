@@ -7,52 +7,30 @@ import json
 import sys
 from pathlib import Path
 
-from image_loader import ImageLoadError, load_image, load_volume, resolve_image_path
+from data_check import DataFileError, validate_file
 from Stage0.dataset import data_keys
 
 
 def validate_csv(path, image_root="", image_key=None, caption_key=None, split_column=None, out=sys.stdout) -> int:
     """Check every row: the columns, that each file exists and reads (an NPZ's 'image' is
     (C, D, H, W) and finite), and that each text is non-empty. Prints `line N: reason` for every
-    problem (the header is line 1) and returns 0 when clean, 1 otherwise."""
+    problem (the header is line 1) and returns 0 when clean, 1 otherwise. The checks are
+    data_check.validate_file's (what training checks), with every volume read in full."""
     path = Path(path)
     if not path.is_file():
         print(f"{path}: no such file", file=out)
         return 1
     image_key, caption_key = data_keys(path, image_key, caption_key)
-    problems = 0
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in (image_key, caption_key, split_column) if c and c not in header]
-        if missing:
-            print(f"line 1: no column {missing} (columns: {header})", file=out)
-            return 1
-        root = image_root or path.parent
-        n = 0
-        for i, row in enumerate(reader):
-            n += 1
-            line = i + 2
-            reasons = []
-            if not str(row.get(caption_key) or "").strip():
-                reasons.append(f"empty {caption_key}")
-            name = str(row.get(image_key) or "").strip()
-            if not name:
-                reasons.append(f"empty {image_key}")
-            else:
-                try:
-                    p = resolve_image_path(name, root, row=f"line {line}", source=str(path))
-                    if p.suffix.lower() == ".npz":
-                        load_volume(p)
-                    else:
-                        load_image(p)
-                except (ImageLoadError, FileNotFoundError, ValueError) as e:
-                    reasons.append(str(e).replace(f" (line {line} of {path})", ""))
-            for r in reasons:
-                print(f"line {line}: {r}", file=out)
-            problems += bool(reasons)
-    print(f"{path}: {n} rows, {problems} with problems" if problems else f"{path}: {n} rows, all valid", file=out)
-    return 1 if problems else 0
+    try:
+        n, bad = validate_file(path, image_root, (image_key, caption_key), image_key=image_key, full=True,
+                               required_columns=[c for c in (image_key, caption_key, split_column) if c])
+    except DataFileError as e:
+        print(f"line 1: {e.reason}", file=out)
+        return 1
+    for b in bad:
+        print(f"{b.row}: {b.reason}", file=out)
+    print(f"{path}: {n} rows, {len(bad)} with problems" if bad else f"{path}: {n} rows, all valid", file=out)
+    return 1 if bad else 0
 
 
 def create_example_csv(npz_directory, out_path=None, text="No findings text available.") -> Path:

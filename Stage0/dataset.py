@@ -6,7 +6,9 @@ import logging
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import csv_columns, load_input, read_rows
+from data_check import load_item
+from image_cache import load_cached, open_cache
+from image_loader import csv_columns, read_rows
 
 logger = logging.getLogger("siglip_med")
 
@@ -25,10 +27,11 @@ def data_keys(path, image_key=None, caption_key=None) -> tuple[str, str]:
     return image_key or DEFAULT_KEYS[kind][0], caption_key or DEFAULT_KEYS[kind][1]
 
 
-def read_pairs(path, image_root, image_key=None, caption_key=None, split_column=None, split=None) -> list[dict]:
+def read_pairs(path, image_root, image_key=None, caption_key=None, split_column=None, split=None,
+               problems=None) -> list[dict]:
     image_key, caption_key = data_keys(path, image_key, caption_key)
     rows = read_rows(path, image_root, (image_key, caption_key), image_key=image_key,
-                     split_column=split_column, split=split)
+                     split_column=split_column, split=split, problems=problems)
     return [{**r, "caption": str(r[caption_key]).strip()} for r in rows]
 
 
@@ -38,13 +41,17 @@ class ImageTextContrastiveDataset(Dataset):
 
     Captions are tokenized once here, padded to `max_length` as SigLIP was trained (its text
     tower pools the last position, so the padding length is part of the model).
+
+    `collect_bad_rows`: leave bad rows out into `bad_rows` (for data_check.check_datasets to
+    report or drop) instead of raising at the first one.
     """
 
     def __init__(self, json_path, image_root, image_processor, tokenizer, max_length: int,
                  image_key=None, caption_key=None, split_column=None, split=None, tokenize=None,
-                 label_column=None, class_names=None):
+                 label_column=None, class_names=None, collect_bad_rows: bool = False):
         self.json_path = str(json_path)
-        self.rows = read_pairs(json_path, image_root, image_key, caption_key, split_column, split)
+        self.bad_rows = [] if collect_bad_rows else None
+        self.rows = read_pairs(json_path, image_root, image_key, caption_key, split_column, split, self.bad_rows)
         self.label_hot = None
         if label_column:  # multi-hot class labels per row (the label-aware losses' positives)
             index = {c: k for k, c in enumerate(class_names)}
@@ -54,6 +61,7 @@ class ImageTextContrastiveDataset(Dataset):
                     if c.strip():
                         self.label_hot[i, index[c.strip()]] = 1
         self.image_processor = image_processor
+        self.image_cache = open_cache(json_path, image_processor, self.rows)
         self.captions = list(dict.fromkeys(r["caption"] for r in self.rows))
         index = {c: i for i, c in enumerate(self.captions)}
         self.caption_ids = torch.tensor([index[r["caption"]] for r in self.rows])
@@ -73,9 +81,25 @@ class ImageTextContrastiveDataset(Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def drop_rows(self, indices) -> None:
+        """Leave rows out (bad data under --on_bad_sample skip); captions no row uses any more go too."""
+        drop = set(indices)
+        keep = [k for k in range(len(self.rows)) if k not in drop]
+        self.rows = [self.rows[k] for k in keep]
+        used = sorted(set(self.caption_ids[keep].tolist()))
+        new_id = {old: new for new, old in enumerate(used)}
+        self.captions = [self.captions[c] for c in used]
+        self.input_ids, self.attention_mask = self.input_ids[used], self.attention_mask[used]
+        self.caption_ids = torch.tensor([new_id[c] for c in self.caption_ids[keep].tolist()], dtype=torch.long)
+        if self.label_hot is not None:
+            self.label_hot = self.label_hot[keep]
+
     def __getitem__(self, i):
+        return load_item(self, i, self._item)
+
+    def _item(self, i):
         r = self.rows[i]
-        image = load_input(r["image_path"], row=r["row"], source=self.json_path)
+        image = load_cached(r["image_path"], row=r["row"], source=self.json_path, cache=self.image_cache)
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         c = int(self.caption_ids[i])
         item = {"pixel_values": pixel_values, "input_ids": self.input_ids[c],

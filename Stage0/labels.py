@@ -102,16 +102,18 @@ def row_text(labels: list[str], classes: dict) -> str:
 
 
 def prepare_labelled_csv(path, image_root, image_key, label_column, classes_file, out_csv, *, split_column=None,
-                         fractions=(0.8, 0.1, 0.1), oversample_min: int = 0, seed: int = 0, write: bool = True):
+                         fractions=(0.8, 0.1, 0.1), oversample_min: int = 0, seed: int = 0, write: bool = True,
+                         problems: list | None = None):
     """The labelled data as a training CSV: absolute image path, caption (the rows' class texts),
     labels, split. Rows without labels are dropped (counted in the log). Without a split column
     the rows are split by iterative stratification; rare classes are oversampled in train only.
     Returns (csv path, class names, classes). Every process computes the same result; only the
-    one with `write` writes the file."""
+    one with `write` writes the file. `problems`: a list that collects rows whose image is missing
+    (left out; data_check reports them against this file), instead of stopping at the first."""
     import csv
 
     from image_loader import read_rows
-    rows = read_rows(path, image_root, (image_key,), image_key=image_key)
+    rows = read_rows(path, image_root, (image_key,), image_key=image_key, problems=problems)
     labelled = [r for r in rows if parse_labels(r.get(label_column))]
     if len(labelled) < len(rows):
         logger.info("%s: %d of %d rows have no %r and are left out", path, len(rows) - len(labelled), len(rows),

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from image_loader import load_image, read_json_rows
+from data_check import load_item
+from image_cache import load_cached, open_cache
+from image_loader import read_json_rows
 from projectors import special_token_id
 
 IGNORE_INDEX = -100
@@ -25,8 +27,8 @@ START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 QUESTION_KEY, ANSWER_KEY = "problem", "normal_caption"
 
 
-def read_rows(json_path, image_root, keys=("image", QUESTION_KEY, ANSWER_KEY)) -> list[dict]:
-    return read_json_rows(json_path, image_root, keys)
+def read_rows(json_path, image_root, keys=("image", QUESTION_KEY, ANSWER_KEY), problems=None) -> list[dict]:
+    return read_json_rows(json_path, image_root, keys, problems=problems)
 
 
 # ---------------------------------------------------------------- the chat turn
@@ -82,21 +84,30 @@ def build_example(tokenizer, config, question, answer, *, max_q_len=None, max_a_
 
 class VQADataset(Dataset):
     """Training samples (`with_answers=True`: input_ids, labels, pixel_values) or prompts for
-    generation (`with_answers=False`: the prompt only, plus the row index)."""
+    generation (`with_answers=False`: the prompt only, plus the row index). `collect_bad_rows`:
+    leave bad rows out into `bad_rows` (for data_check.check_datasets to report or drop) instead
+    of raising at the first one."""
 
     def __init__(self, json_path, image_root, tokenizer, image_processor, config, *, max_q_len: int | None = 128,
-                 max_a_len: int | None = 256, with_answers: bool = True):
+                 max_a_len: int | None = 256, with_answers: bool = True, collect_bad_rows: bool = False):
         if max_a_len is not None and max_a_len < 2:
             raise ValueError("--max_a_len must be >= 2 (one answer token plus <end_of_turn>)")
         chat_token_ids(tokenizer)
         self.source = str(json_path)
+        self.bad_rows = [] if collect_bad_rows else None
         self.rows = read_rows(json_path, image_root,
-                              ("image", QUESTION_KEY, ANSWER_KEY) if with_answers else ("image", QUESTION_KEY))
+                              ("image", QUESTION_KEY, ANSWER_KEY) if with_answers else ("image", QUESTION_KEY),
+                              problems=self.bad_rows)
         self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
+        self.image_cache = open_cache(json_path, image_processor, self.rows)
         self.max_q_len, self.max_a_len, self.with_answers = max_q_len, max_a_len, with_answers
 
     def __len__(self):
         return len(self.rows)
+
+    def drop_rows(self, indices) -> None:
+        drop = set(indices)
+        self.rows = [r for k, r in enumerate(self.rows) if k not in drop]
 
     def lengths(self) -> list[int]:
         """Each sample's token count (prompt and answer), for length-grouped batching."""
@@ -105,10 +116,13 @@ class VQADataset(Dataset):
 
     def pixel_values(self, idx) -> torch.Tensor:
         row = self.rows[idx]
-        image = load_image(row["image_path"], row=row["row"], source=self.source)
+        image = load_cached(row["image_path"], row=row["row"], source=self.source, cache=self.image_cache)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def __getitem__(self, idx):
+        return load_item(self, idx, self._item)
+
+    def _item(self, idx):
         row = self.rows[idx]
         if not self.with_answers:
             ids = build_prompt(self.tokenizer, self.config, row[QUESTION_KEY], self.max_q_len)
@@ -116,7 +130,7 @@ class VQADataset(Dataset):
         ids, labels = build_example(self.tokenizer, self.config, row[QUESTION_KEY], row[ANSWER_KEY],
                                     max_q_len=self.max_q_len, max_a_len=self.max_a_len)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "pixel_values": self.pixel_values(idx)}
+                "pixel_values": self.pixel_values(idx), "index": idx}  # index: names the row of a NaN loss
 
 
 def pad_token_id(tokenizer) -> int:
