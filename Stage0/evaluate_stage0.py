@@ -18,8 +18,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+import cli
+from image_loader import read_rows
 from metrics import auc
-from Stage0.dataset import ImageTextContrastiveDataset, collate_fn
+from Stage0.dataset import ImageTextContrastiveDataset, collate_fn, data_keys
 from Stage0.towers import load_model, text_length
 from Stage0.train_vision_encoder_stage0 import reinit_image_backbone
 from Stage0.trainer import DualEncoder, evaluate_contrastive
@@ -28,7 +31,7 @@ logger = logging.getLogger("siglip_med")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", nargs="+", required=True, help="one or more Stage0 model folders")
     p.add_argument("--labels", nargs="+", default=None, help="column names for the table")
     p.add_argument("--reinit_vision_tower", nargs="*", default=[],
@@ -47,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_device(p, args.device)
+    return args
 
 
 @torch.no_grad()
@@ -152,6 +157,15 @@ def main(argv=None):
     labels = args.labels or [Path(p).name for p in args.model_path]
     if len(labels) != len(args.model_path):
         raise SystemExit("--labels needs one name per --model_path")
+    # Every input before the first model loads: the folders' kind, the data file, each row's image.
+    for path in args.model_path:
+        cli.require_checkpoint(path, "--model_path", {"stage0"}, "a Stage0 model",
+                               "pass Stage0 output folders such as runs/stage0/final_model")
+    split = args.split if args.label_column else None  # evaluate_model reads every row
+    cli.check_data_file(args.test_json, "--test_json", split_column="split" if split else None, split=split)
+    image_key = data_keys(args.test_json, args.image_key if args.label_column else None)[0]
+    read_rows(args.test_json, args.image_root, (image_key,), image_key=image_key,
+              split_column="split" if split else None, split=split)
     if args.label_column:
         if len(args.model_path) != 1:
             raise SystemExit("--label_column evaluates one --model_path")
@@ -172,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -27,6 +27,8 @@ if __package__ in (None, ""):
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import cli
+from image_cache import load_cached, open_cache
 from image_loader import ImageLoadError, load_input, read_rows
 from Stage0.dataset import data_keys
 from Stage0.towers import embed, load_model, text_length
@@ -35,7 +37,7 @@ logger = logging.getLogger("siglip_med")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="a Stage0 final_model/ or best_model/ (any towers)")
     g = p.add_argument_group("one image")
     g.add_argument("--image_path", default=None, help="PNG, JPEG or DICOM")
@@ -62,6 +64,7 @@ def parse_args(argv=None):
         p.error("--queries must not be empty")
     if args.split and not args.split_column:
         args.split_column = "split"
+    cli.check_device(p, args.device)
     return p, args
 
 
@@ -70,13 +73,14 @@ class ImageFiles(Dataset):
 
     def __init__(self, rows, processor, source):
         self.rows, self.processor, self.source = rows, processor, source
+        self.cache = open_cache(source, processor, rows) if source else None
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
         r = self.rows[i]
-        image = load_input(r["image_path"], row=r["row"], source=self.source)
+        image = load_cached(r["image_path"], row=r["row"], source=self.source, cache=self.cache)
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
@@ -97,29 +101,34 @@ def score(model, tokenizer, pixel_batches, queries, device) -> torch.Tensor:
 def main(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(message)s", stream=sys.stderr, level=logging.INFO, force=True)
-    try:
-        model, tokenizer, processor = load_model(args.model_path)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        parser.error(str(e))
-    model.to(args.device).eval()
+    # The inputs before the model: a wrong path fails at once, not after the model has loaded.
     if args.image_path:
         try:
             image = load_input(args.image_path)
         except ImageLoadError as e:
             parser.error(str(e))
+    else:
+        image_key, caption_key = data_keys(args.csv_path, args.image_key, args.caption_key)
+        keys = (image_key,) if args.queries else (image_key, caption_key)
+        try:
+            rows = read_rows(args.csv_path, args.image_root, keys, image_key=image_key,
+                             split_column=args.split_column, split=args.split)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+    try:
+        cli.require_checkpoint(args.model_path, "--model_path", {"stage0"}, "a Stage0 model",
+                               "pass a Stage0 output folder such as runs/stage0/final_model")
+        model, tokenizer, processor = load_model(args.model_path)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        parser.error(str(e))
+    model.to(args.device).eval()
+    if args.image_path:
         px = processor(images=image, return_tensors="pt")["pixel_values"]
         scores = score(model, tokenizer, [px], args.queries, args.device)[0]
         ranked = sorted(zip(args.queries, scores.tolist()), key=lambda x: -x[1])
         for q, s in ranked:
             print(f"{s:.4f}\t{q}")
         return ranked
-    image_key, caption_key = data_keys(args.csv_path, args.image_key, args.caption_key)
-    keys = (image_key,) if args.queries else (image_key, caption_key)
-    try:
-        rows = read_rows(args.csv_path, args.image_root, keys, image_key=image_key,
-                         split_column=args.split_column, split=args.split)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
     queries = args.queries or list(dict.fromkeys(str(r[caption_key]).strip() for r in rows))
     loader = DataLoader(ImageFiles(rows, processor, args.csv_path), batch_size=args.batch_size)
     scores = score(model, tokenizer, loader, queries, args.device)
@@ -140,4 +149,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

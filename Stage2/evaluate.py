@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import cli
 from metrics import normalize_answer, token_f1, yes_no
 from Stage2.dataset import ANSWER_KEY, QUESTION_KEY, VQACollator, VQADataset, pad_token_id, read_rows
 from Stage2.inference_vqa_stage2 import generate_answers, generation_kwargs, load_model, resolve_dtype
@@ -110,7 +111,7 @@ def format_table(summary: dict, markdown: bool = False) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
     g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
     g.add_argument("--llm_path", default=None)
@@ -133,7 +134,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.model_path and not (args.llm_path and args.projector_path):
         p.error("pass --model_path, or both --llm_path and --projector_path")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = cli.check_device(p, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.output_json is None:
         base = Path(args.model_path) if args.model_path else Path(args.llm_path).parent
         args.output_json = str(base / f"eval_{Path(args.test_json).stem}.json")
@@ -144,6 +145,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=logging.INFO, force=True)
+    cli.check_data_file(args.test_json, "--test_json")
     rows = read_rows(args.test_json, args.image_root)  # references are required here, not for generation
     model, tokenizer, image_processor, source = load_model(
         args.model_path, llm_path=args.llm_path, projector_path=args.projector_path,
@@ -173,4 +175,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
 
 import torch
 
+import cli
 from image_loader import ImageLoadError, load_image
 from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, load_vlm, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, build_prompt, chat_token_ids, pad_token_id
@@ -52,24 +53,25 @@ def resolve_dtype(name: str, device: str):
 def load_model(model_path=None, *, llm_path=None, projector_path=None, vision_model_name=None,
                device="cpu", dtype=torch.float32, allow_vision_tower_mismatch=False):
     """(model, tokenizer, image_processor, description) from an exported folder, or reassembled
-    from the LM folder, the projector and the vision tower. Missing folders raise
-    FileNotFoundError naming the flag."""
+    from the LM folder, the projector and the vision tower. A missing folder raises
+    FileNotFoundError, a folder of another kind (a Stage0 model, no model) cli.UserError, each
+    naming the flag and what the folder holds."""
     if model_path:
         path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model_path {path}: not a model folder (no config.json)"
-                                    + ("" if path.exists() else "; the folder does not exist"))
+        cli.require_checkpoint(path, "--model_path", {"stage1", "stage2"}, "a Stage2 export (the VQA model)",
+                               "pass a Stage2 output folder such as runs/stage2/final_model")
         model, tokenizer, image_processor = load_vlm(path, torch_dtype=dtype)
         source = {"model_path": str(path)}
     else:
         if not (llm_path and projector_path):
             raise ValueError("pass --model_path, or --llm_path and --projector_path (with --vision_model_name)")
         llm, proj = Path(llm_path), Path(projector_path)
-        if not (llm / "config.json").is_file():
-            raise FileNotFoundError(f"--llm_path {llm}: not a language-model folder (no config.json)")
+        cli.require_checkpoint(llm, "--llm_path", {"lm", "encoder", "vlm"}, "a language model",
+                               "pass a Stage2 output's language_model/ folder")
+        cli.require_checkpoint(proj, "--projector_path", {"projector", "stage1", "stage2"},
+                               f"a {PROJECTOR_DIR}/ folder or a Stage1/Stage2 export",
+                               f"pass a Stage2 output's {PROJECTOR_DIR}/ folder")
         pdir = proj / PROJECTOR_DIR if (proj / PROJECTOR_DIR).is_dir() else proj
-        if not (pdir / "config.json").is_file():
-            raise FileNotFoundError(f"--projector_path {proj}: not a {PROJECTOR_DIR}/ folder (no config.json)")
         record = recorded_tower(pdir)
         if vision_model_name is None:
             trained_tower = llm.parent / VISION_TOWER_DIR
@@ -131,7 +133,7 @@ def answer_questions(model, tokenizer, image_processor, images, questions, *, ma
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
     g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
     g.add_argument("--llm_path", default=None, help="Stage 2's final_model/language_model")
@@ -168,9 +170,9 @@ def parse_args(argv=None):
         p.error("--do_sample needs --temperature > 0")
     if not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+    if not args.question.strip():
+        p.error("--question is empty; pass the question to ask, e.g. --question \"Is there a pleural effusion?\"")
+    args.device = cli.check_device(p, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return p, args
 
 
@@ -210,4 +212,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -164,11 +164,15 @@ def test_every_stage_checks_its_engine_before_loading_models(monkeypatch, tmp_pa
     from Stage0.train_vision_encoder_stage0 import main as s0
     from Stage1.train_projection_stage1 import main as s1
     from Stage2.train_vqa_stage2 import main as s2
-    common = ["--output_dir", str(tmp_path), "--report_to", "none", "--image_root", str(tmp_path)]
-    for main, argv in ((s0, ["--train_json", "x.json", "--model_name", "/nonexistent"]),
-                       (s1, ["--train_json", "x.json", "--vision_model_name", "/nonexistent", "--llm_name", "/nonexistent"]),
-                       (s2, ["--train_json", "x.json", "--vision_model_name", "/nonexistent", "--llm_name", "/nonexistent",
-                             "--stage1_projector_path", "/nonexistent"])):
+    # The data file and the Stage 1 folder are checked before the engine (they exist or not, on
+    # disk), so the data file exists here and Stage 2 starts without a Stage 1 projector.
+    data = tmp_path / "x.json"
+    data.write_text('[{"image": "x.png", "caption": "x", "problem": "x", "normal_caption": "x"}]')
+    common = ["--output_dir", str(tmp_path), "--report_to", "none", "--image_root", str(tmp_path),
+              "--train_json", str(data)]
+    for main, argv in ((s0, ["--model_name", "/nonexistent"]),
+                       (s1, ["--vision_model_name", "/nonexistent", "--llm_name", "/nonexistent"]),
+                       (s2, ["--vision_model_name", "/nonexistent", "--llm_name", "/nonexistent"])):
         with pytest.raises(SystemExit, match="refused"):
             main(argv + common)
     assert seen == ["Stage0", "Stage1", "Stage2"]

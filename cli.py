@@ -1,0 +1,264 @@
+"""What every command-line entry point shares: a user error becomes one line on standard error,
+`error: <what is wrong, with the path or flag, and the fix>` (a message that lists several bad
+rows keeps its list under that line), and exit status 2; bugs keep their traceback.
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+A user error is `UserError` (raised here and by the CLIs' own checks), `ImageLoadError`, a
+missing path (`FileNotFoundError`, `IsADirectoryError`, `NotADirectoryError`), a `ValueError`
+raised by this project's own modules (their messages are written for users: a bad row, a
+projector that does not fit) and `raise SystemExit("error: ...")`. A `ValueError` raised inside
+torch or transformers is a bug until shown otherwise and keeps its traceback, as does every
+other exception. SIGLIP_MED_TRACEBACK=1 shows the traceback of user errors too.
+
+The checks a CLI runs before it loads anything live here too: `checkpoint_kind` (what a folder
+the user passed holds), `require_checkpoint`, `check_data_file`, `check_device`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from image_loader import ImageLoadError
+
+ROOT = Path(__file__).resolve().parent
+TRACEBACK_ENV = "SIGLIP_MED_TRACEBACK"
+EXIT_USER_ERROR = 2  # argparse's status for a bad command line
+
+
+class UserError(ValueError):
+    """Something the user can fix (a path, a flag, a data file); the message says what and how."""
+
+
+# ---------------------------------------------------------------- the entry point
+
+def _lines(message) -> list[str]:
+    text = str(message).strip()
+    if "Traceback (most recent call last)" in text:
+        # Re-raised from a DataLoader worker: the message holds the worker's traceback, whose
+        # last line is the original "module.Error: message".
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = re.sub(r"^[\w.]+: ", "", last.strip())
+    return [ln.rstrip() for ln in text.splitlines() if ln.strip()] or ["(no message)"]
+
+
+def one_line(message) -> str:
+    """`error: <message>` on one line."""
+    text = " ".join(ln.strip() for ln in _lines(message))
+    return text if text.startswith("error:") else f"error: {text}"
+
+
+def error_text(message) -> str:
+    """`error: <message>`: one line, except that a message listing several things (bad rows, a
+    projector's mismatches) keeps its list, indented under the first line."""
+    head, *rest = _lines(message)
+    head = head.strip() if head.strip().startswith("error:") else f"error: {head.strip()}"
+    return "\n".join([head] + ["  " + ln.strip() if not ln.startswith(" ") else ln for ln in rest])
+
+
+def _raised_by_project(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return path.is_relative_to(ROOT) and not {".venv", "site-packages"} & set(path.relative_to(ROOT).parts)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (UserError, ImageLoadError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    return isinstance(exc, ValueError) and _raised_by_project(exc)
+
+
+def _report(message) -> None:
+    rank = os.environ.get("RANK")
+    text = error_text(message)
+    if rank not in (None, "0"):  # under accelerate launch every process reports; say which one
+        text = text.replace("error:", f"error: [rank {rank}]", 1)
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(main, argv=None):
+    """Call `main(argv)` as a command-line entry point: a user error prints one `error:` line
+    and exits with status 2, anything else propagates with its traceback."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("error: ..."): the project's refusals
+            _report(e.code)
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise
+    except Exception as e:
+        if os.environ.get(TRACEBACK_ENV) or not is_user_error(e):
+            raise
+        _report(e)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format: one `error:` line and exit status 2, without
+    the usage block argparse prints first (--help shows it)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, one_line(message) + "\n")
+
+
+# ---------------------------------------------------------------- checks before anything loads
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> str:
+    """Refuse (via parser.error) a --device this machine does not have, before a model loads."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {device}: not a device name; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or run where a GPU and a CUDA build of torch are")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {device}: MPS is not available here; use --device cpu")
+    return device
+
+
+def _config(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def checkpoint_kind(path) -> str:
+    """What a folder holds, from its files alone (nothing is loaded):
+
+    stage0     a Stage0 model: `towers.json` (any tower pairing) or a SiglipModel config (a
+               one-SigLIP Stage0 output, or a SigLIP checkpoint to start from)
+    stage1     a Stage1 export: a VLM folder holding `projection_layer/`
+    stage2     a Stage2 export: the same plus `language_model/`
+    vlm        a vision-language model config without this project's `projection_layer/`
+    projector  a `projection_layer/` folder itself
+    lm         a causal language model (`*ForCausalLM`)
+    encoder    any other single model (an image or text tower)
+    unknown    a file, or a folder with no model config
+    missing    nothing at that path
+    """
+    p = Path(path)
+    if not p.exists():
+        return "missing"
+    if not p.is_dir():
+        return "unknown"
+    if (p / "towers.json").is_file():
+        return "stage0"
+    if (p / "projection_layer" / "config.json").is_file():
+        return "stage2" if (p / "language_model" / "config.json").is_file() else "stage1"
+    cfg = _config(p)
+    if not cfg:
+        return "unknown"
+    if {"in_dim", "out_dim", "depth"} <= cfg.keys():
+        return "projector"
+    if cfg.get("model_type") == "siglip":
+        return "stage0"
+    if "vision_config" in cfg and "text_config" in cfg:
+        return "vlm"
+    if any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or []):
+        return "lm"
+    return "encoder"
+
+
+_TAKES = {
+    "stage0": ("a Stage0 model or a SigLIP checkpoint (image and text towers)",
+               "Stage0/inference_stage0.py and Stage0/evaluate_stage0.py take it as --model_path, "
+               "Stage1 and Stage2 training as --vision_model_name"),
+    "stage1": ("a Stage1 export (vision tower, projector and LM)",
+               "Stage2/train_vqa_stage2.py takes it as --stage1_projector_path"),
+    "stage2": ("a Stage2 export (the VQA model)",
+               "Stage2/inference_vqa_stage2.py and Stage2/evaluate.py take it as --model_path"),
+    "vlm": ("a vision-language model without this project's projection_layer/",
+            "the CLIs here read the final_model/ folders Stage1 and Stage2 write"),
+    "projector": ("a projection_layer/ folder (the projector alone)",
+                  "Stage2/inference_vqa_stage2.py takes it as --projector_path (with --llm_path), "
+                  "Stage2/train_vqa_stage2.py as --stage1_projector_path"),
+    "lm": ("a language model",
+           "Stage1 and Stage2 training take it as --llm_name, Stage2/inference_vqa_stage2.py as --llm_path"),
+    "encoder": ("a single {model_type} model (one tower)",
+                "Stage0 training takes it as --image_model_name or --text_model_name, Stage1 and Stage2 "
+                "training as --vision_model_name"),
+}
+
+
+def require_checkpoint(path, flag: str, accept, wanted: str, fix: str) -> str:
+    """The kind of `path` if it is one of `accept`; otherwise a one-line error that says what
+    the folder is, which CLI takes it, and `fix`. A missing path is a FileNotFoundError."""
+    kind = checkpoint_kind(path)
+    if kind in accept:
+        return kind
+    where = f"{flag} {path}"
+    if kind == "missing":
+        raise FileNotFoundError(f"{where}: the folder does not exist; {fix}")
+    if kind == "unknown":
+        what = ("a file, not a folder" if Path(path).is_file()
+                else "no model in this folder (no config.json or towers.json)")
+        raise UserError(f"{where}: {what}; {fix}")
+    what, takes = _TAKES[kind]
+    what = what.format(model_type=_config(Path(path)).get("model_type", "?"))
+    raise UserError(f"{where}: this is {what}, not {wanted}; {takes}; {fix}")
+
+
+def _rows(p: Path, flag: str) -> tuple[list, list | None]:
+    """(rows, CSV columns or None) of a JSON list or a CSV file with a header."""
+    if p.suffix.lower() == ".csv":
+        try:
+            with p.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                return list(reader), reader.fieldnames or []
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{flag} {p}: not a readable CSV ({e})") from e
+    try:
+        rows = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {p}: not valid JSON ({e}); a data file is a JSON list of objects "
+                        "or a CSV with a header") from e
+    if not isinstance(rows, list):
+        raise UserError(f"{flag} {p}: expected a JSON list of objects, got a JSON {type(rows).__name__}")
+    return rows, None
+
+
+def check_data_file(path, flag: str, *, split_column=None, split=None, split_flag="--split") -> int:
+    """The number of rows of a JSON list or a CSV data file (of one split when `split_column`
+    is given), counted without opening any image, so that a missing or empty data file fails
+    in a second instead of after the models load. The datasets check the rows themselves."""
+    p = Path(path)
+    if not p.is_file():
+        what = "a directory, not a data file" if p.is_dir() else "no such file"
+        raise FileNotFoundError(f"{flag} {path}: {what}; pass an existing JSON or CSV data file")
+    rows, columns = _rows(p, flag)
+    if split_column and columns is not None and split_column not in columns:
+        raise UserError(f"{flag} {path}: no column {split_column!r} to select the {split!r} rows "
+                        f"(columns: {columns}); name it with --split_column")
+    n, values = 0, set()
+    for r in rows:
+        if not split_column:
+            n += 1
+            continue
+        v = str(r.get(split_column)).strip() if isinstance(r, dict) and r.get(split_column) is not None else None
+        n += v == split
+        values.add(v)
+    if not n and not values:
+        raise UserError(f"{flag} {path}: the file holds no rows; fill it, or pass another file")
+    if not n:
+        shown = sorted(v for v in values if v is not None)
+        raise UserError(f"{flag} {path}: no rows with {split_column} == {split!r} (its values: "
+                        f"{', '.join(map(repr, shown[:8])) or 'none'}); pass the split's name with {split_flag}")
+    return n
