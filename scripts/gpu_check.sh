@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every stage on a CUDA GPU at real architecture sizes (random weights built from configs, so no
 # download): Stage0 (bf16, fp16, trained text tower), Stage1, Stage2 (full and LoRA), the
-# DeepSpeed ZeRO-2 and FSDP2 configs where one GPU can run them, and the inference CLI.
+# DeepSpeed ZeRO-2 and FSDP2 configs where one GPU can run them, --torch_compile with
+# --gradient_checkpointing, the inference CLI, and scripts/benchmark.py --device cuda.
 # Device and dtype bugs hide on CPU; this is the one command that finds them.
 #
 #   bash scripts/gpu_check.sh                         # everything, ~10 minutes on one H100
@@ -85,6 +86,7 @@ stage0() {  # stage0 NAME [ENV=VALUE ...] -- [FLAGS...]
 stage0 stage0_bf16 MIXED_PRECISION=bf16
 stage0 stage0_fp16 MIXED_PRECISION=fp16
 stage0 stage0_text MIXED_PRECISION=bf16 BATCH_SIZE=32 FREEZE_FLAGS="--no_freeze_text_encoder --no_freeze_logit_scale"
+stage0 stage0_compile MIXED_PRECISION=bf16 FREEZE_FLAGS="--torch_compile --gradient_checkpointing"
 stage0 stage0_deepspeed MIXED_PRECISION=bf16 BATCH_SIZE=32 GRAD_ACCUM=2 \
     ACCELERATE_CONFIG=scripts/accelerate/deepspeed_zero2.yaml
 stage0 stage0_fsdp MIXED_PRECISION=bf16 BATCH_SIZE=32 GRAD_ACCUM=2 ACCELERATE_CONFIG=scripts/accelerate/fsdp.yaml
@@ -105,6 +107,7 @@ stage2() {  # stage2 NAME [ENV=VALUE ...]
 }
 stage2 stage2_full
 stage2 stage2_lora LORA_R=16 LEARNING_RATE=2e-4
+stage2 stage2_compile EXTRA_FLAGS="--torch_compile --gradient_checkpointing"
 stage2 stage2_deepspeed ACCELERATE_CONFIG=scripts/accelerate/deepspeed_zero2.yaml
 stage2 stage2_fsdp ACCELERATE_CONFIG=scripts/accelerate/fsdp.yaml
 
@@ -113,6 +116,9 @@ for m in stage2_full stage2_lora; do
     check "infer_$m" python3 Stage2/inference_vqa_stage2.py --model_path "$OUT/$m/final_model" \
         --image_path "$IMG" --question "Is there cardiomegaly?" --max_new_tokens 32 --device cuda --json
 done
+
+check benchmark python3 scripts/benchmark.py --device cuda --output_json "$OUT/benchmark.json" \
+    --output_md "$OUT/benchmark.md"
 
 echo >> "$SUMMARY"
 cat "$SUMMARY"
