@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import statistics
 import sys
 import time
 import warnings
@@ -24,6 +26,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 logger = logging.getLogger("siglip_med")
 
 CHECKPOINT_DIR = "checkpoints"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 _STATE_FILE = "trainer_state.json"
 
 
@@ -45,6 +48,11 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="stop after this many optimizer steps (default: all epochs)")
     g.add_argument("--group_by_length", action="store_true",
                    help="Stage1/Stage2: batch samples of similar token length together (less padding)")
+    # Reliability: non-finite steps (SIGTERM/SIGUSR1 preemption needs no flag).
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="stop, with a resume checkpoint and exit status 1, after this many optimizer steps in a "
+                        "row were skipped for a NaN/inf loss or gradient norm (fp16 loss scaling skips a few "
+                        "while it calibrates)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--report_to", choices=["wandb", "tensorboard", "none"], default="wandb",
                    help="falls back to tensorboard, then none, if the tracker cannot start")
@@ -59,6 +67,28 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="'latest' or a path to OUTPUT_DIR/checkpoints/step_N")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="start over in an output folder that holds another run (its checkpoints are deleted)")
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
+                   help="attention kernel of every Hugging Face tower (flash_attention_2 needs flash-attn)")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute the activations of every block gradients flow through (trained or "
+                        "frozen) in backward: much less memory, ~30%% slower")
+    g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help=argparse.SUPPRESS)
+    g.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the towers and the LM (the first steps compile; weights and "
+                        "checkpoints are unchanged)")
+    g.add_argument("--torch_compile_backend", default="inductor", help=argparse.SUPPRESS)
+    g.add_argument("--torch_compile_mode", default=None,
+                   choices=[None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    g = p.add_argument_group("bad data (checked before the first step: see data_check.py)")
+    g.add_argument("--on_bad_sample", choices=["error", "skip"], default="error",
+                   help="rows whose image is missing or unreadable, or whose text is empty: error stops before "
+                        "training and lists them all; skip drops them (OUTPUT_DIR/dropped_rows.json) and replaces "
+                        "a sample that stops loading mid-run with the next readable row")
+    g.add_argument("--full_decode_check", action="store_true",
+                   help="check by decoding every image and reading every volume (finds e.g. a truncated DICOM "
+                        "frame or a NaN in a CT volume); default: headers only")
     return p
 
 
@@ -131,6 +161,7 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
     )
     if stage is not None:
         check_engine(accelerator, stage, args)
+    check_attn_implementation(getattr(args, "attn_implementation", "sdpa"))
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         # --max_grad_norm is the one source of truth; DeepSpeed clips inside its engine step.
@@ -139,6 +170,8 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=logging.INFO if accelerator.is_main_process
                         else logging.ERROR, force=True)
+    # The process count sets the global batch and the data order a resume must continue.
+    args.num_processes = accelerator.num_processes
     check_output_dir(args)  # before args.json is rewritten, on every process alike
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -168,7 +201,7 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
 _RUN_DEFINING = ("model_name", "image_model_name", "text_model_name", "text_model_path", "image_model_path",
                  "vision_model_name", "llm_name", "stage1_projector_path", "train_json", "val_json",
                  "label_column", "learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps",
-                 "lr_scheduler", "seed", "lora_r", "freeze_text_encoder",
+                 "lr_scheduler", "seed", "lora_r", "freeze_text_encoder", "num_processes",
                  "freeze_image_backbone", "unfreeze_llm", "unfreeze_projection_layer", "train_ve_first_epoch")
 
 
@@ -178,6 +211,7 @@ def check_output_dir(args) -> None:
     as does a `latest` resume whose model, data or schedule differ from the saved run's, each
     naming what differs; --overwrite_output_dir starts over."""
     out = Path(args.output_dir)
+    _check_explicit_checkpoint(args)
     if getattr(args, "overwrite_output_dir", False) or not out.is_dir():
         return
     has_run = bool(list_checkpoints(out)) or (out / "final_model").is_dir()
@@ -190,13 +224,35 @@ def check_output_dir(args) -> None:
                          "with --resume_from_checkpoint latest.")
     saved = out / "args.json"
     if args.resume_from_checkpoint == "latest" and saved.is_file() and list_checkpoints(out):
-        before = json.loads(saved.read_text())
-        now = json.loads(json.dumps(vars(args), default=str))
-        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in _RUN_DEFINING
-                   if k in now and k in before and before[k] != now[k]]
+        changed = _changed_settings(saved, args)
         if changed:
             raise SystemExit(f"error: --resume_from_checkpoint latest would continue the run in {out}, but this run "
                              f"differs from it: {'; '.join(changed)}. {fix}.")
+
+
+def _changed_settings(saved_args: Path, args) -> list[str]:
+    before = json.loads(saved_args.read_text())
+    now = json.loads(json.dumps(vars(args), default=str))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in _RUN_DEFINING
+            if k in now and k in before and before[k] != now[k]]
+
+
+def _check_explicit_checkpoint(args) -> None:
+    """A checkpoint path given explicitly must come from a run with this run's model, data,
+    optimiser and process count; otherwise it would be half-loaded (shapes that happen to fit)
+    or resumed onto another data order. Refused before anything loads, naming what differs."""
+    given = args.resume_from_checkpoint
+    if not given or given == "latest":
+        return
+    ckpt = Path(given)
+    saved = ckpt.parent.parent / "args.json"
+    if ckpt.parent.name != CHECKPOINT_DIR or not saved.is_file():
+        return
+    changed = _changed_settings(saved, args)
+    if changed:
+        raise SystemExit(f"error: --resume_from_checkpoint {ckpt} was written by a run with other settings: "
+                         f"{'; '.join(changed)}. Resume it with that run's settings (see {saved}), or start "
+                         "fresh without --resume_from_checkpoint.")
 
 
 def warn_if_nothing_to_train(step: int, total_steps: int, output_dir) -> None:
@@ -227,6 +283,131 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16"
 
 
+# ----------------------------------------------------------------- speed options, every stage
+def check_attn_implementation(impl: str) -> None:
+    """Refuse, before any model loads, a kernel that is not installed here."""
+    from transformers.utils import import_utils as iu
+    available = {"flash_attention_2": iu.is_flash_attn_2_available,
+                 "flash_attention_3": getattr(iu, "is_flash_attn_3_available", lambda: False)}
+    if impl in available and not available[impl]():
+        raise SystemExit(f"error: --attn_implementation {impl} needs the flash-attn package and a CUDA GPU "
+                         "it supports; use --attn_implementation sdpa (the default)")
+
+
+def hf_models(module: torch.nn.Module) -> list:
+    """The outermost Hugging Face models inside `module` (itself included)."""
+    from transformers import PreTrainedModel
+    found, stack = [], [module]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, PreTrainedModel):
+            found.append(m)
+        else:
+            stack.extend(m.children())
+    return found
+
+
+def set_attention(module: torch.nn.Module, impl: str) -> None:
+    """Every Hugging Face model inside `module` computes attention with `impl`. Models that
+    have no such kernel (plain torch towers such as Merlin's, or a model that does not support
+    it) keep theirs, with a warning."""
+    for m in hf_models(module):
+        try:
+            m.set_attn_implementation(impl)
+        except (ValueError, ImportError) as e:
+            logger.warning("%s keeps attention %s: %s", type(m).__name__,
+                           getattr(m.config, "_attn_implementation", "?"), str(e).splitlines()[0])
+
+
+def _blocks(module: torch.nn.Module) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_gradient_checkpointing(modules) -> None:
+    """Recompute in backward the blocks of each module that gradients flow through.
+
+    Hugging Face blocks checkpoint only in train() mode, which would leave a frozen LM that
+    gradients pass through (Stage1; Stage2 without --unfreeze_llm) storing every activation.
+    So a pre-hook on each module sets its blocks' own `training` flag to "gradients are being
+    recorded" at every call: frozen blocks recompute too, their dropout submodules keep their
+    mode, and under no_grad (validation, generate) the blocks run plainly and keep their KV
+    cache. Non-reentrant, so LoRA adapters and frozen inputs still get gradients."""
+    for module in modules:
+        for m in hf_models(module):
+            if not m.supports_gradient_checkpointing:
+                logger.warning("%s does not support gradient checkpointing", type(m).__name__)
+                continue
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        blocks = _blocks(module)
+
+        def mark(_module, _inputs, blocks=blocks):
+            grad = torch.is_grad_enabled()
+            for blk in blocks:
+                blk.training = grad
+        module.register_forward_pre_hook(mark)
+
+
+_compiled_blocks = 0  # blocks compiled in this process; StepLogger watches for recompiles then
+
+
+def compile_modules(modules, args) -> None:
+    """torch.compile block by block, in place (`nn.Module.compile`): each transformer block
+    (or a whole module that has none, e.g. a plain-torch tower) is one graph, so shapes that
+    change per batch recompile small graphs, checkpointing hooks stay outside them, and
+    state-dict keys, checkpoints and exports are unchanged."""
+    global _compiled_blocks
+    if not args.torch_compile:
+        return
+    n = 0
+    for module in modules:
+        for m in _blocks(module) or [module]:
+            m.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+            n += 1
+    _compiled_blocks += n
+    logger.info("torch.compile (%s%s): %d blocks of %s", args.torch_compile_backend,
+                f", {args.torch_compile_mode}" if args.torch_compile_mode else "", n,
+                ", ".join(type(m).__name__ for m in modules))
+
+
+def speed_options(args, model, *, grad_flow=(), hot=()) -> None:
+    """The speed flags every stage shares: attention kernel on every HF model in `model`,
+    gradient checkpointing on the modules gradients flow through (`grad_flow`), torch.compile
+    on the modules every step runs (`hot`). Call before accelerator.prepare."""
+    set_attention(model, args.attn_implementation)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(grad_flow)
+    compile_modules(hot, args)
+
+
+class CompileWatch:
+    """Counts the graphs torch.compile builds after the warm-up steps. Shapes that change from
+    batch to batch (a short last batch, another padded length) recompile; after the warm-up
+    that should stop, and a graph count that still grows is reported once."""
+
+    def __init__(self, enabled: bool, warmup_steps: int = 3):
+        self.enabled, self.warmup, self.base, self.warned = enabled, warmup_steps, None, False
+
+    @staticmethod
+    def graphs() -> int:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+
+    def step(self, steps_done: int) -> None:
+        if not self.enabled:
+            return
+        if steps_done == self.warmup:
+            self.base = self.graphs()
+            logger.info("torch.compile: %d graphs after %d warm-up steps", self.base, steps_done)
+        elif self.base is not None and not self.warned and self.graphs() > self.base:
+            self.warned = True
+            logger.warning("torch.compile recompiled after the warm-up (%d graphs, %d at warm-up): the "
+                           "input shapes vary; pad to fixed lengths to avoid the cost", self.graphs(), self.base)
+
+    def recompiles(self) -> int | None:
+        return None if self.base is None else self.graphs() - self.base
+
+
 def make_scheduler(optimizer, args, total_steps: int):
     from transformers import get_scheduler
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
@@ -248,14 +429,17 @@ def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
 
 def save_checkpoint(accelerator: Accelerator, output_dir, step: int, state: dict,
                     total_limit: int | None = 2) -> Path:
-    """Write OUTPUT_DIR/checkpoints/step_N atomically: save into a temporary folder and
-    rename it when complete, so an interrupted save never looks like a checkpoint.
+    """Write OUTPUT_DIR/checkpoints/step_N atomically: save into a temporary folder, write
+    trainer_state.json (the completion marker) last, and rename it when complete, so a save
+    cut short (a crash, a kill past the grace period) never looks like a checkpoint and the
+    previous one stays. Rotation keeps the newest `total_limit` complete ones.
     Every process must call this (accelerate saves per-process RNG states)."""
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):  # left by a save that was cut short
+            shutil.rmtree(stale, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
@@ -276,8 +460,15 @@ def list_checkpoints(output_dir) -> list[Path]:
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("step_*") if (p / _STATE_FILE).exists()]
+    done = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / _STATE_FILE).exists()]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _incomplete_checkpoints(output_dir) -> list[Path]:
+    """step_N folders without their completion marker (copied in part, or written by a tool
+    that does not save atomically): never resumed from."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not (p / _STATE_FILE).exists())
 
 
 def resolve_resume(output_dir, resume_from_checkpoint) -> Path | None:
@@ -315,6 +506,9 @@ def resume_from(accelerator: Accelerator, output_dir, resume_from_checkpoint) ->
         path = resolve_resume(output_dir, resume_from_checkpoint)
         return load_checkpoint(accelerator, path) if path is not None else None
     candidates = list_checkpoints(output_dir)[::-1]
+    for path in _incomplete_checkpoints(output_dir):
+        logger.warning("checkpoint folder %s is incomplete (no %s: its save was cut short); ignored", path,
+                       _STATE_FILE)
     for path in candidates:
         try:
             return load_checkpoint(accelerator, path)
@@ -345,7 +539,30 @@ def epoch_batches(accelerator: Accelerator, dataloader, epoch: int, skip_batches
     first `skip_batches` are skipped without loading them twice."""
     if hasattr(dataloader, "set_epoch"):
         dataloader.set_epoch(epoch)
-    return accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
+    return _RngNeutral(accelerator.skip_first_batches(dataloader, skip_batches)) if skip_batches else dataloader
+
+
+class _RngNeutral:
+    """Iterates a resumed epoch's loader without touching the global torch RNG. A DataLoader
+    draws its workers' base seed from the global RNG when its iterator is made: an
+    uninterrupted run made it at the epoch's start, a resumed one makes it mid-epoch, just
+    after the checkpoint's RNG state was restored; that one draw would shift every dropout
+    mask (LoRA dropout) after the resume."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        state = torch.get_rng_state()
+        it = iter(self.loader)
+        first = next(it, _RngNeutral)  # accelerate's loaders make the DataLoader iterator lazily
+        torch.set_rng_state(state)
+        if first is not _RngNeutral:
+            yield first
+            yield from it
 
 
 class EvalShard:
@@ -419,62 +636,142 @@ def accumulation_windows(batches, k: int):
 
 
 class NonFiniteGuard:
-    """Count optimizer steps whose gradient is NaN/inf (and so were skipped); give up after
-    `patience` such steps in a row (the run has diverged)."""
+    """Counts optimizer steps skipped for a NaN/inf loss or gradient norm: `bad` in a row and
+    `total` in all; `exhausted` after `patience` in a row (the run has diverged, or a run of bad
+    rows), when going on would only spend the allocation."""
 
     def __init__(self, patience: int = 10):
-        self.patience, self.bad = patience, 0
+        self.patience, self.bad, self.total = max(int(patience), 1), 0, 0
 
-    def ok(self, value, step: int, skipped_by: str = "skipping the update") -> bool:
-        value = torch.as_tensor(value, dtype=torch.float32)
-        if torch.isfinite(value).all():
-            self.bad = 0
-            return True
-        self.bad += 1
-        logger.warning("step %d: non-finite gradient norm (%s); %s (%d in a row)",
-                       step, value.item() if value.numel() == 1 else "tensor", skipped_by, self.bad)
-        if self.bad >= self.patience:
-            raise FloatingPointError(f"{self.bad} non-finite steps in a row at step {step}; "
-                                     "lower --learning_rate or use --mixed_precision bf16")
-        return False
+    def update(self, finite: bool) -> None:
+        self.bad = 0 if finite else self.bad + 1
+        self.total += int(not finite)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad >= self.patience
+
+
+def _stop_with_one_process_launcher() -> None:
+    """accelerate's one-process launcher neither relays signals nor stops its child, so a
+    SIGTERM to it alone (the job's main pid) would leave the trainer orphaned, training on.
+    Under it, Linux is asked to send the trainer SIGTERM when the launcher dies: the handler
+    then checkpoints and exits 0 like any preemption. (torchrun's agent, used for several
+    processes, relays signals itself.)"""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if not (any(a.endswith(b"accelerate") for a in cmdline[:2]) and b"launch" in cmdline):
+        return
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1, which SLURM, Kubernetes and spot instances send some time before
+    they kill a job, only set a flag here; the loop then finishes its optimizer step, writes a
+    resume checkpoint and exits 0 (OptimizerStep.stop_if_requested). The flag is all-reduced
+    once per step (OptimizerStep.finish), so every process stops after the same step even when
+    the signal reached only one of them, or each at another moment. A second signal changes
+    nothing: torchrun relays the SIGTERM it got to workers that may have had theirs already.
+
+    Hand-written: accelerate and torch have no such hook (torchrun's agent only relays the
+    signal, then kills its workers after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+    _installed = None  # the process's active instance; a new run's replaces one left behind
+
+    def __init__(self):
+        self.received: int | None = None  # the first signal's number
+        self._previous: dict = {}
+
+    def install(self) -> "Preemption":
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python runs signal handlers in the main thread only
+        if Preemption._installed is not None:
+            Preemption._installed.restore()
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)  # Windows has no SIGUSR1
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        Preemption._installed = self
+        _stop_with_one_process_launcher()
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or int(signum)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+        if Preemption._installed is self:
+            Preemption._installed = None
 
 
 class OptimizerStep:
     """One optimizer step over a window of micro-batches, the same for every trainer and engine.
 
     Every trainer computes its own exactly-normalised loss per micro-batch (the sum over the
-    window is the step's loss) and calls `backward`; `finish` then clips, checks the gradient
-    norm, steps, updates the fp16 scaler and zeroes the gradients. Engines differ in who does
-    what, and this class is the one place that knows:
+    window is the step's loss) and calls `backward`; `finish` then clips, agrees with the other
+    processes whether the step is finite and whether to stop, steps or skips, updates the fp16
+    scaler and zeroes the gradients; `stop_if_requested` ends the run with a resume checkpoint
+    when they agreed to stop. Engines differ in who does what, and this class is the one place
+    that knows:
 
     - DDP / one process: gradients sync on the window's last micro-batch only (`no_sync`
-      before it). The grad norm comes from `clip_grad_norm_` after the all-reduce, so every
-      process takes the same skip decision.
+      before it). One all-reduce per step carries two flags: "my loss, or the grad norm, is
+      NaN/inf" and "I received SIGTERM/SIGUSR1", so no process steps while another skips and
+      all stop after the same step.
     - fp16 (a GradScaler): an overflowed step must still go through `optimizer.step()`, which
       lets the scaler skip it and lower its scale; skipping the call instead leaves the
-      scaler's per-step state behind and the next unscale raises.
+      scaler's per-step state behind and the next unscale raises. A step skipped for another
+      process's loss while the gradients are finite ends the scaler's step with `update()`.
     - DeepSpeed: the engine steps inside `backward` on the boundary micro-batch, clipping with
       its configured `gradient_clipping` (set from --max_grad_norm) and skipping overflowed
       fp16 steps itself; `optimizer.step()`/`zero_grad()` are no-ops and the norm is read back.
+      A NaN loss with finite gradients cannot be skipped there; it is still counted.
     - FSDP2: parameters are DTensors; accelerate's clip reduces the norm over shards.
 
     The accelerator is built with the run's accumulation count, so accelerate (or the DeepSpeed
     engine) divides each micro-batch loss by it; `backward` multiplies it back, which keeps the
     trainers' own normalisation exact for short last windows too.
+
+    `dataset` (the training set; its `rows` and `source`/`json_path`) lets the first skipped
+    step of a streak name its samples' rows in the data file.
     """
 
     def __init__(self, accelerator: Accelerator, optimizer, model, params, max_grad_norm: float,
-                 patience: int = 10):
+                 patience: int = 10, dataset=None):
         self.acc, self.optimizer, self.model = accelerator, optimizer, model
         self.params = list(params)
         self.max_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
         self.guard = NonFiniteGuard(patience)
+        self.dataset = dataset
+        self.preemption = Preemption()
+        self.stop: str | None = None  # set when the processes agreed to stop: the signal's name
         self.steps_taken = 0  # optimizer updates actually applied (skipped ones excluded)
         from accelerate.utils import DistributedType
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def set_params(self, params) -> None:
         self.params = list(params)
+
+    def catch_preemption(self) -> None:
+        """From now on SIGTERM/SIGUSR1 stop the run after the current step (see Preemption)."""
+        self.preemption.install()
+
+    def close(self) -> None:
+        """The signals' previous handlers back (at the end of the loop)."""
+        self.preemption.restore()
 
     def micro_batches(self, window):
         """Yield the window's micro-batches, each inside the right gradient-sync context."""
@@ -490,39 +787,163 @@ class OptimizerStep:
     def backward(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss * self.acc.gradient_accumulation_steps)
 
-    def finish(self, step: int):
-        """Clip, check, step, update the scaler, zero the gradients. Returns (grad_norm, applied)."""
+    def _agree(self, nonfinite: bool, signum: int) -> tuple[bool, int]:
+        """Any process's non-finite flag and stop signal, on every process: the step's one
+        collective (the stop flag is the signal's number, so every process can name it)."""
+        if getattr(self.acc, "num_processes", 1) == 1:
+            return nonfinite, signum
+        flags = torch.tensor([float(nonfinite), float(signum)], device=self.acc.device)
+        flags = self.acc.reduce(flags, "max").tolist()
+        return flags[0] > 0, int(flags[1])
+
+    def finish(self, step: int, loss=None, window=None):
+        """Clip; agree whether the step is non-finite (this process's `loss`, the window's
+        summed loss, or the grad norm) and whether to stop; step or skip, update the scaler,
+        zero the gradients. `step` counts the steps before this one. Returns (grad_norm, applied)."""
         acc = self.acc
+        grad_norm = acc.clip_grad_norm_(self.params, self.max_norm)  # under DeepSpeed: already stepped
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        bad_loss = loss is not None and not bool(torch.isfinite(torch.as_tensor(loss).detach()).all())
+        nonfinite, signum = self._agree(bad_loss or not math.isfinite(grad_norm), self.preemption.received or 0)
         if self.deepspeed:
-            grad_norm = acc.clip_grad_norm_(self.params, self.max_norm)  # the engine already stepped
-            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-            applied = self.guard.ok(grad_norm, step, "the engine skipped the update")
+            applied = math.isfinite(grad_norm)
         else:
-            grad_norm = acc.clip_grad_norm_(self.params, self.max_norm)
-            finite = self.guard.ok(grad_norm, step, "the fp16 scaler skips the update and lowers its scale"
-                                   if acc.scaler is not None else "skipping the update")
-            if finite or acc.scaler is not None:
-                # With a scaler, step() is the scaler's step: it skips an inf step and updates.
+            if not nonfinite:
                 self.optimizer.step()
-            applied = finite and not acc.optimizer_step_was_skipped
+            elif acc.scaler is not None:
+                if math.isfinite(grad_norm):
+                    acc.scaler.update()  # unscale_ ran in the clip; the scaler needs its step closed
+                else:
+                    self.optimizer.step()  # the scaler's step: it skips the inf step and lowers its scale
+            applied = not nonfinite and not acc.optimizer_step_was_skipped
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += int(applied)
+        self.guard.update(not nonfinite)
+        if nonfinite:
+            self._report_nonfinite(step + 1, grad_norm, bad_loss, window)
+        if signum and self.stop is None:
+            self.stop = signal.Signals(signum).name
         return grad_norm, applied
+
+    def _report_nonfinite(self, step: int, grad_norm: float, bad_loss: bool, window) -> None:
+        """A warning per skipped step, `train/nonfinite_skipped` in the metrics, and with the
+        first of a streak the step's samples: every process's rows, so the bad one can be found."""
+        if self.deepspeed:
+            how = ("the engine skipped the update" if not math.isfinite(grad_norm)
+                   else "DeepSpeed had already applied it (its engine steps inside backward)")
+        elif self.acc.scaler is not None and not math.isfinite(grad_norm):
+            how = "the fp16 scaler skips the update and lowers its scale"
+        else:
+            how = "skipping the update on every process"
+        samples = self._samples(window, bad_loss) if self.guard.bad == 1 else ""
+        logger.warning("step %d: non-finite loss or gradient norm (grad norm %.4g); %s (%d in a row, %d in all, "
+                       "--max_nonfinite_steps %d)%s", step, grad_norm, how, self.guard.bad, self.guard.total,
+                       self.guard.patience, samples)
+        if getattr(self.acc, "project_dir", None) is not None:  # the trainers' Accelerator has one
+            log_metrics(self.acc, {"train/nonfinite_skipped": self.guard.total}, step)
+
+    def _samples(self, window, bad_loss: bool) -> str:
+        ids = []
+        for b in window or []:
+            if isinstance(b, dict) and "index" in b:
+                ids += [int(i) for i in torch.as_tensor(b["index"]).reshape(-1).tolist()]
+        mine = [(getattr(self.acc, "process_index", 0), bool(bad_loss), ids)]
+        if getattr(self.acc, "num_processes", 1) > 1:  # every process is here: the skip was agreed
+            from accelerate.utils import gather_object
+            mine = gather_object(mine)
+        rows = getattr(self.dataset, "rows", None)
+        source = getattr(self.dataset, "source", None) or getattr(self.dataset, "json_path", None)
+
+        def row(i):
+            r = rows[i].get("row", i) if rows is not None and 0 <= i < len(rows) else i
+            return f"row {r}" if isinstance(r, int) else str(r)
+        def listed(ids):
+            return ", ".join(row(i) for i in ids[:32]) + (", ..." if len(ids) > 32 else "") if ids else "no sample ids"
+        parts = [f"process {rank}{' (its loss is NaN/inf)' if bad else ''}: {listed(ids)}" for rank, bad, ids in mine]
+        return f"; its samples{f' in {source}' if source else ''}: " + "; ".join(parts)
+
+    def stop_if_requested(self, step: int, state: dict, args) -> None:
+        """Call after the step's bookkeeping and periodic checkpoint, with the state a resume
+        needs (epoch, batches done). When the processes agreed to stop (a preemption signal, or
+        --max_nonfinite_steps skipped steps in a row): write a resume checkpoint, unless this
+        step's was just written, say why in one line, and exit: status 0 after a signal (the
+        same command with --resume_from_checkpoint latest continues exactly), 1 after
+        non-finite steps."""
+        if self.stop is None and not self.guard.exhausted:
+            return
+        every = getattr(args, "checkpointing_steps", 0)
+        if every and step % every == 0:  # the trainer has just saved it
+            path = Path(args.output_dir) / CHECKPOINT_DIR / f"step_{step}"
+        else:
+            path = save_checkpoint(self.acc, args.output_dir, step, state, args.checkpoints_total_limit)
+        self.close()
+        if self.guard.exhausted:
+            message = (f"error: {self.guard.bad} optimizer steps in a row (steps {step - self.guard.bad + 1}-{step}) "
+                       f"had a NaN/inf loss or gradient norm and were skipped; stopped with a resume checkpoint in "
+                       f"{path}. Likely causes: a learning rate too high (lower --learning_rate), fp16 overflow "
+                       f"(use --mixed_precision bf16), or a bad data row (the first skipped step's samples are "
+                       f"logged above).")
+            self.acc.end_training()
+            raise SystemExit(message if self.acc.is_main_process else 1)
+        logger.warning("%s received: stopped after step %d with a resume checkpoint in %s; the same command with "
+                       "--resume_from_checkpoint latest continues the run exactly", self.stop, step, path)
+        self.acc.end_training()
+        raise SystemExit(0)
+
+
+class DivergenceWatch:
+    """A loss that stays finite but far above its recent level: more than `factor` x the median
+    of the last `window` logged losses for `patience` logged steps in a row gets one warning
+    (until the loss comes back down), naming the step, the loss and the median. It does not
+    stop the run. Quiet until `min_history` losses are logged: a normal run's loss falls fast
+    and noisily at the start."""
+
+    def __init__(self, factor: float = 10.0, window: int = 50, patience: int = 3, min_history: int = 20):
+        from collections import deque
+        self.factor, self.patience, self.min_history = factor, patience, min_history
+        self.history = deque(maxlen=window)
+        self.high, self.warned = 0, False
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record a logged loss; True when this one raised the warning."""
+        if not math.isfinite(loss):
+            return False  # skipped steps are the non-finite guard's business
+        fired = False
+        if len(self.history) >= self.min_history:
+            median = statistics.median(self.history)
+            if median > 0 and loss > self.factor * median:
+                self.high += 1
+                if self.high >= self.patience and not self.warned:
+                    logger.warning("step %d: loss %.4g is over %gx its median %.4g over the last %d logged steps, "
+                                   "for %d logged steps in a row: training may be diverging; try a lower "
+                                   "--learning_rate (or a longer warmup)", step, loss, self.factor, median,
+                                   len(self.history), self.high)
+                    self.warned = fired = True
+            else:
+                self.high, self.warned = 0, False
+        self.history.append(loss)
+        return fired
 
 
 class StepLogger:
     """Progress bar, loss (mean over processes), lr, grad norm and samples/s every `every`
-    optimizer steps and at the last one: the logging every trainer's loop shares."""
+    optimizer steps and at the last one: the logging every trainer's loop shares. The logged
+    losses also feed a DivergenceWatch."""
 
     def __init__(self, accelerator: Accelerator, scheduler, every: int, total_steps: int, initial: int, desc: str):
         from tqdm.auto import tqdm
         self.acc, self.scheduler, self.every, self.total = accelerator, scheduler, max(every, 1), total_steps
         self.bar = tqdm(total=total_steps, initial=initial, desc=desc, disable=not accelerator.is_local_main_process)
         self.tick, self.samples = time.perf_counter(), 0
+        self.divergence = DivergenceWatch()
+        self.compiled = CompileWatch(_compiled_blocks > 0)
+        self.steps_here = 0
 
     def step(self, step: int, epoch: int, loss, grad_norm, samples: int) -> None:
         self.samples += samples * self.acc.num_processes
         self.bar.update(1)
+        self.steps_here += 1
+        self.compiled.step(self.steps_here)
         if step % self.every and step != self.total:
             return
         loss = self.acc.reduce(torch.as_tensor(loss, device=self.acc.device, dtype=torch.float32).reshape(1),
@@ -537,6 +958,15 @@ class StepLogger:
         log_metrics(self.acc, metrics, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         logger.info("Step %d: Loss = %.4f, LR = %.2e", step, loss, lr)  # the seeds' log line
+        self.divergence.update(step, loss)
 
     def close(self):
         self.bar.close()
+
+
+def loader_kwargs(num_workers: int) -> dict:
+    """DataLoader settings every stage shares: page-locked batches when CUDA is used (the
+    host-to-device copy can then run asynchronously) and workers kept alive across epochs (no
+    re-fork and re-import of the dataset per epoch)."""
+    return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": num_workers > 0}

@@ -25,6 +25,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python Stage0/train_vision_encoder_stage0.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli
+import data_check
 from accelerator_setup import add_common_args, setup_accelerator_and_logging
 from Stage0.dataset import ImageTextContrastiveDataset
 from Stage0.towers import build_model, text_length
@@ -34,7 +36,7 @@ logger = logging.getLogger("siglip_med")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("towers (default: one pretrained SigLIP, --model_name)")
     g.add_argument("--model_name", default="StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli",
                    help="hub id or local folder of a SigLIP checkpoint (or a Stage0 final_model/)")
@@ -166,6 +168,29 @@ def parse_args(argv=None):
     return args
 
 
+def check_data(args) -> None:
+    """The data files exist and hold rows (of the train and val splits), checked before the
+    accelerator, a tracker or a model starts. The datasets check each row and image."""
+    if args.train_data_dir:  # directory mode: its CSV is written once the output folder is checked
+        return
+    flag = "--train_json/--csv_file"
+    if args.label_column:  # no split column: a stratified split is made (Stage0/labels.py)
+        cli.check_data_file(args.train_json, flag)
+        return
+    split_column = args.split_column
+    if split_column is None and str(args.train_json).lower().endswith(".csv"):
+        from image_loader import csv_columns
+        split_column = "split" if "split" in csv_columns(args.train_json) else None
+    cli.check_data_file(args.train_json, flag, split_column=split_column,
+                        split=args.train_split if split_column else None, split_flag="--train_split")
+    if args.val_json:
+        cli.check_data_file(args.val_json, "--val_json", split_column=args.split_column,
+                            split=args.val_split if args.split_column else None, split_flag="--val_split")
+    elif split_column:
+        cli.check_data_file(args.train_json, flag, split_column=split_column, split=args.val_split,
+                            split_flag="--val_split")
+
+
 def run_csv_tool(args) -> int:
     """--validate_csv / --create_example_csv (seed 002's CSV tools)."""
     from Stage0.data_tools import create_example_csv, validate_csv
@@ -186,11 +211,15 @@ def run_csv_tool(args) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_data(args)
     if args.train_data_dir:  # the CT seed's legacy directory mode becomes a CSV
-        from Stage0.data_tools import csv_from_directories
-        args.train_json = str(csv_from_directories(args.train_data_dir, args.val_data_dir, args.text_reports_path,
-                                                   Path(args.output_dir) / "data_from_dirs.csv"))
+        args.train_json = str(Path(args.output_dir) / "data_from_dirs.csv")
     accelerator = setup_accelerator_and_logging(args, stage="Stage0")
+    if args.train_data_dir:  # written once, after the output folder was checked, then read by all
+        from Stage0.data_tools import csv_from_directories
+        if accelerator.is_main_process:
+            csv_from_directories(args.train_data_dir, args.val_data_dir, args.text_reports_path, args.train_json)
+        accelerator.wait_for_everyone()
     model, tokenizer, image_processor = build_model(args)
     if args.freeze_logit_scale is None:  # a pretrained pair keeps its own; new heads learn theirs
         args.freeze_logit_scale = model.siglip is not None
@@ -208,11 +237,12 @@ def main(argv=None):
         from losses import LabelAwareObjective
         from Stage0.labels import class_text, prepare_labelled_csv
         image_key = args.image_key or ("img_path" if str(args.train_json).lower().endswith(".csv") else "image")
+        label_problems = []
         out_csv, class_names, classes = prepare_labelled_csv(
             args.train_json, args.image_root, image_key, args.label_column, args.classes_file,
             Path(args.output_dir) / "labelled_data.csv", split_column=args.split_column or "split",
             fractions=tuple(float(v) for v in args.stratified_split.split(",")), oversample_min=args.oversample_min,
-            seed=args.seed, write=accelerator.is_main_process)
+            seed=args.seed, write=accelerator.is_main_process, problems=label_problems)
         accelerator.wait_for_everyone()  # the file exists for every process before it is read
         args.train_json, args.image_key, args.caption_key, args.split_column = str(out_csv), "img_path", "caption", "split"
         args.image_root = ""
@@ -228,7 +258,7 @@ def main(argv=None):
         split_column = "split" if "split" in csv_columns(args.train_json) else None
     kw = dict(image_root=args.image_root, image_processor=image_processor, tokenizer=tokenizer,
               max_length=max_len, image_key=args.image_key, caption_key=args.caption_key,
-              tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n), **label_kw)
+              tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n), collect_bad_rows=True, **label_kw)
     train_ds = ImageTextContrastiveDataset(args.train_json, split_column=split_column,
                                            split=args.train_split if split_column else None, **kw)
     if args.val_json:
@@ -238,6 +268,9 @@ def main(argv=None):
         val_ds = ImageTextContrastiveDataset(args.train_json, split_column=split_column, split=args.val_split, **kw)
     else:
         val_ds = None
+    if args.label_column:  # rows of the user's labelled file left out while it was prepared
+        train_ds.bad_rows += label_problems
+    data_check.check_datasets(accelerator, args, train=train_ds, val=val_ds)  # bad rows: stop, or drop them
     logger.info("train: %d pairs (%d distinct captions)%s; text length %d", len(train_ds),
                 len(train_ds.captions), f", val: {len(val_ds)}" if val_ds else "", max_len)
     trainer = VisionEncoderTrainerStage0(args, accelerator, model, tokenizer, image_processor, train_ds, val_ds,
@@ -255,4 +288,4 @@ def reinit_image_backbone(model):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

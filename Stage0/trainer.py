@@ -23,6 +23,8 @@ from accelerator_setup import (OptimizerStep, StepLogger, accumulation_windows, 
                                epoch_batches, log_metrics, make_scheduler,
                                resume_from, save_checkpoint, steps_per_epoch, unwrap,
                                warn_if_nothing_to_train)
+from accelerator_setup import speed_options
+from accelerator_setup import loader_kwargs
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
 from metrics import image_text_retrieval
 from Stage0.dataset import collate_fn
@@ -83,7 +85,7 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
     txt = embed_captions(encoder, dataset.input_ids, dataset.attention_mask, batch_size, device, autocast)
     n = len(dataset)
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-    dl = DataLoader(dataset, batch_sampler=batches[rank::ws], collate_fn=collate_fn, num_workers=num_workers)
+    dl = DataLoader(dataset, batch_sampler=batches[rank::ws], collate_fn=collate_fn, **loader_kwargs(num_workers))
     rows, imgs = [], []
     loss_sum = torch.zeros((), device=device)
     for b in dl:
@@ -111,6 +113,35 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
             **metrics}
 
 
+def freeze_unreached(model: ContrastiveModel, dataset, device) -> list[str]:
+    """Freeze the trainable parameters no forward pass reaches, naming them.
+
+    A backbone loaded with AutoModel can hold parameters the contrastive forward never uses:
+    DINOv2's mask token (masked-image pretraining only), BERT's pooler when the tower pools its
+    own way. They never get a gradient, and DDP, which waits for every trainable parameter's
+    gradient, fails on the second step. One forward and backward on two training samples finds
+    them for whatever towers are plugged in (a list per model family would miss the next one);
+    a frozen parameter trains exactly as before: it never received a gradient."""
+    batch = collate_fn([dataset[0], dataset[min(1, len(dataset) - 1)]])
+    model.to(device)
+    total = model.logit_scale * 0
+    if any(p.requires_grad for p in model.image.parameters()):
+        total = total + model.image(batch["pixel_values"].to(device)).float().sum()
+    if any(p.requires_grad for p in model.text.parameters()):
+        total = total + model.text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().sum()
+    total.backward()
+    unreached = [n for n, p in model.named_parameters()
+                 if p.requires_grad and p.grad is None and not n.startswith("logit_")]
+    for n, p in model.named_parameters():
+        p.grad = None
+        if n in unreached:
+            p.requires_grad_(False)
+    if unreached:
+        logger.info("frozen, as no forward pass reaches them (DDP needs a gradient for every trained "
+                    "parameter): %s", ", ".join(unreached))
+    return unreached
+
+
 class VisionEncoderTrainerStage0:
     def __init__(self, args, accelerator, model, tokenizer, image_processor, train_dataset, val_dataset=None,
                  objective=None, class_prompts=None):
@@ -132,12 +163,18 @@ class VisionEncoderTrainerStage0:
         model.logit_bias.requires_grad_(not args.freeze_logit_scale)
         if getattr(args, "freeze_image_backbone", False):  # phase 1: the heads learn on fixed features
             model.image.backbone.requires_grad_(False)
+        if accelerator.num_processes > 1:
+            freeze_unreached(model, train_dataset, accelerator.device)
         total, trainable = count_parameters(model)
         logger.info("parameters: %s total, %s trainable (text tower %s, logit scale/bias %s)",
                     f"{total:,}", f"{trainable:,}", "frozen" if args.freeze_text_encoder else "trained",
                     "frozen" if args.freeze_logit_scale else "trained")
         if trainable == 0:
             raise ValueError("nothing to train: every tower and the logit scale are frozen")
+        # The text tower runs every step unless it is frozen and its caption features cached.
+        text_every_step = objective is not None or not args.freeze_text_encoder
+        trains = [t for t in (model.image, model.text) if any(p.requires_grad for p in t.parameters())]
+        speed_options(args, model, grad_flow=trains, hot=[model.image] + ([model.text] if text_every_step else []))
         self.encoder = DualEncoder(model)
 
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -148,15 +185,14 @@ class VisionEncoderTrainerStage0:
                                        {"params": no_decay, "weight_decay": 0.0}],
                                       lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         train_dl = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=collate_fn, num_workers=args.num_workers,
-                              persistent_workers=args.num_workers > 0,
-                              pin_memory=torch.cuda.is_available())
+                              collate_fn=collate_fn, **loader_kwargs(args.num_workers))
         if len(train_dl) == 0:
             raise ValueError(f"{len(train_dataset)} training pairs is less than one batch of "
                              f"{args.batch_size}; lower --batch_size")
         self.encoder, self.optimizer, self.train_dl = accelerator.prepare(self.encoder, optimizer, train_dl)
         self.stepper = OptimizerStep(accelerator, self.optimizer, self.encoder,
-                                     [p for p in self.encoder.parameters() if p.requires_grad], args.max_grad_norm)
+                                     [p for p in self.encoder.parameters() if p.requires_grad], args.max_grad_norm,
+                                     patience=args.max_nonfinite_steps, dataset=train_dataset)
         self.steps_per_epoch = steps_per_epoch(len(self.train_dl), args.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * args.num_epochs
         if args.max_steps:
@@ -248,6 +284,7 @@ class VisionEncoderTrainerStage0:
     def train(self):
         args, acc = self.args, self.accelerator
         step, start_epoch, skip = 0, 0, 0
+        self.stepper.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
         state = resume_from(acc, args.output_dir, args.resume_from_checkpoint)
         if state is not None:
             step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
@@ -266,7 +303,7 @@ class VisionEncoderTrainerStage0:
                     loss = self._step_label_aware(window, step)
                 else:
                     loss = (self._step_frozen_text if self.freeze_text else self._step_trained_text)(window)
-                grad_norm, _ = self.stepper.finish(step)
+                grad_norm, _ = self.stepper.finish(step, loss, window)
                 self.scheduler.step()
                 step += 1
                 batches_done += len(window)
@@ -274,6 +311,7 @@ class VisionEncoderTrainerStage0:
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     save_checkpoint(acc, args.output_dir, step, {"epoch": epoch, "batches_done": batches_done},
                                     args.checkpoints_total_limit)
+                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": batches_done}, args)
             skip = 0
             if step >= self.total_steps and batches_done < len(self.train_dl):
                 break  # --max_steps reached mid-epoch
@@ -281,6 +319,7 @@ class VisionEncoderTrainerStage0:
                             args.checkpoints_total_limit)
             self.end_of_epoch(epoch + 1, step)
         log.close()
+        self.stepper.close()
         self.save_model(Path(args.output_dir) / "final_model")
         acc.end_training()
 

@@ -25,6 +25,7 @@ from accelerator_setup import (
     steps_per_epoch,
     warn_if_nothing_to_train,
 )
+from accelerator_setup import speed_options
 from projectors import lm_loss_on_supervised, projector_of, save_vlm
 
 logger = logging.getLogger("siglip_med")
@@ -36,6 +37,9 @@ class ProjectionTrainerStage1:
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         model.requires_grad_(False)
         model.eval()
+        # The LM is frozen, but the projector's gradient flows back through all of it.
+        speed_options(args, model, hot=[model.model.vision_tower, model.model.language_model],
+                      grad_flow=[model.model.language_model])
         model.to(accelerator.device)
         # Frozen parts may be stored in bf16; the trained weights stay fp32 (autocast computes in bf16).
         projector = projector_of(model).float().requires_grad_(True)
@@ -50,7 +54,8 @@ class ProjectionTrainerStage1:
         # counted on the per-process loader. Registered so resume restores it.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
-        self.stepper = OptimizerStep(accelerator, self.optimizer, self.projector, self.params, args.max_grad_norm)
+        self.stepper = OptimizerStep(accelerator, self.optimizer, self.projector, self.params, args.max_grad_norm,
+                                     patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
         self.out = Path(args.output_dir)
         self.results: dict = {}
         self._evaluated = (None, None)
@@ -71,7 +76,7 @@ class ProjectionTrainerStage1:
             loss = self._forward(batch) / k
             self.stepper.backward(loss)
             loss_sum += loss.detach()
-        grad_norm, _ = self.stepper.finish(step)
+        grad_norm, _ = self.stepper.finish(step, loss_sum, window)
         self.scheduler.step()
         return loss_sum, grad_norm
 
@@ -80,6 +85,7 @@ class ProjectionTrainerStage1:
     def train(self):
         args, acc = self.args, self.accelerator
         state = {"step": 0, "epoch": 0, "batches_done": 0}
+        self.stepper.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
         state = resume_from(acc, args.output_dir, args.resume_from_checkpoint) or state
         warn_if_nothing_to_train(state["step"], self.total_steps, args.output_dir)
         step = state["step"]
@@ -90,11 +96,14 @@ class ProjectionTrainerStage1:
             done = state["batches_done"] if epoch == state["epoch"] else 0
             batches = epoch_batches(acc, self.train_loader, epoch, skip_batches=done)
             for window in accumulation_windows(batches, args.gradient_accumulation_steps):
+                if step >= self.total_steps:  # resumed from a checkpoint written at the last step
+                    break
                 loss, grad_norm = self._optimizer_step(window, step)
                 step, done = step + 1, done + len(window)
                 log.step(step, epoch, loss, grad_norm, sum(len(b["input_ids"]) for b in window))
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     self._checkpoint(step, epoch, done)
+                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args)
                 if step >= self.total_steps:
                     break
             if done >= len(self.train_loader):
@@ -104,6 +113,7 @@ class ProjectionTrainerStage1:
             if step >= self.total_steps:
                 break
         log.close()
+        self.stepper.close()
         if self.val_loader is not None:
             self.results["val_loss"] = self.evaluate(step)
         self.results.update(step=step, final_model=str(self.save("final_model")))

@@ -23,7 +23,10 @@ if __package__ in (None, ""):  # run as a script (accelerate launch Stage1/...):
 import torch
 from torch.utils.data import DataLoader
 
+import cli
+import data_check
 from accelerator_setup import LengthGroupedSampler, add_common_args, setup_accelerator_and_logging
+from accelerator_setup import loader_kwargs
 from projectors import build_vlm
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.projector_trainer import ProjectionTrainerStage1
@@ -33,7 +36,7 @@ DEFAULT_LLM = "google/gemma-3-1b-it"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--image_root", required=True, help="image paths in the JSON files are relative to this")
     g.add_argument("--train_json", required=True, help='JSON list of {"image": ..., "caption": ...}')
@@ -60,30 +63,39 @@ def parse_args(argv=None):
     return args
 
 
-def make_loader(json_path, args, model, tokenizer, image_processor, *, shuffle):
-    ds = ImageCaptionDataset(json_path, args.image_root, tokenizer, image_processor,
-                             image_token_id=model.config.image_token_index,
-                             num_image_tokens=model.config.image_seq_length,
-                             max_caption_len=args.max_caption_len, instruction=args.instruction)
+def make_dataset(json_path, args, model, tokenizer, image_processor):
+    return ImageCaptionDataset(json_path, args.image_root, tokenizer, image_processor,
+                               image_token_id=model.config.image_token_index,
+                               num_image_tokens=model.config.image_seq_length,
+                               max_caption_len=args.max_caption_len, instruction=args.instruction,
+                               collect_bad_rows=True)
+
+
+def make_loader(ds, args, tokenizer, *, shuffle):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = None
     if shuffle and args.group_by_length:
         sampler = LengthGroupedSampler(ds.lengths(), args.batch_size, seed=args.seed)
     return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=args.num_workers, collate_fn=CaptionCollator(pad),
-                      pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
+                      collate_fn=CaptionCollator(pad), **loader_kwargs(args.num_workers))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # Before the accelerator, a tracker or a model starts; the dataset checks each row and image.
+    cli.check_data_file(args.train_json, "--train_json")
+    if args.val_json:
+        cli.check_data_file(args.val_json, "--val_json")
     accelerator = setup_accelerator_and_logging(args, stage="Stage1")
     # Frozen weights stored in bf16 halve their memory; fp16 storage overflows in Gemma.
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     model, tokenizer, image_processor = build_vlm(args.vision_model_name, args.llm_name,
                                                   projector_depth=args.projector_depth, torch_dtype=dtype)
-    train_loader = make_loader(args.train_json, args, model, tokenizer, image_processor, shuffle=True)
-    val_loader = (make_loader(args.val_json, args, model, tokenizer, image_processor, shuffle=False)
-                  if args.val_json else None)
+    train_ds = make_dataset(args.train_json, args, model, tokenizer, image_processor)
+    val_ds = make_dataset(args.val_json, args, model, tokenizer, image_processor) if args.val_json else None
+    data_check.check_datasets(accelerator, args, train=train_ds, val=val_ds)  # bad rows: stop, or drop them
+    train_loader = make_loader(train_ds, args, tokenizer, shuffle=True)
+    val_loader = make_loader(val_ds, args, tokenizer, shuffle=False) if val_ds is not None else None
     trainer = ProjectionTrainerStage1(args, accelerator, model, tokenizer, image_processor,
                                       train_loader, val_loader)
     results = trainer.train()
@@ -93,4 +105,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

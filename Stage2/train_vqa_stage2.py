@@ -27,7 +27,10 @@ if __package__ in (None, ""):  # run as a script (accelerate launch Stage2/...):
 import torch
 from torch.utils.data import DataLoader
 
+import cli
+import data_check
 from accelerator_setup import LengthGroupedSampler, add_common_args, setup_accelerator_and_logging
+from accelerator_setup import loader_kwargs
 from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, VQADataset, pad_token_id
 from Stage2.trainer import VQATrainerStage2
@@ -47,7 +50,7 @@ def add_bool(group, name, default, help):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--image_root", required=True, help="image paths in the JSON files are relative to this")
     g.add_argument("--train_json", required=True,
@@ -73,7 +76,6 @@ def parse_args(argv=None):
     add_bool(g, "unfreeze_projection_layer", False, "fine-tune the projector")
     add_bool(g, "train_ve_first_epoch", False,
              "train the vision tower during epoch 1 only, then freeze it (CheXagent)")
-    add_bool(g, "gradient_checkpointing", False, "recompute activations in backward: less memory, ~30%% slower")
     g.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the LM's linear layers; 0 = full fine-tune")
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument("--lora_dropout", type=float, default=0.05)
@@ -151,19 +153,29 @@ def load_stage1_projector(model, path, args) -> None:
 
 # ---------------------------------------------------------------- entry point
 
-def make_loader(json_path, args, model, tokenizer, image_processor, *, shuffle):
-    ds = VQADataset(json_path, args.image_root, tokenizer, image_processor, model.config,
-                    max_q_len=args.max_q_len, max_a_len=args.max_a_len)
+def make_dataset(json_path, args, model, tokenizer, image_processor):
+    return VQADataset(json_path, args.image_root, tokenizer, image_processor, model.config,
+                      max_q_len=args.max_q_len, max_a_len=args.max_a_len, collect_bad_rows=True)
+
+
+def make_loader(ds, args, tokenizer, *, shuffle):
     sampler = None
     if shuffle and args.group_by_length:
         sampler = LengthGroupedSampler(ds.lengths(), args.batch_size, seed=args.seed)
     return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=args.num_workers, collate_fn=VQACollator(pad_token_id(tokenizer)),
-                      pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
+                      collate_fn=VQACollator(pad_token_id(tokenizer)), **loader_kwargs(args.num_workers))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # Before the accelerator, a tracker or a model starts; the dataset checks each row and image.
+    cli.check_data_file(args.train_json, "--train_json")
+    if args.val_json:
+        cli.check_data_file(args.val_json, "--val_json")
+    if args.stage1_projector_path:
+        cli.require_checkpoint(args.stage1_projector_path, "--stage1_projector_path", {"stage1", "stage2", "projector"},
+                               f"a Stage1 export (or its {PROJECTOR_DIR}/)",
+                               "pass Stage1's output folder, e.g. runs/stage1/final_model")
     accelerator = setup_accelerator_and_logging(args, stage="Stage2")
     depth = stage1_projector_depth(args.stage1_projector_path) if args.stage1_projector_path else args.projector_depth
     record = recorded_tower(stage1_projector_dir(args.stage1_projector_path)) if args.stage1_projector_path else None
@@ -192,9 +204,11 @@ def main(argv=None):
             transformers.logging.set_verbosity(level)
         projector_of(base).load_state_dict(start_projector)
         return base
-    train_loader = make_loader(args.train_json, args, model, tokenizer, image_processor, shuffle=True)
-    val_loader = (make_loader(args.val_json, args, model, tokenizer, image_processor, shuffle=False)
-                  if args.val_json else None)
+    train_ds = make_dataset(args.train_json, args, model, tokenizer, image_processor)
+    val_ds = make_dataset(args.val_json, args, model, tokenizer, image_processor) if args.val_json else None
+    data_check.check_datasets(accelerator, args, train=train_ds, val=val_ds)  # bad rows: stop, or drop them
+    train_loader = make_loader(train_ds, args, tokenizer, shuffle=True)
+    val_loader = make_loader(val_ds, args, tokenizer, shuffle=False) if val_ds is not None else None
     trainer = VQATrainerStage2(args, accelerator, model, tokenizer, image_processor, train_loader, val_loader,
                                base_loader=base_loader)
     results = trainer.train()
@@ -204,4 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -33,6 +33,7 @@ from accelerator_setup import (
     steps_per_epoch,
     warn_if_nothing_to_train,
 )
+from accelerator_setup import speed_options
 from projectors import add_lora_deltas, lm_loss_on_supervised, save_vlm
 
 logger = logging.getLogger("siglip_med")
@@ -122,11 +123,9 @@ class VQATrainerStage2:
                                                     ("projector", args.unfreeze_projection_layer),
                                                     ("vision", self.train_vision)) if on}
         self._configure_trainable(model)
-        if args.gradient_checkpointing:
-            # Non-reentrant: the reentrant variant computes no gradient for LoRA adapters when
-            # the checkpointed block's input does not require grad (frozen embeddings).
-            model.config.use_cache = False
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Gradients flow through the LM whatever trains (the projector sits below it).
+        speed_options(args, model, hot=[model.model.vision_tower, model.model.language_model],
+                      grad_flow=[model.model.language_model] + ([model.model.vision_tower] if self.train_vision else []))
         model.to(accelerator.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -150,7 +149,8 @@ class VQATrainerStage2:
         # Stepped by hand (accelerate would step it once per process); registered for resume.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
-        self.stepper = OptimizerStep(accelerator, self.optimizer, self.module, self.params, args.max_grad_norm)
+        self.stepper = OptimizerStep(accelerator, self.optimizer, self.module, self.params, args.max_grad_norm,
+                                     patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
         self.out = Path(args.output_dir)
         self.results: dict = {}
         self._evaluated = (None, None)
@@ -265,7 +265,7 @@ class VQATrainerStage2:
                                    batch["labels"], reduction="sum") * scale
             self.stepper.backward(loss)
             loss_sum += loss.detach()
-        grad_norm, _ = self.stepper.finish(step)
+        grad_norm, _ = self.stepper.finish(step, loss_sum, window)
         self.scheduler.step()
         return loss_sum, grad_norm
 
@@ -274,6 +274,7 @@ class VQATrainerStage2:
     def train(self):
         args, acc = self.args, self.accelerator
         state = {"step": 0, "epoch": 0, "batches_done": 0}
+        self.stepper.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
         state = resume_from(acc, args.output_dir, args.resume_from_checkpoint) or state
         warn_if_nothing_to_train(state["step"], self.total_steps, args.output_dir)
         step = state["step"]
@@ -287,11 +288,14 @@ class VQATrainerStage2:
             done = state["batches_done"] if epoch == state["epoch"] else 0
             batches = epoch_batches(acc, self.train_loader, epoch, skip_batches=done)
             for window in accumulation_windows(batches, args.gradient_accumulation_steps):
+                if step >= self.total_steps:  # resumed from a checkpoint written at the last step
+                    break
                 loss, grad_norm = self._optimizer_step(window, step)
                 step, done = step + 1, done + len(window)
                 log.step(step, epoch, loss, grad_norm, sum(len(b["input_ids"]) for b in window))
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     self._checkpoint(step, epoch, done)
+                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args)
                 if step >= self.total_steps:
                     break
             if done >= len(self.train_loader):
@@ -301,6 +305,7 @@ class VQATrainerStage2:
             if step >= self.total_steps:
                 break
         log.close()
+        self.stepper.close()
         if self.val_loader is not None:
             self.results["val_loss"] = self.evaluate(step)
         self.results.update(step=step, final_model=str(self.save("final_model")))

@@ -106,3 +106,28 @@ def test_an_output_folder_holding_another_run_is_never_reused_silently(tiny_sigl
     assert "nothing to train" in capsys.readouterr().err
     main(base + ["--overwrite_output_dir", "--max_steps", "1"])
     assert old == ["step_1", "step_2"] and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_1"]
+
+
+def test_an_explicit_checkpoint_of_another_configuration_is_refused_before_loading(tiny_siglip, demo_dir,
+                                                                                  short_caption_jsons, tmp_path):
+    """Other data, or another process count (another global batch and data order), would be
+    resumed half-right; the refusal names what differs. The same settings resume anywhere."""
+    from Stage0.train_vision_encoder_stage0 import main
+    base = ["--model_name", str(tiny_siglip), "--image_root", str(demo_dir), "--batch_size", "16",
+            "--num_workers", "0", "--report_to", "none", "--no-save_epoch_models", "--max_steps", "2",
+            "--checkpointing_steps", "1"]
+    train = ["--train_json", str(demo_dir / "stage0_train.json")]
+    main(base + train + ["--output_dir", str(tmp_path / "a")])
+    ckpt = tmp_path / "a" / "checkpoints" / "step_1"
+    with pytest.raises(SystemExit, match=r"step_1 was written by a run with other settings: train_json: .*short_train"):
+        main(base + ["--train_json", str(short_caption_jsons["train"]), "--output_dir", str(tmp_path / "b"),
+                     "--resume_from_checkpoint", str(ckpt)])
+    assert not (tmp_path / "b" / "final_model").exists()
+    saved = json.loads((tmp_path / "a" / "args.json").read_text())
+    assert saved["num_processes"] == 1
+    (tmp_path / "a" / "args.json").write_text(json.dumps({**saved, "num_processes": 2}))
+    with pytest.raises(SystemExit, match=r"num_processes: 2 -> 1"):
+        main(base + train + ["--output_dir", str(tmp_path / "c"), "--resume_from_checkpoint", str(ckpt)])
+    (tmp_path / "a" / "args.json").write_text(json.dumps(saved))
+    main(base + train + ["--output_dir", str(tmp_path / "d"), "--resume_from_checkpoint", str(ckpt)])
+    assert (tmp_path / "d" / "final_model").is_dir()
