@@ -63,3 +63,34 @@ def fresh_accelerator_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def accelerate_two_processes(script: str, argv, timeout: int = 600):
+    """`accelerate launch` with the committed DDP config on 2 CPU processes (gloo), as a user
+    runs it; returns the finished process (stdout and stderr together in .stdout)."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: gloo instead of NCCL
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "scripts/accelerate/ddp.yaml",
+           "--num_processes", "2", "--main_process_port", str(port), script, *map(str, argv)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def assert_sharded_run(proc, out, train_rows: int, batch_size: int, epochs: int = 1, drop_last: bool = True):
+    """A 2-process run: it finished, each process trained on its half of the data (an epoch is
+    half the single-process steps, not all of them twice), and one process wrote the logs."""
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "processes=2" in proc.stdout
+    out = Path(out)
+    assert json.loads((out / "args.json").read_text())["num_processes"] == 2
+    per_epoch = train_rows // (2 * batch_size) if drop_last else -(-train_rows // (2 * batch_size))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in logged if "train/loss" in m]
+    assert steps and len(steps) == len(set(steps)), steps  # one writer
+    assert abs(steps[-1] - per_epoch * epochs) <= epochs, (steps[-1], per_epoch, epochs)
+    assert (out / "final_model").is_dir()

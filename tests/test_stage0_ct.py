@@ -239,3 +239,39 @@ def test_legacy_directory_mode(ct, tmp_path):
     assert len(trainer.train_dataset) == 18 and len(trainer.val_dataset) == 6
     texts = {r["findings"] for r in csv.DictReader(open(tmp_path / "out" / "data_from_dirs.csv"))}
     assert "No report text available." in texts and rows[0]["findings"] in texts
+
+
+def test_ct_recipe_on_two_processes_in_legacy_directory_mode(ct, tmp_path):
+    """The CT recipe (Merlin 3D tower, BERT text tower) under `accelerate launch --num_processes
+    2`: the directory mode's CSV is written once, by one process, then read by both."""
+    import shutil
+
+    from conftest import accelerate_two_processes, assert_sharded_run
+    rows = list(csv.DictReader(open(ct["csv"])))[:40]
+    for split, part in (("train", rows[:32]), ("val", rows[32:])):
+        (tmp_path / split).mkdir()
+        for r in part:
+            shutil.copy(ct["csv"].parent / r["img_path"], tmp_path / split)
+    reports = {r["img_path"].split("/")[-1][:-4]: r["findings"] for r in rows}
+    (tmp_path / "reports.json").write_text(json.dumps(reports))
+    out = tmp_path / "two"
+    proc = accelerate_two_processes("Stage0/train_vision_encoder_stage0.py", [
+        "--image_model_name", "merlin", *TINY_MERLIN, "--text_model_name", ct["bert"],
+        "--train_data_dir", tmp_path / "train", "--val_data_dir", tmp_path / "val",
+        "--text_reports_path", tmp_path / "reports.json", "--output_dir", out, "--epochs", "1",
+        "--batch_size", "4", "--report_to", "none", "--num_workers", "0", "--no-save_epoch_models",
+        "--logging_steps", "1"])
+    assert_sharded_run(proc, out, train_rows=32, batch_size=4)
+    assert len((out / "data_from_dirs.csv").read_text().splitlines()) == 41
+
+
+def test_ct_recipe_resumes_exactly(ct, tmp_path):
+    """Phase 1 of the seed (frozen Merlin backbone, heads learn) cut after step 3 of 6 and resumed."""
+    import shutil
+    flags = ("--text_model_name", str(ct["bert"]), "--freeze_image_backbone", "--max_steps", "6",
+             "--checkpointing_steps", "3", "--checkpoints_total_limit", "5")
+    full = main(_argv(ct, tmp_path / "full", *flags))
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", tmp_path / "cut" / "checkpoints" / "step_3")
+    resumed = main(_argv(ct, tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
+    for (n, a), b in zip(full.encoder.model.named_parameters(), resumed.encoder.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

@@ -118,3 +118,49 @@ def test_an_image_in_both_train_and_test_is_refused(derm, tmp_path):
         w.writerows(rows)
     with pytest.raises(ValueError, match="both train and test"):
         prepare_labelled_csv(bad, derm["csv"].parent, "img_path", "labels", derm["classes"], tmp_path / "o.csv")
+
+
+def test_a_missing_image_in_the_labelled_file_is_named_there_and_can_be_skipped(derm, tmp_path):
+    """The labelled recipe reads the user's CSV into a training CSV first: a missing image is
+    reported against the user's file and line (not the generated one), and skip drops it."""
+    from data_check import BadDataError
+    rows = list(csv.DictReader(open(derm["csv"])))[:60]
+    rows[6]["img_path"] = "images/not_there.png"
+    bad = derm["csv"].parent / "one_missing.csv"
+    with bad.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    argv = ["--model_name", str(derm["siglip"]), "--csv_file", str(bad), "--label_column", "labels",
+            "--classes_file", str(derm["classes"]), "--batch_size", "8", "--max_steps", "2", "--report_to", "none",
+            "--num_workers", "0", "--no-save_epoch_models"]
+    with pytest.raises(BadDataError, match=r"one_missing\.csv line 8: .*not_there\.png"):
+        main(argv + ["--output_dir", str(tmp_path / "error")])
+    main(argv + ["--output_dir", str(tmp_path / "skip"), "--on_bad_sample", "skip"])
+    dropped = json.loads((tmp_path / "skip" / "dropped_rows.json").read_text())
+    assert [(r["file"], r["row"]) for r in dropped["rows"]] == [(str(bad), "line 8")]
+
+
+def test_derm_recipe_on_two_processes_and_exact_resume(derm, tmp_path):
+    """The labelled recipe (label-aware losses, LoRA on both towers) under `accelerate launch
+    --num_processes 2`, and cut after step 3 of 6 then resumed to the uninterrupted weights."""
+    import shutil
+
+    import torch
+
+    from conftest import accelerate_two_processes, assert_sharded_run
+    base = ["--model_name", str(derm["siglip"]), "--csv_file", str(derm["csv"]), "--label_column", "labels",
+            "--classes_file", str(derm["classes"]), "--loss", "multi_positive,weighted,icd",
+            "--lora_r", "4", "--batch_size", "16", "--report_to", "none", "--num_workers", "0",
+            "--no-save_epoch_models", "--logging_steps", "5"]
+    out = tmp_path / "two"
+    proc = accelerate_two_processes("Stage0/train_vision_encoder_stage0.py", base + ["--output_dir", out, "--epochs", "1"])
+    train_rows = sum(r["split"] == "train" for r in csv.DictReader(open(out / "labelled_data.csv")))
+    assert_sharded_run(proc, out, train_rows, batch_size=16)
+
+    flags = ["--max_steps", "6", "--checkpointing_steps", "3", "--checkpoints_total_limit", "5"]
+    full = main(base + flags + ["--output_dir", str(tmp_path / "full")])
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", tmp_path / "cut" / "checkpoints" / "step_3")
+    resumed = main(base + flags + ["--output_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "latest"])
+    for (n, a), b in zip(full.encoder.model.named_parameters(), resumed.encoder.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

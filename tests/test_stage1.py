@@ -152,6 +152,21 @@ def test_resume_matches_uninterrupted_run(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_checkpointing_and_compile_learn_the_same_projector(setup, trained, tmp_path):
+    """The frozen LM's blocks recompute in backward (--gradient_checkpointing) and run compiled
+    (--torch_compile, traced with the eager backend here): same projector as the plain run."""
+    torch._dynamo.reset()
+    plain, _ = trained
+    fast = main(_argv(setup, tmp_path / "fast", "--gradient_checkpointing", "--torch_compile",
+                      "--torch_compile_backend", "eager"))
+    a = plain.model.model.multi_modal_projector.state_dict()
+    b = fast.model.model.multi_modal_projector.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    lm = fast.model.model.language_model
+    assert lm.gradient_checkpointing and all(layer._compiled_call_impl is not None for layer in lm.layers)
+
+
 # ---------------------------------------------------------------- entry points
 
 def test_help_runs_as_a_script():
@@ -227,3 +242,13 @@ def test_stage1_with_real_gemma3_270m(setup, tmp_path):
     assert exported.keys() == base.keys()
     for k, v in base.items():
         assert exported[k].shape == v.shape and torch.equal(exported[k].float(), v.float()), k
+
+
+def test_two_processes_shard_the_data(setup, tmp_path):
+    """Stage1 under `accelerate launch --num_processes 2` with the committed DDP config."""
+    from conftest import accelerate_two_processes, assert_sharded_run
+    out = tmp_path / "two"
+    argv = _argv(setup, out, "--num_epochs", "1")
+    proc = accelerate_two_processes("Stage1/train_projection_stage1.py", argv)
+    train_rows = len(json.loads((setup["data"] / "stage1_train.json").read_text()))
+    assert_sharded_run(proc, out, train_rows, batch_size=4, drop_last=False)

@@ -320,17 +320,21 @@ def test_bf16_lora_exports_the_model_that_was_trained(s2, tmp_path, fresh_accele
 
 def test_accumulation_and_checkpointing_give_the_same_gradients(s2, tmp_path):
     """The loss is normalised by the answer tokens of the whole optimizer step, so 2 x 4 with
-    accumulation equals one batch of 8; gradient checkpointing changes nothing either."""
+    accumulation equals one batch of 8; gradient checkpointing and torch.compile change nothing
+    either."""
     common = ("--train_json", str(s2["data"] / "small_train.json"), "--lr_scheduler", "constant",
               "--warmup_steps", "0", "--num_epochs", "1", "--max_steps", "2", "--no-save_every_epoch")
     runs = {"big": ("--batch_size", "8"),
             "accum": ("--batch_size", "4", "--gradient_accumulation_steps", "2"),
-            "ckpt": ("--batch_size", "8", "--gradient_checkpointing")}
+            "ckpt": ("--batch_size", "8", "--gradient_checkpointing"),
+            "compiled": ("--batch_size", "8", "--gradient_checkpointing", "--torch_compile",
+                         "--torch_compile_backend", "eager")}
+    torch._dynamo.reset()
     logged = {}
     for name, extra in runs.items():
         main(_argv(s2, tmp_path / name, *common, *extra, val=None))
         logged[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    for name in ("accum", "ckpt"):
+    for name in ("accum", "ckpt", "compiled"):
         first, ref = logged[name][0], logged["big"][0]
         assert first["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-5)
         assert first["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
@@ -391,6 +395,26 @@ def test_resume_matches_uninterrupted_run(s2, tmp_path):
     a, b = full.vlm.state_dict(), resumed.vlm.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["lora", "vision_first_epoch"])
+def test_lora_and_vision_first_epoch_resume_exactly(mode, s2, tmp_path):
+    """Cut in epoch 1 and resumed: LoRA adapters (with a trained projector saved beside them),
+    and --train_ve_first_epoch across the epoch-1 boundary where the tower stops training,
+    end with the uninterrupted run's weights."""
+    extra = {"lora": ("--lora_r", "4", "--unfreeze_projection_layer"),
+             "vision_first_epoch": ("--train_ve_first_epoch",)}[mode]
+    common = ("--lr_scheduler", "constant", "--warmup_steps", "0", "--gradient_accumulation_steps", "2",
+              "--no-save_every_epoch", *extra)
+    full = main(_argv(s2, tmp_path / "full", *common, val=None))
+    main(_argv(s2, tmp_path / "cut", *common, "--max_steps", "2", "--checkpointing_steps", "1", val=None))
+    resumed = main(_argv(s2, tmp_path / "cut", *common, "--resume_from_checkpoint", "latest", val=None))
+    assert resumed.results["step"] == full.results["step"] == 6
+    a, b = full.vlm.state_dict(), resumed.vlm.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    if mode == "vision_first_epoch":
+        assert not any(p.requires_grad for p in resumed.vlm.model.vision_tower.parameters())
 
 
 def test_length_grouped_batches_resume_exactly(s2, tmp_path):
