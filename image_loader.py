@@ -8,6 +8,7 @@ of which file to fix instead of a bare PIL traceback deep inside a DataLoader wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -146,20 +147,28 @@ def _pil_to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _load_pil(path, row, source) -> Image.Image:
+@contextlib.contextmanager
+def _pil_errors(path, row, source):
+    """PIL's exceptions as ImageLoadErrors naming the file, the row and the fix."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return _pil_to_rgb(im)
+        yield
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError as exc:
         _fail(path, row, source, "not a recognised image format (PNG, JPEG or DICOM expected)",
               "Re-export the image as PNG/JPEG/DICOM or fix the path in the data file.", exc)
     except Image.DecompressionBombError as exc:
         _fail(path, row, source, f"image is too large for PIL's safety limit ({exc})",
               "Downscale the image before training.", exc)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         _fail(path, row, source, f"the file is truncated or corrupt ({exc})",
               "Re-export or re-download the image, or remove the row.", exc)
+
+
+def _load_pil(path, row, source) -> Image.Image:
+    with _pil_errors(path, row, source), Image.open(path) as im:
+        im.load()
+        return _pil_to_rgb(im)
 
 
 def _decoder_hint(ds) -> str:
@@ -277,22 +286,10 @@ def check_image(path, full: bool = False, *, row=None, source=None) -> None:
     if _is_dicom(path):
         _check_dicom_header(path, row, source)
         return
-    try:
-        with Image.open(path) as im:
-            fmt, (w, h) = im.format, im.size
-            if w < 1 or h < 1:
-                _fail(path, row, source, f"the image is {w}x{h} pixels", "Re-export the image or remove the row.")
-    except ImageLoadError:
-        raise
-    except UnidentifiedImageError as exc:
-        _fail(path, row, source, "not a recognised image format (PNG, JPEG or DICOM expected)",
-              "Re-export the image as PNG/JPEG/DICOM or fix the path in the data file.", exc)
-    except Image.DecompressionBombError as exc:
-        _fail(path, row, source, f"image is too large for PIL's safety limit ({exc})",
-              "Downscale the image before training.", exc)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        _fail(path, row, source, f"the file is truncated or corrupt ({exc})",
-              "Re-export or re-download the image, or remove the row.", exc)
+    with _pil_errors(path, row, source), Image.open(path) as im:
+        fmt, (w, h) = im.format, im.size
+        if w < 1 or h < 1:
+            _fail(path, row, source, f"the image is {w}x{h} pixels", "Re-export the image or remove the row.")
     if fmt in _END_MARKERS:
         # A file cut short (an interrupted copy or download) lacks its end marker. JPEG's
         # entropy-coded data never holds FF D9 (an FF there is followed by 00 or a restart

@@ -53,6 +53,16 @@ def tiny_siglip(tmp_path_factory, demo_dir):
                              hidden_size=64, num_layers=2, num_heads=2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: several threads only wait on each other."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """For tests that build an Accelerator with another precision than earlier ones in this
