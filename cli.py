@@ -18,14 +18,13 @@ the user passed holds), `require_checkpoint`, `check_data_file`, `check_device`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
 import sys
 from pathlib import Path
 
-from image_loader import ImageLoadError
+from image_loader import DataFileError, ImageLoadError, load_table
 
 ROOT = Path(__file__).resolve().parent
 TRACEBACK_ENV = "SIGLIP_MED_TRACEBACK"
@@ -218,21 +217,15 @@ def require_checkpoint(path, flag: str, accept, wanted: str, fix: str) -> str:
 
 def _rows(p: Path, flag: str) -> tuple[list, list | None]:
     """(rows, CSV columns or None) of a JSON list or a CSV file with a header."""
-    if p.suffix.lower() == ".csv":
-        try:
-            with p.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                return list(reader), reader.fieldnames or []
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"{flag} {p}: not a readable CSV ({e})") from e
     try:
-        rows = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {p}: not valid JSON ({e}); a data file is a JSON list of objects "
-                        "or a CSV with a header") from e
+        rows, columns = load_table(p)
+    except (DataFileError, OSError) as e:
+        reason = e.reason if isinstance(e, DataFileError) else f"not readable ({e})"
+        hint = "" if p.suffix.lower() == ".csv" else "; a data file is a JSON list of objects or a CSV with a header"
+        raise UserError(f"{flag} {p}: {reason}{hint}") from e
     if not isinstance(rows, list):
         raise UserError(f"{flag} {p}: expected a JSON list of objects, got a JSON {type(rows).__name__}")
-    return rows, None
+    return rows, columns
 
 
 def check_data_file(path, flag: str, *, split_column=None, split=None, split_flag="--split") -> int:

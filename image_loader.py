@@ -394,6 +394,27 @@ def _resolve_or_record(problems, image, image_root, row, source):
         return None
 
 
+def load_table(path) -> tuple[list, list[str] | None]:
+    """A data file as parsed, nothing checked yet: a CSV's rows (dicts) and header, or a JSON
+    document and None. The one parser of data files: the readers below check its rows, the
+    CLIs count them before any model loads. DataFileError when the file cannot be parsed."""
+    import csv
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    if path.suffix.lower() == ".csv":
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                return list(reader), reader.fieldnames or []
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataFileError(path, f"not a readable CSV ({e})") from e
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFileError(path, f"not valid JSON ({e})") from e
+
+
 def read_json_rows(json_path, image_root, keys, *, image_key="image", problems: list | None = None) -> list[dict]:
     """Load a data file (a JSON list of objects) and check every row up front, so a bad row
     fails before training starts with the file, the row index and what is wrong. Each row
@@ -403,12 +424,7 @@ def read_json_rows(json_path, image_root, keys, *, image_key="image", problems: 
     out) instead of raising at the first one. A file that is unusable as a whole (not JSON, not a
     list) raises DataFileError either way."""
     json_path = pathlib.Path(json_path)
-    if not json_path.is_file():
-        raise FileNotFoundError(f"{json_path}: no such data file")
-    try:
-        rows = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataFileError(json_path, f"not valid JSON ({e})") from e
+    rows, _ = load_table(json_path)
     if not isinstance(rows, list) or not rows:
         raise DataFileError(json_path, f"expected a non-empty JSON list of objects with keys {list(keys)}")
     out = []
@@ -441,36 +457,28 @@ def read_csv_rows(csv_path, image_root, keys, *, image_key, split_column=None, s
                   problems: list | None = None) -> list[dict]:
     """read_json_rows for a CSV with a header: every row checked up front, errors name the
     file's line (the header is line 1). `split_column`/`split` keep the rows of one split."""
-    import csv
     csv_path = pathlib.Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: no such data file")
+    rows, columns = load_table(csv_path)
+    wanted = list(keys) + ([split_column] if split_column else [])
+    missing = [k for k in wanted if k not in columns]
+    if missing:
+        raise DataFileError(csv_path, f"no column {missing} (columns: {columns}); name the columns with "
+                                      "--img_path_column / --findings_column / --split_column")
     out = []
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            wanted = list(keys) + ([split_column] if split_column else [])
-            missing = [k for k in wanted if k not in columns]
-            if missing:
-                raise DataFileError(csv_path, f"no column {missing} (columns: {columns}); name the columns with "
-                                              "--img_path_column / --findings_column / --split_column")
-            for i, row in enumerate(reader):
-                line = i + 2
-                if split_column and str(row[split_column]).strip() != split:
-                    continue
-                empty = [k for k in keys if not str(row.get(k) or "").strip()]
-                if empty:
-                    _row_problem(problems, csv_path, f"line {line}", f"empty {', '.join(empty)}")
-                    if image_key in empty:
-                        continue
-                # Relative paths: under --image_root, else next to the CSV.
-                path = _resolve_or_record(problems, row[image_key].strip(), image_root or csv_path.parent,
-                                          f"line {line}", str(csv_path))
-                if path is not None and not empty:
-                    out.append({**row, "image_path": str(path), "row": f"line {line}", "line": line})
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataFileError(csv_path, f"not a readable CSV ({e})") from e
+    for i, row in enumerate(rows):
+        line = i + 2
+        if split_column and str(row[split_column]).strip() != split:
+            continue
+        empty = [k for k in keys if not str(row.get(k) or "").strip()]
+        if empty:
+            _row_problem(problems, csv_path, f"line {line}", f"empty {', '.join(empty)}")
+            if image_key in empty:
+                continue
+        # Relative paths: under --image_root, else next to the CSV.
+        path = _resolve_or_record(problems, row[image_key].strip(), image_root or csv_path.parent,
+                                  f"line {line}", str(csv_path))
+        if path is not None and not empty:
+            out.append({**row, "image_path": str(path), "row": f"line {line}", "line": line})
     if not out and not problems:
         raise DataFileError(csv_path, "no rows" + (f" with {split_column} == {split!r}" if split_column else ""))
     return out
