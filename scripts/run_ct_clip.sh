@@ -41,9 +41,7 @@ else  # phase 1's output: towers, heads, temperature and bias; everything trains
     MODEL_FLAGS=(--model_name "$PHASE1_DIR/final_model" --no_freeze_text_encoder)
 fi
 
-# Preemption (SLURM's --signal, spot instances): torch's launcher relays these to the training
-# processes, which finish their step, write a resume checkpoint and exit 0.
-export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+source scripts/launch_env.sh  # preemption signals relayed to the training processes
 # shellcheck disable=SC2086  # VOLUME_SIZE / VOLUME_CLIP are lists of numbers
 exec accelerate launch --quiet \
     --config_file "$ACCELERATE_CONFIG" \

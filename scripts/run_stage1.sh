@@ -27,9 +27,7 @@ cd "$(dirname "$0")/.."
 : "${NUM_GPUS:=1}"
 : "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
 
-# Preemption (SLURM's --signal, spot instances): torch's launcher relays these to the training
-# processes, which finish their step, write a resume checkpoint and exit 0.
-export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+source scripts/launch_env.sh  # preemption signals relayed to the training processes
 exec accelerate launch --quiet \
     --config_file "$ACCELERATE_CONFIG" \
     --num_processes "$NUM_GPUS" \

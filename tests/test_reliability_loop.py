@@ -395,3 +395,19 @@ def test_sigterm_stops_stage2_with_a_checkpoint_that_resumes_exactly(vlm_parts, 
         _same_safetensors(tmp_path / "run" / "final_model" / f, tmp_path / "ref" / "final_model" / f)
     batch = next(iter(resumed.train_loader))
     assert "index" in batch  # a non-finite step can name its rows
+
+
+@pytest.mark.parametrize("launcher", ["Stage0/run_train_vision_encoder_stage0.sh", "scripts/run_stage1.sh",
+                                      "scripts/run_stage2.sh", "scripts/run_knee_raddino.sh", "scripts/run_ct_clip.sh",
+                                      "scripts/run_derm_lora.sh"])
+def test_every_launcher_has_torchrun_relay_sigusr1(launcher, tmp_path):
+    """torch's launcher relays only SIGTERM/SIGINT by default; SLURM's `--signal=B:USR1` would
+    kill it and leave the trainers without their checkpoint."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "accelerate").write_text('#!/bin/sh\necho "$PET_SIGNALS_TO_HANDLE"\n')
+    (fake / "accelerate").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PET_SIGNALS_TO_HANDLE"}
+    out = subprocess.run(["bash", str(ROOT / launcher)], env={**env, "PATH": f"{fake}:{env['PATH']}"},
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert {"SIGTERM", "SIGUSR1"} <= set(out.split(","))
