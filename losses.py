@@ -256,9 +256,7 @@ def siglip_loss_global(image_features, text_features, logit_scale, logit_bias, *
 # caption batches. All are computed in float32.
 
 def label_overlap(image_labels: list[set], text_labels: list[set], soft: bool = True) -> torch.Tensor:
-    """Targets for multi-label rows given as label sets: 1 where the sets are equal, their
-    Jaccard overlap where they only share some labels (soft), 0 where they share none; binary
-    with `soft=False` (any shared label is a positive). `jaccard_targets` on multi-hot rows."""
+    """`jaccard_targets` for rows given as label sets."""
     names = sorted(set().union(*image_labels, *text_labels))
     index = {c: k for k, c in enumerate(names)}
 
@@ -267,8 +265,7 @@ def label_overlap(image_labels: list[set], text_labels: list[set], soft: bool = 
         for i, s in enumerate(sets):
             h[i, [index[c] for c in s]] = 1
         return h
-    t = jaccard_targets(hot(image_labels), hot(text_labels), soft=True)
-    return t if soft else (t > 0).float()
+    return jaccard_targets(hot(image_labels), hot(text_labels), soft=soft)
 
 
 def sigmoid_pair_loss(image_features, text_features, logit_scale, logit_bias, target, *,
@@ -344,10 +341,18 @@ def icd_geometry_loss(class_embeddings: torch.Tensor, dissimilarity: torch.Tenso
 def wasserstein_loss(image_features, text_features, n_projections: int = 128, seed: int = 0) -> torch.Tensor:
     """Sliced 2-Wasserstein distance between the batch's image and text embedding clouds (POT):
     differentiable, on any device, no entropic bias (plain `ot.sinkhorn2` with unnormalised
-    costs can silently return 0)."""
+    costs can silently return 0). The objective passes the training step as `seed`, so every
+    step draws fresh projections and a resumed run draws the same ones again.
+
+    The projections are drawn here, on a CPU generator, and handed to POT: its own `seed=`
+    seeds separate CPU and CUDA generators whose streams differ (the same seed gave other
+    projections on a GPU), and it refuses a RandomState with torch tensors."""
     import ot
-    return ot.sliced_wasserstein_distance(image_features.float(), text_features.float(),
-                                          n_projections=n_projections, seed=seed)
+    x, y = image_features.float(), text_features.float()
+    g = torch.Generator().manual_seed(int(seed))
+    proj = torch.randn(x.shape[1], n_projections, generator=g)
+    proj = (proj / proj.norm(dim=0, keepdim=True)).to(x.device)
+    return ot.sliced_wasserstein_distance(x, y, projections=proj)
 
 
 def ramp_coefficients(step: int, ramp_steps, alpha: float, beta: float, gamma: float,
@@ -365,20 +370,28 @@ def ramp_coefficients(step: int, ramp_steps, alpha: float, beta: float, gamma: f
 
 
 def jaccard_targets(image_hot: torch.Tensor, text_hot: torch.Tensor, soft: bool = True) -> torch.Tensor:
-    """label_overlap for multi-hot rows [n, K] x [m, K]: Jaccard overlap (soft) or 'same label
-    set' (soft=False), as a tensor on the rows' device."""
+    """Pair targets for multi-label rows, multi-hot [n, K] x [m, K], on the rows' device: the
+    Jaccard overlap of the two label sets (soft: 1 for the same set, 0 for none shared), or 1
+    wherever they share any label (soft=False), else 0.
+
+    Hard mode is "any shared label", not "the same label set": under the latter a pair sharing
+    one label was a negative, and the most similar such pairs got the largest hard-negative
+    weights, pushing apart images of the same condition. Either way a pair with target > 0 is
+    never a negative (`hard_negative_weights`)."""
     a, b = image_hot.float(), text_hot.float()
     inter = a @ b.T
+    if not soft:
+        return (inter > 0).float()
     union = a.sum(1, keepdim=True) + b.sum(1)[None] - inter
-    jac = inter / union.clamp(min=1)
-    return jac if soft else (jac >= 1 - 1e-6).float()
+    return inter / union.clamp(min=1)
 
 
 class LabelAwareObjective:
     """The seed-004 total: (1 - a) L_sigmoid + a L_ICD + b L_Wass + g L_hardneg, each term on
     when named in `losses` (`sigmoid`, `weighted`, `multi_positive`, `icd`, `wasserstein`,
     `hard_negative`), a, b, g ramped by `ramp_coefficients`. Texts are gathered from every
-    process; pairs that share labels are positives (soft with multi_positive)."""
+    process; pairs that share a label are positives (1, or their Jaccard overlap with
+    multi_positive: `jaccard_targets`), never negatives."""
 
     KNOWN = {"sigmoid", "weighted", "multi_positive", "icd", "wasserstein", "hard_negative"}
 
@@ -408,7 +421,7 @@ class LabelAwareObjective:
             terms["icd"] = icd_geometry_loss(class_embeddings, self.dissimilarity)
             total = total + a * terms["icd"]
         if b:
-            terms["wasserstein"] = wasserstein_loss(img, txt)
+            terms["wasserstein"] = wasserstein_loss(img, txt, seed=step)
             total = total + b * terms["wasserstein"]
         if g:
             w = hard_negative_weights(img, all_txt, target, self.hn_beta)

@@ -9,6 +9,33 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 
+def _hit_at_k(sim: torch.Tensor, query_targets: list[set[int]], ks) -> dict[int, torch.Tensor]:
+    """Per query, the chance that a correct key is among the top K when tied scores are put in
+    a uniformly random order: with `above` keys strictly better than the best correct one and m
+    keys tied with it (r of them correct), it is 0 when above >= K, else
+    1 - C(m - r, K - above) / C(m, K - above). Untied scores give the plain 0 or 1. A NaN score
+    ranks last."""
+    sim = torch.nan_to_num(sim.float(), nan=float("-inf"))
+    q = torch.tensor([i for i, t in enumerate(query_targets) for _ in t], dtype=torch.long, device=sim.device)
+    key = torch.tensor([j for t in query_targets for j in t], dtype=torch.long, device=sim.device)
+    vals = sim[q, key]
+    best = torch.full((sim.shape[0],), float("-inf"), dtype=sim.dtype, device=sim.device)
+    best = best.scatter_reduce(0, q, vals, reduce="amax")
+    above = (sim > best[:, None]).sum(1).double()
+    tied = (sim == best[:, None]).sum(1).double()
+    correct = torch.zeros_like(tied).index_add_(0, q, (vals == best[q]).double())
+    out = {}
+    for k in ks:
+        slots = (k - above).clamp(min=0)
+        # log C(m - r, L) - log C(m, L); C(m - r, L) = 0 (a sure hit) when m - r < L
+        spare = tied - correct
+        log_miss = (torch.lgamma(spare + 1) - torch.lgamma((spare - slots).clamp(min=0) + 1)
+                    - torch.lgamma(tied + 1) + torch.lgamma((tied - slots).clamp(min=0) + 1))
+        miss = torch.where(spare < slots, 0.0, log_miss.exp())
+        out[k] = torch.where((slots > 0) & (correct > 0), 1 - miss, 0.0).cpu()
+    return out
+
+
 def retrieval_recall(sim: torch.Tensor, query_targets: list[set[int]] | torch.Tensor,
                      ks=(1, 5)) -> dict[int, float]:
     """Recall@K: the share of queries with at least one correct key in their top K.
@@ -16,22 +43,24 @@ def retrieval_recall(sim: torch.Tensor, query_targets: list[set[int]] | torch.Te
     sim is [queries, keys]. query_targets[q] is the key index (or set of indices) that count
     as correct for query q: identical captions are one key, and every image of a caption is
     a correct answer for it, so duplicates in the data never count as misses.
+
+    Ties count by their expected rank: keys with equal scores are taken in a uniformly random
+    order, so a tie of m keys holding the correct one for the last L slots scores L/m (see
+    `_hit_at_k`). Taking the first index instead (argsort, argmax) let a collapsed model, whose
+    scores all tie, score whatever the key order favoured; by expected rank it scores chance, K/N.
     """
     if torch.is_tensor(query_targets):
         query_targets = [{int(t)} for t in query_targets]
-    order = sim.float().argsort(dim=1, descending=True).cpu()
-    out = {}
-    for k in ks:
-        top = order[:, :k].tolist()
-        hits = [bool(t & set(row)) for row, t in zip(top, query_targets)]
-        out[k] = float(np.mean(hits)) if hits else float("nan")
-    return out
+    if not query_targets:
+        return {k: float("nan") for k in ks}
+    return {k: float(h.mean()) for k, h in _hit_at_k(sim, query_targets, ks).items()}
 
 
 def image_text_retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor,
                          caption_ids: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
     """Image->text and text->image R@K with deduplicated captions (text_emb has one row per
-    distinct caption; caption_ids[i] is image i's caption row)."""
+    distinct caption; caption_ids[i] is image i's caption row); ties by expected rank
+    (`retrieval_recall`)."""
     sim = image_emb.float() @ text_emb.float().T
     i2t = retrieval_recall(sim, caption_ids, ks)
     images_of = [set() for _ in range(text_emb.shape[0])]
@@ -84,32 +113,65 @@ def yes_no(text: str) -> str | None:
 
 # ---------------------------------------------------------------- class retrieval (seed 004)
 
-def classification_metrics(y_true: list[int], y_pred: list[int], class_names: list[str]) -> dict:
+def classification_metrics(y_true: list[int], y_pred: list[int], class_names: list[str],
+                           sample_weight: list[float] | None = None) -> dict:
     """Top-1 accuracy, macro precision/recall/F1 (scikit-learn, zero_division=0) and a per-class
-    table (support, recall, F1) over the classes present in y_true."""
+    table (support, recall, F1) over the classes present in y_true. sample_weight weighs each
+    (true, predicted) pair (supports are then weight sums): `top1_classification` splits a tied
+    image over its tied classes."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
     labels = sorted(set(y_true))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-    return {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_precision": float(mp),
-            "macro_recall": float(mr), "macro_f1": float(mf),
-            "per_class": {class_names[c]: {"support": int(n), "recall": float(rc), "f1": float(fc)}
+    kw = {"labels": labels, "zero_division": 0, "sample_weight": sample_weight}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, average=None, **kw)
+    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", **kw)
+    return {"accuracy": float(accuracy_score(y_true, y_pred, sample_weight=sample_weight)),
+            "macro_precision": float(mp), "macro_recall": float(mr), "macro_f1": float(mf),
+            "per_class": {class_names[c]: {"support": int(n) if float(n).is_integer() else float(n),
+                                           "recall": float(rc), "f1": float(fc)}
                           for c, n, rc, fc in zip(labels, s, r, f)}}
 
 
+def top1_classification(scores: torch.Tensor, true_classes: list[list[int]], class_names: list[str]) -> dict:
+    """`classification_metrics` of the top-scoring class of each image, [images, classes] scores.
+    true_classes[i] lists image i's classes, the first its primary one: a predicted class among
+    them is correct, any other prediction is an error on the primary class.
+
+    Ties count by their expected rank, as in `retrieval_recall`: an image whose top score is
+    shared by m classes counts 1/m for each of them (the expected confusion matrix under a
+    random tie break), so accuracy is exact in expectation and a collapsed model scores 1/K
+    instead of argmax's first index. Untied scores give the plain argmax metrics."""
+    s = torch.nan_to_num(scores.float(), nan=float("-inf")).cpu()
+    top = s == s.max(dim=1, keepdim=True).values
+    share = (1.0 / top.sum(1)).tolist()
+    y_true, y_pred, weight = [], [], []
+    for i, j in top.nonzero().tolist():
+        y_pred.append(j)
+        y_true.append(j if j in true_classes[i] else true_classes[i][0])
+        weight.append(share[i])
+    if all(w == 1.0 for w in weight):
+        weight = None  # exactly scikit-learn's unweighted numbers
+    return classification_metrics(y_true, y_pred, class_names, sample_weight=weight)
+
+
 def class_recall_at_k(scores: torch.Tensor, true_sets: list[set[int]], ks=(1, 5)) -> dict[str, float]:
-    """R@K over all class prompts: the share of images with a true class among the K best."""
+    """R@K over all class prompts: the share of images with a true class among the K best; ties
+    by expected rank (`retrieval_recall`)."""
     return {f"R@{k}": v for k, v in retrieval_recall(scores, true_sets, ks).items()}
 
 
 def distractor_top1(scores: torch.Tensor, true_class: list[int], n_distractors: int = 9, seed: int = 0) -> float:
     """The seed's test: one correct class among n random distractors (fixed seed); the share of
-    images whose correct class scores highest. Chance is 1/(n+1) (10% for 9 distractors)."""
+    images whose correct class scores highest. Chance is 1/(n+1) (10% for 9 distractors).
+
+    A tie at the top between the correct class and m - 1 distractors counts 1/m, its expected
+    rank: the correct class is placed first, so argmax's first index made a collapsed model
+    (all scores equal) win every draw and score 1.0 instead of chance."""
     rng = np.random.default_rng(seed)
     k = scores.shape[1]
+    s = torch.nan_to_num(scores.float(), nan=float("-inf")).cpu()
     hits = []
     for i, c in enumerate(true_class):
         others = rng.choice([j for j in range(k) if j != c], size=min(n_distractors, k - 1), replace=False)
-        cand = [c, *others.tolist()]
-        hits.append(int(scores[i, cand].argmax().item() == 0))
+        rivals = s[i, others]
+        hits.append(0.0 if (rivals > s[i, c]).any() else 1.0 / (1 + int((rivals == s[i, c]).sum())))
     return float(np.mean(hits)) if hits else float("nan")

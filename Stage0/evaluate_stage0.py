@@ -95,11 +95,12 @@ def evaluate_classes(path, args) -> dict:
     """Labelled data (seed 004): each image against every class prompt (one matrix product of
     image embeddings, computed once, by the class text embeddings); top-1 accuracy, macro
     precision/recall/F1, R@1/R@5 over all classes, the 1-in-10 distractor test, per-class table.
-    For a multi-label row, a predicted class among its labels is correct."""
+    For a multi-label row, a predicted class among its labels is correct. Tied scores (sigmoid
+    probabilities saturated at 1.0, a collapsed model) count by expected rank, never as a win."""
     from torch.utils.data import DataLoader
 
     from image_loader import read_rows
-    from metrics import class_recall_at_k, classification_metrics, distractor_top1
+    from metrics import class_recall_at_k, distractor_top1, top1_classification
     from Stage0.inference_stage0 import ImageFiles, score
     from Stage0.labels import class_text, parse_labels, read_classes
     model, tokenizer, processor = load_model(path)
@@ -115,9 +116,7 @@ def evaluate_classes(path, args) -> dict:
     loader = DataLoader(ImageFiles(rows, processor, args.test_json), batch_size=args.batch_size)
     scores = score(model, tokenizer, loader, [class_text(c, classes) for c in names], args.device)
     true_sets = [{index[c] for c in s} for s in label_sets]
-    pred = scores.argmax(1).tolist()
-    y_true = [p if p in t else index[s[0]] for p, t, s in zip(pred, true_sets, label_sets)]
-    out = classification_metrics(y_true, pred, names)
+    out = top1_classification(scores, [[index[c] for c in s] for s in label_sets], names)
     out.update(class_recall_at_k(scores, true_sets, ks=(1, 5)))
     out["distractor_top1"] = distractor_top1(scores, [index[s[0]] for s in label_sets], n_distractors=9,
                                              seed=args.seed)

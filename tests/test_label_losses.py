@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (hard_negative_weights, icd_dissimilarity, icd_geometry_loss, label_overlap, ramp_coefficients,
-                    sigmoid_pair_loss, siglip_loss, wasserstein_loss)
+from losses import (LabelAwareObjective, hard_negative_weights, icd_dissimilarity, icd_geometry_loss, jaccard_targets,
+                    label_overlap, ramp_coefficients, sigmoid_pair_loss, siglip_loss, wasserstein_loss)
 
 T, B = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
 
@@ -103,3 +103,69 @@ def test_ramp_schedule():
     assert ramp_coefficients(2250, steps, 0.5, 0.2, 0.1) == pytest.approx((0.5, 0.2, 0.05))
     assert ramp_coefficients(9000, steps, 0.5, 0.2, 0.1) == pytest.approx((0.5, 0.2, 0.1))
     assert ramp_coefficients(9000, steps, 1.0, 0.2, 0.1)[0] == 0.9  # the contrastive term keeps a floor
+
+
+# images and texts with the label sets {a, b}, {a}, {c}: rows 0 and 1 share a label, not a set
+SETS = [{"a", "b"}, {"a"}, {"c"}]
+HOT = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_hard_mode_overlap_is_any_shared_label_at_both_call_sites():
+    hard = label_overlap(SETS, SETS, soft=False)
+    assert hard.tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert torch.equal(jaccard_targets(HOT, HOT, soft=False), hard)  # the objective's call site
+    assert torch.equal(jaccard_targets(HOT, HOT, soft=True), label_overlap(SETS, SETS))
+
+
+def test_a_shared_label_is_never_a_hard_negative():
+    # image 0 is closest to text 1, which shares its label a: the hardest pair if it were a negative
+    x = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    y = F.normalize(torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.01, 0.0], [0.1, 0.0, 1.0]]), dim=-1)
+    target = label_overlap(SETS, SETS, soft=False)
+    w = hard_negative_weights(x, y, target, beta=5.0)
+    assert w[0, 1] == 0 and w[1, 0] == 0
+    objective = LabelAwareObjective(["sigmoid", "hard_negative"], gamma=1.0, ramp_steps=(0, 0, 0, 0))
+    _, terms = objective(x, y, T, B, HOT, step=5)
+    torch.testing.assert_close(terms["loss/hard_negative"], sigmoid_pair_loss(x, y, T, B, target, neg_weight=w))
+    torch.testing.assert_close(terms["loss/sigmoid"], sigmoid_pair_loss(x, y, T, B, target))
+
+
+def _clouds(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(16, 8, generator=g), dim=-1), F.normalize(torch.randn(16, 8, generator=g), dim=-1)
+
+
+def test_wasserstein_projections_follow_the_training_step():
+    x, y = _clouds()
+    objective = LabelAwareObjective(["sigmoid", "wasserstein"], beta=0.5, ramp_steps=(0, 0, 0, 0))
+    hot = torch.eye(16)
+
+    def at(step):
+        return objective(x, y, T, B, hot, step)[1]["loss/wasserstein"]
+    assert at(5).item() != at(6).item()  # fresh projections every step
+    assert torch.equal(at(5), at(5))  # and the same ones again when a resumed run replays step 5
+    assert wasserstein_loss(x, y, seed=1).item() != wasserstein_loss(x, y, seed=2).item()
+
+
+def test_wasserstein_is_pots_on_projections_drawn_on_the_cpu(monkeypatch):
+    # POT seeds its torch backend's CPU and CUDA generators with the same int, and they draw
+    # different numbers (Mersenne Twister vs Philox), so an int seed gave other projections on
+    # a GPU; a RandomState seed raises with torch tensors. The projections are drawn here instead.
+    import ot
+    real = ot.sliced_wasserstein_distance
+    calls = []
+    monkeypatch.setattr(ot, "sliced_wasserstein_distance", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    x, y = _clouds()
+    value = wasserstein_loss(x, y, n_projections=32, seed=7)
+    g = torch.Generator().manual_seed(7)
+    expected = torch.randn(8, 32, generator=g)
+    expected = expected / expected.norm(dim=0, keepdim=True)
+    torch.testing.assert_close(calls[0]["projections"], expected)
+    torch.testing.assert_close(value, real(x, y, projections=expected))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_wasserstein_projections_are_the_same_on_the_gpu():
+    x, y = _clouds()
+    torch.testing.assert_close(wasserstein_loss(x.cuda(), y.cuda(), seed=3).cpu(), wasserstein_loss(x, y, seed=3),
+                               rtol=1e-4, atol=1e-6)
