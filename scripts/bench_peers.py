@@ -7,7 +7,9 @@ assembled by `Stage0.towers.build_model` and `projectors.build_vlm` from folders
 scripts/make_tiny_models.py (real architectures from configs, random weights: speed and memory
 do not depend on the weights). The peers are the plain loops people write:
 
-    stage0_step   SiglipModel(input_ids, pixel_values, return_loss=True).loss.backward(), both towers
+    stage0_step   for the frozen-text step, SiglipModel's forward lines with the text tower frozen and
+                  its caption embeddings computed once; for the trained-text step,
+                  SiglipModel(input_ids, pixel_values, return_loss=True).loss.backward()
     siglip_loss   the eager B x B loss; open_clip's SigLipLoss; siglip-kernel's fused loss
     stage1/2      LLaVA-style: image embeddings concatenated with the text embeddings, logits
                   at every position, transformers' ForCausalLMLoss over the full vocabulary
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from accelerator_setup import trained_dtypes
 from scripts.bench_core import (LivePeak, attempt, free, frozen_flops, grad_through_flops, is_cuda, lm_body_params,
-                                lm_head_flops, measure, memory_ratio, n_params, sync, tower_flops, trained_flops)
+                                lm_head_flops, measure, measure_interleaved, memory_ratio, n_params, sync,
+                                tower_flops, trained_flops)
 from scripts.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS, build_tiny_gemma3, build_tiny_siglip
 
 TEXTS = ["No acute cardiopulmonary process.", "Small left pleural effusion with adjacent atelectasis.",
@@ -96,14 +101,18 @@ def _warmup(args, compiled=False) -> int:
     return 3 if compiled else (2 if is_cuda(args.device) else 1)
 
 
-def _complete(results: list[dict], samples: int, peak_flops: float | None) -> list[dict]:
-    """Throughput and MFU of every result; speed and memory ratios of each to its peer (`vs`)."""
+def _complete(results: list[dict], samples: int, peak_flops: float | None,
+              gemm_flops: float | None = None) -> list[dict]:
+    """Throughput and MFU of every result (against the datasheet peak; `mfu_vs_gemm` against the
+    GEMM rate measured in this run); speed and memory ratios of each to its peer (`vs`)."""
     by_path = {r["path"]: r for r in results}
     for r in results:
         if "time_s" in r:
             r["throughput"] = samples / r["time_s"]
-            if r.get("flops") and peak_flops:
-                r["mfu"] = r["flops"] / r["time_s"] / peak_flops
+            if r.get("flops"):
+                r["mfu"] = r["flops"] / r["time_s"] / peak_flops if peak_flops else None
+                if gemm_flops:
+                    r["mfu_vs_gemm"] = r["flops"] / r["time_s"] / gemm_flops
         peer = by_path.get(r.get("vs"))
         if peer is None or "time_s" not in r:
             continue
@@ -137,51 +146,120 @@ class _Pairs(torch.utils.data.Dataset):
                 "attention_mask": self.attention_mask[i], "caption_id": i, "index": i}
 
 
-def _stage0_ours(args, folder, batch_size, trained_text: bool) -> dict:
+def _stage0_ours(args, folder, batch_size, trained_text: bool):
+    """The trainer's own step on one window: (run, facts, cleanup)."""
     from Stage0.dataset import collate_fn
     from Stage0.towers import build_model
     from Stage0.train_vision_encoder_stage0 import parse_args
     from Stage0.trainer import VisionEncoderTrainerStage0
-    with tempfile.TemporaryDirectory() as out:
-        sargs = parse_args(["--model_name", str(folder), "--train_json", "unused.json", "--freeze_logit_scale",
-                            *(["--no_freeze_text_encoder"] if trained_text else []),
-                            *_stage_flags(args, out, batch_size)])
-        model, tokenizer, processor = build_model(sargs)
-        image_cfg = model.image.backbone.config
-        text_cfg = model.text.backbone.config
-        ds = _Pairs(batch_size, image_cfg.image_size, text_cfg.max_position_embeddings, text_cfg.vocab_size)
-        trainer = VisionEncoderTrainerStage0(sargs, _accelerator(args.device), model, tokenizer, processor, ds)
-        trainer._set_modes()
-        window = [_to(collate_fn([ds[i] for i in range(batch_size)]), args.device)]
-        step = trainer._step_trained_text if trained_text else trainer._step_frozen_text
+    out = tempfile.mkdtemp(prefix="bench_stage0_")
+    sargs = parse_args(["--model_name", str(folder), "--train_json", "unused.json", "--freeze_logit_scale",
+                        *(["--no_freeze_text_encoder"] if trained_text else []),
+                        *_stage_flags(args, out, batch_size)])
+    model, tokenizer, processor = build_model(sargs)
+    image_cfg = model.image.backbone.config
+    text_cfg = model.text.backbone.config
+    ds = _Pairs(batch_size, image_cfg.image_size, text_cfg.max_position_embeddings, text_cfg.vocab_size)
+    trainer = VisionEncoderTrainerStage0(sargs, _accelerator(args.device), model, tokenizer, processor, ds)
+    trainer._set_modes()
+    window = [_to(collate_fn([ds[i] for i in range(batch_size)]), args.device)]
+    step = trainer._step_trained_text if trained_text else trainer._step_frozen_text
 
-        def run():
-            step(window)
-            trainer.stepper.finish(0)
-        flops = batch_size * (tower_flops(model.image.backbone, "trained")
-                              + (tower_flops(model.text.backbone, "trained") if trained_text else 0))
-        return {**measure(run, device=args.device, repeats=args.repeats, warmup=_warmup(args)), "flops": flops}
+    def run():
+        step(window)
+        trainer.stepper.finish(0)
+    flops = batch_size * (tower_flops(model.image.backbone, "trained")
+                          + (tower_flops(model.text.backbone, "trained") if trained_text else 0))
+    facts = {"flops": flops, "trained_dtype": trained_dtypes(model), "trained_params": _trained(model)}
+    return run, facts, lambda: shutil.rmtree(out, ignore_errors=True)
 
 
-def _stage0_peer(args, folder, batch_size) -> dict:
+def _trained(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _pooled(out):
+    """get_*_features returns the embeddings (transformers 4) or an output holding them (5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def siglip_model_loss(logits_per_text):
+    """The loss lines of transformers' SiglipModel.forward(return_loss=True) (big_vision's)."""
+    eye = torch.eye(logits_per_text.size(0), device=logits_per_text.device)
+    m1_diag1 = -torch.ones_like(logits_per_text) + 2 * eye
+    return -F.logsigmoid(m1_diag1 * logits_per_text).sum(dim=-1).mean()
+
+
+def _stage0_peer(args, folder, batch_size, trained_text: bool):
+    """The plain loop doing the work ours does: the logit scale and bias frozen as ours are
+    (--freeze_logit_scale); with a frozen text tower, SiglipModel's own forward lines with the
+    caption embeddings computed once under no_grad (what anyone freezing it would write), else
+    SiglipModel(input_ids, pixel_values, return_loss=True) with both towers training."""
     from transformers import SiglipModel
     model = SiglipModel.from_pretrained(folder, attn_implementation=args.attn_implementation).to(args.device)
     model.train()
+    model.logit_scale.requires_grad_(False)
+    model.logit_bias.requires_grad_(False)
     cfg = model.config
     ds = _Pairs(batch_size, cfg.vision_config.image_size, cfg.text_config.max_position_embeddings,
                 cfg.text_config.vocab_size)
     px, ids = ds.pixel_values.to(args.device), ds.input_ids.to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    autocast = lambda: torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,  # noqa: E731
+                                      enabled=is_cuda(args.device))
+    text = None
+    if not trained_text:
+        model.text_model.requires_grad_(False)
+        model.text_model.eval()
+        with torch.no_grad(), autocast():
+            text = _pooled(model.get_text_features(input_ids=ids))
+            text = text / text.norm(p=2, dim=-1, keepdim=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
 
     def run():
-        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=is_cuda(args.device)):
-            loss = model(input_ids=ids, pixel_values=px, return_loss=True).loss
+        with autocast():
+            if trained_text:
+                loss = model(input_ids=ids, pixel_values=px, return_loss=True).loss
+            else:
+                img = _pooled(model.get_image_features(pixel_values=px))
+                img = img / img.norm(p=2, dim=-1, keepdim=True)
+                loss = siglip_model_loss(text @ img.t() * model.logit_scale.exp() + model.logit_bias)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    flops = batch_size * (tower_flops(model.vision_model, "trained") + tower_flops(model.text_model, "trained"))
-    return {**measure(run, device=args.device, repeats=args.repeats, warmup=_warmup(args)), "flops": flops}
+    flops = batch_size * (tower_flops(model.vision_model, "trained")
+                          + (tower_flops(model.text_model, "trained") if trained_text else 0))
+    return run, {"flops": flops, "trained_params": _trained(model)}, lambda: None
+
+
+STAGE0_CPU_ROUNDS = 15  # tiny steps take milliseconds; a handful of alternations is not a median
+
+
+def _measure_pair(args, builders: dict) -> dict[str, dict]:
+    """{path: result} for (run, facts, cleanup) builders. On CUDA one model at a time (the
+    absolute peak memory would count the other's weights); on CPU both built, then timed in
+    alternation (measure_interleaved) with at least STAGE0_CPU_ROUNDS runs each."""
+    out = {}
+    if is_cuda(args.device):
+        for path, build in builders.items():
+            def one(build=build):
+                run, facts, cleanup = build()
+                try:
+                    return {**measure(run, device=args.device, repeats=args.repeats, warmup=_warmup(args)), **facts}
+                finally:
+                    cleanup()
+            out[path] = attempt(one, args.device)
+        return out
+    built = {path: build() for path, build in builders.items()}
+    try:
+        timed = measure_interleaved({p: b[0] for p, b in built.items()}, device=args.device,
+                                    repeats=max(args.repeats, STAGE0_CPU_ROUNDS), warmup=_warmup(args))
+        return {p: {**timed[p], **built[p][1]} for p in built}
+    finally:
+        for _, _, cleanup in built.values():
+            cleanup()
+        free(args.device)
 
 
 def bench_stage0_step(args) -> list[dict]:
@@ -189,19 +267,22 @@ def bench_stage0_step(args) -> list[dict]:
     for preset in args.preset:
         folder = args.models.siglip(preset)
         b = args.stage0_batch_size or STAGE0_BATCH[preset]
-        peer = "peer: HF SiglipModel loop, both towers trained"
-        results = [
-            {"path": peer, "role": "peer", **attempt(lambda: _stage0_peer(args, folder, b), args.device)},
-            {"path": "ours: frozen text, cached features", "role": "ours", "vs": peer,
-             **attempt(lambda: _stage0_ours(args, folder, b, trained_text=False), args.device)},
-            {"path": "ours: text tower trained", "role": "ours", "vs": peer,
-             **attempt(lambda: _stage0_ours(args, folder, b, trained_text=True), args.device)},
-        ]
+        results = []
+        for trained_text, peer, ours in (
+                (False, "peer: HF SiglipModel, text tower frozen (no_grad, caption embeddings computed once)",
+                 "ours: frozen text, cached features"),
+                (True, "peer: HF SiglipModel(return_loss=True), both towers trained", "ours: text tower trained")):
+            got = _measure_pair(args, {
+                peer: lambda t=trained_text: _stage0_peer(args, folder, b, t),
+                ours: lambda t=trained_text: _stage0_ours(args, folder, b, t)})
+            results += [{"path": peer, "role": "peer", **got[peer]},
+                        {"path": ours, "role": "ours", "vs": peer, **got[ours]}]
         kw = TINY_SIGLIP if preset == "tiny" else SIGLIP_PRESETS[preset]
         patches = (kw["image_size"] // kw["patch_size"]) ** 2
-        rows.append({"row": "stage0_step", "preset": preset, "unit": "img/s",
-                     "shape": f"SigLIP {preset}, B={b}, {patches} patches + {kw.get('text_len', 64)} text tokens",
-                     "results": _complete(results, b, args.peak_flops)})
+        rows.append({"row": "stage0_step", "preset": preset, "unit": "img/s", "comparison": "peer",
+                     "shape": f"SigLIP {preset}, B={b}, {patches} patches + {kw.get('text_len', 64)} text tokens; "
+                              "logit scale and bias frozen in both",
+                     "results": _complete(results, b, args.peak_flops, args.gemm_flops)})
     return rows
 
 
@@ -419,6 +500,7 @@ def _stage1_run(args, flags, with_peer: bool) -> list[dict]:
         ours["flops"] = _vlm_flops(model, batch, projector="trained", lm="grad_through", head="grad_through",
                                    every_position=False)
         ours["tokens_per_step"] = batch["input_ids"].numel()
+        ours["trained_dtype"] = trained_dtypes(model)
         if not with_peer:
             return [ours]
         peer = attempt(lambda: measure(_llava_step(model, batch, trainer.params, trainer.optimizer, acc.autocast),
@@ -462,7 +544,7 @@ def bench_stage1_step(args) -> dict:
     tokens = _tokens_per_step(results)
     return {"row": "stage1_step", "unit": "tokens/s", "tokens_per_step": tokens,
             "shape": _shape(args, b, f"{tokens // b} tokens per sample; projector trains, tower and LM frozen"),
-            "results": _complete(results, tokens, args.peak_flops)}
+            "results": _complete(results, tokens, args.peak_flops, args.gemm_flops)}
 
 
 def _stage2_run(args, flags, with_peer: bool) -> list[dict]:
@@ -485,6 +567,7 @@ def _stage2_run(args, flags, with_peer: bool) -> list[dict]:
         ours = measure(lambda: trainer._optimizer_step([batch], 0), **kw)
         ours["flops"] = _vlm_flops(model, batch, projector="frozen", lm=lm, head=head, every_position=False)
         ours["tokens_per_step"] = batch["input_ids"].numel()
+        ours["trained_dtype"] = trained_dtypes(model)
         if not with_peer:
             return [ours]
         peer = attempt(lambda: measure(_llava_step(model, batch, trainer.params, trainer.optimizer, acc.autocast),
@@ -511,7 +594,7 @@ def bench_stage2_step(args) -> dict:
     tokens = _tokens_per_step(results)
     return {"row": "stage2_step", "unit": "tokens/s", "tokens_per_step": tokens,
             "shape": _shape(args, b, f"{tokens // b} tokens per sample (image, question, answer)"),
-            "results": _complete(results, tokens, args.peak_flops)}
+            "results": _complete(results, tokens, args.peak_flops, args.gemm_flops)}
 
 
 def _tokens_per_step(results) -> int:

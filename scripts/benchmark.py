@@ -1,8 +1,10 @@
 """Measure the repo's performance choices against the plain alternative, in one run.
 
-Each row puts the project's code path beside a plain one (or a peer library's) measured back to
-back on the same inputs, and records the ratio, so it holds on any machine; absolute times are
-only meaningful on the device they were taken on (named in the output).
+Each peer row puts the project's code path beside a plain one (or a peer library's) doing the
+same work on the same inputs, measured in one run on one device (named in the output). Times and
+ratios hold for that device only: a CPU run of the tiny configs says nothing about a GPU's ratios
+(other kernels, no bf16, per-op overhead that dominates tiny shapes). Ablation rows compare the
+project with its own earlier or switched-off path (`comparison: ablation`), not with a peer.
 
     python scripts/benchmark.py --device cuda   # everything: real-size SigLIP / Gemma3 configs, bf16
     python scripts/benchmark.py --quick         # CPU smoke run: tiny configs, the same code paths
@@ -12,10 +14,13 @@ only meaningful on the device they were taken on (named in the output).
 Rows (timing, memory and the FLOP formulas of MFU: scripts/bench_core.py; the peers:
 scripts/bench_peers.py):
   mfu_reference  the matmul rate of this device in this run (bf16 8192^3 on CUDA, fp32 on CPU):
-                 the denominator of every MFU
-  stage0_step    Stage0's trainer step (frozen text with cached features; text trained) vs the
-                 plain SiglipModel(..., return_loss=True) loop: img/s, peak memory, MFU. One row
-                 per --preset (SigLIP b16-224, l16-384, so400m-384; tiny on CPU)
+                 the denominator of `mfu_vs_gemm`; MFU itself is against the datasheet dense bf16
+                 peak (scripts/bench_core.DEVICE_PEAKS, or --peak_tflops)
+  stage0_step    Stage0's trainer step, each beside a peer doing the same work: frozen text with
+                 cached features vs SiglipModel with its text tower frozen and the caption
+                 embeddings computed once; text trained vs SiglipModel(..., return_loss=True).
+                 img/s, peak memory, MFU. One row per --preset (SigLIP b16-224, l16-384,
+                 so400m-384; tiny on CPU, timed in alternation)
   siglip_loss    forward + backward, B = 1k..64k on CUDA (1k, 8k on CPU --quick): the chunked
                  loss, the eager B x B loss, open_clip's SigLipLoss and siglip-kernel's fused
                  loss where installed: time, peak memory, max |grad - float32 reference grad|
@@ -30,11 +35,13 @@ scripts/bench_peers.py):
   lm_head        LM head + cross-entropy at 8k supervised tokens: logits then CE vs Liger's fused
                  linear cross-entropy (liger-kernel, CUDA only), which never holds the logits
   siglip_mem     activation memory the SigLIP loss keeps for backward: chunked vs naive (B x B)
-  text_cache     Stage0 step with the frozen text tower's caption embeddings cached vs recomputed
-  tokenize       Stage1/Stage2 sample token ids per second with the real Gemma 3 tokenizer (packaged
-                 270M; a small one if it is not installed): special tokens looked up once vs a
-                 get_vocab() dict rebuilt per lookup (the old path)
-  data           the data-loading rows of scripts/bench_data.py, when that file is present
+  text_cache     ablation: Stage0 step with the frozen text tower's caption embeddings cached vs
+                 recomputed
+  tokenize       ablation: Stage1/Stage2 sample token ids per second with the real Gemma 3
+                 tokenizer (packaged 270M; a small one if it is not installed): special tokens
+                 looked up once vs a get_vocab() dict rebuilt per lookup (the project's old path)
+  data           ablation: the data-loading rows of scripts/bench_data.py (the pre-resized cache
+                 vs the project's own decode-and-resize per sample), when that file is present
 """
 from __future__ import annotations
 
@@ -51,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from scripts.bench_core import FLOP_FORMULAS, is_cuda, matmul_rate, measure, memory_method
+from scripts.bench_core import FLOP_FORMULAS, datasheet_peak, is_cuda, matmul_rate, measure, memory_method
 
 
 def _timeit(fn, repeats, device):
@@ -241,7 +248,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def environment(args) -> dict:
+def _trained_dtypes(rows) -> str:
+    """What the trainers' own steps trained in, read from the models they built (not assumed)."""
+    seen = sorted({r["trained_dtype"] for row in rows for r in row.get("results", []) if r.get("trained_dtype")})
+    return "/".join(seen) if seen else "(no trainer step ran)"
+
+
+def environment(args, rows=()) -> dict:
     import platform
 
     import transformers
@@ -251,13 +264,43 @@ def environment(args) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
             "peft": _version("peft"), "accelerate": _version("accelerate"),
             "open_clip": _version("open-clip-torch"), "siglip_kernel": _version("siglip-kernel"),
-            "dtype": "bfloat16 autocast (trained weights float32)" if cuda else "float32",
+            "dtype": ("bfloat16 autocast" if cuda else "float32") + "; trained weights " + _trained_dtypes(rows)
+            + ", frozen weights as stored",
             "attention": args.attn_implementation,
             "compile": "variants marked torch.compile" if cuda and not args.no_compile else "off",
             "timing": f"median of {args.repeats} after warm-up, " + ("CUDA events" if cuda else "wall clock"),
             "memory": memory_method(args.device), "quick": bool(args.quick),
+            "peak_tflops": args.peak_flops / 1e12 if args.peak_flops else None, "peak_source": args.peak_source,
             "mfu_reference_tflops": args.matmul["flops_per_s"] / 1e12 if args.matmul else None,
+            "note": None if cuda else CPU_NOTE,
             "flop_formulas": FLOP_FORMULAS, "row_seconds": getattr(args, "row_seconds", {})}
+
+
+def mfu_peak(device, peak_tflops: float | None = None) -> tuple[float | None, str]:
+    """(FLOP/s, source) of MFU's denominator: --peak_tflops, else the datasheet's dense bf16
+    peak of this CUDA device, else (None, why not)."""
+    if peak_tflops:
+        return peak_tflops * 1e12, "--peak_tflops"
+    if not is_cuda(device):
+        return None, "no peak known: a CPU"
+    name = torch.cuda.get_device_name(torch.device(device))
+    sheet = datasheet_peak(name)
+    if sheet is None:
+        return None, f"no peak known for {name}: pass --peak_tflops"
+    return sheet[0] * 1e12, f"datasheet dense bf16: {sheet[1]}"
+
+
+CPU_NOTE = ("CPU run: float32, tiny configs of the same code paths. Its times and ratios describe this "
+            "CPU only and do not carry over to a GPU (other kernels, no bf16, per-op overhead dominates "
+            "tiny shapes); bash scripts/gpu_check.sh measures the GPU.")
+# Rows whose baseline is the project's own earlier or switched-off path, not a peer's code.
+ABLATIONS = {"text_cache", "tokenize"}
+
+
+def comparison(row: dict) -> str:
+    if row["row"] == "mfu_reference":
+        return "reference"
+    return "ablation" if row["row"] in ABLATIONS or row["row"].startswith("data") else "peer"
 
 
 def _fmt(v, scale=1.0, fmt="{:.1f}", unit=""):
@@ -277,18 +320,19 @@ def _x(*ratios):
     return ", ".join(v if isinstance(v, str) else _fmt(v, fmt="{:.2f}", unit="x") for v in ratios)
 
 
-def _markdown_results(rows) -> list[str]:
+def _markdown_results(rows, no_peak: bool = False) -> list[str]:
     steps = [r for r in rows if r["row"].endswith("_step") and "results" in r]
     out = []
     if steps:
-        out += ["", "| benchmark | path | shape | step time | throughput | peak memory | MFU "
-                "| vs peer (speed, memory) |", "|---|---|---|---|---|---|---|---|"]
+        out += ["", "| benchmark | path | shape | step time | throughput | peak memory | MFU (datasheet peak) "
+                "| MFU vs measured GEMM | vs peer (speed, memory) |", "|---|---|---|---|---|---|---|---|---|"]
         for row in steps:
             for r in row["results"]:
                 vs = _x(r["speedup_vs_peer"], r.get("memory_vs_peer")) if "speedup_vs_peer" in r else "-"
+                mfu = _fmt(r.get("mfu"), 100, unit="%") if r.get("mfu") is not None or not no_peak else "no peak known"
                 out.append(f"| {row['row']} | {r['path']} | {row['shape']} | {r.get('error') or _ms(r.get('time_s'))} "
                            f"| {_fmt(r.get('throughput'), unit=' ' + row['unit'])} | {_mib(r.get('peak_MiB'))} "
-                           f"| {_fmt(r.get('mfu'), 100, unit='%')} | {vs} |")
+                           f"| {mfu} | {_fmt(r.get('mfu_vs_gemm'), 100, unit='%')} | {vs} |")
     for row in (r for r in rows if r["row"] == "siglip_loss" and "results" in r):
         out += ["", f"siglip_loss: {row['shape']}; memory: {row['memory']}", "",
                 "| B | implementation | time | peak memory | max abs grad diff (max abs grad) "
@@ -314,21 +358,36 @@ def markdown(env: dict, rows: list[dict]) -> str:
             f"{env['dtype']}; attention {env['attention']}; compile {env['compile']}; {env['timing']}; "
             f"peak memory: {env['memory']}")
     lines = [head]
+    if env.get("note"):
+        lines += ["", env["note"]]
+    if env.get("peak_tflops"):
+        lines += ["", f"MFU: model FLOPs/s over the dense bf16 peak, {env['peak_tflops']:.4g} TFLOPS "
+                      f"({env['peak_source']})"]
+    else:
+        lines += ["", f"MFU: {env.get('peak_source') or 'no peak known'}; the GEMM column only"]
     ref = next((r for r in rows if r["row"] == "mfu_reference" and "error" not in r), None)
     if ref:
+        share = (f", {ref['flops_per_s'] / 1e12 / env['peak_tflops']:.0%} of the datasheet peak"
+                 if env.get("peak_tflops") else "")
         lines += ["", f"mfu_reference: {ref['n']}^3 {ref['dtype']} matmul, {ref['flops_per_s'] / 1e12:.3g} TFLOP/s "
-                      "(the denominator of MFU)"]
-    lines += _markdown_results(rows)
+                      f"measured{share} (the denominator of MFU vs measured GEMM)"]
+    lines += _markdown_results(rows, no_peak=not env.get("peak_tflops"))
     ratio_rows = [r for r in rows if "speedup" in r or "reduction" in r]
-    if ratio_rows:
-        lines += ["", "| benchmark | shape | plain | ours | ratio |", "|---|---|---|---|---|"]
-    for r in ratio_rows:
-        if "speedup" in r:
-            lines.append(f"| {r['row']} | {r['shape']} | {r['baseline_s']*1e3:.1f} ms | {r['ours_s']*1e3:.1f} ms "
-                         f"| {r['speedup']:.1f}x faster |")
-        else:
-            lines.append(f"| {r['row']} | {r['shape']} | {r['baseline_MiB']:.0f} MiB | {r['ours_MiB']:.0f} MiB "
-                         f"| {r['reduction']:.1f}x less |")
+    for kind, title, plain in (("peer", "vs a plain alternative", "plain"),
+                               ("ablation", "ablations: the project against its own earlier or switched-off path "
+                                            "(not a peer)", "without")):
+        these = [r for r in ratio_rows if r.get("comparison", comparison(r)) == kind]
+        if not these:
+            continue
+        lines += ["", f"{title}:", "", f"| benchmark | comparison | shape | {plain} | ours | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for r in these:
+            if "speedup" in r:
+                lines.append(f"| {r['row']} | {kind} | {r['shape']} | {r['baseline_s']*1e3:.1f} ms "
+                             f"| {r['ours_s']*1e3:.1f} ms | {r['speedup']:.1f}x faster |")
+            else:
+                lines.append(f"| {r['row']} | {kind} | {r['shape']} | {r['baseline_MiB']:.0f} MiB "
+                             f"| {r['ours_MiB']:.0f} MiB | {r['reduction']:.1f}x less |")
     known = {"mfu_reference", "siglip_loss", "generation"}
     for r in rows:  # failed rows, and rows of other modules (data): their fields as they are
         if r not in ratio_rows and (r["row"] not in known and not r["row"].endswith("_step") or "error" in r):
@@ -358,6 +417,9 @@ def main(argv=None):
     p.add_argument("--stage1_batch_size", type=int, default=None)
     p.add_argument("--stage2_batch_size", type=int, default=None)
     p.add_argument("--loss_sizes", type=int, nargs="+", default=None, help="siglip_loss batch sizes")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's dense bf16 peak in TFLOPS, for MFU (default: the datasheet table in "
+                        "scripts/bench_core.py, by device name)")
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile variants on CUDA")
     p.add_argument("--model_dir", default=None,
@@ -378,7 +440,8 @@ def main(argv=None):
     if {"mfu_reference", "stage0_step", "stage1_step", "stage2_step"} & set(args.only):
         n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
         args.matmul = matmul_rate(args.device, n=n, dtype=dtype, repeats=10)
-    args.peak_flops = args.matmul["flops_per_s"] if args.matmul else None
+    args.gemm_flops = args.matmul["flops_per_s"] if args.matmul else None
+    args.peak_flops, args.peak_source = mfu_peak(args.device, args.peak_tflops)
     benches = {"mfu_reference": bench_mfu_reference, "siglip_loss": bench_peers.bench_siglip_loss,
                "stage0_step": bench_peers.bench_stage0_step, "stage1_step": bench_peers.bench_stage1_step,
                "stage2_step": bench_peers.bench_stage2_step, "generation": bench_peers.bench_generation,
@@ -400,12 +463,14 @@ def main(argv=None):
                 got = {"row": name, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
                 failed.append(f"scripts/benchmark.py: row {name} failed ({got['error']}); the traceback is "
                               f"above, rerun it alone with --only {name}")
-            rows += got if isinstance(got, list) else [got]
+            for r in got if isinstance(got, list) else [got]:
+                r.setdefault("comparison", comparison(r))
+                rows.append(r)
             args.row_seconds[name] = round(time.perf_counter() - t, 1)
     finally:
         if args.model_dir is None:
             shutil.rmtree(args.models.root, ignore_errors=True)
-    env = environment(args)
+    env = environment(args, rows)
     table = markdown(env, rows)
     print(table)
     if args.output_json:

@@ -32,7 +32,8 @@ def test_a_failing_row_is_recorded_and_named_in_one_line(monkeypatch, capsys):
         raise RuntimeError("CUDA error: no kernel image is available\nmore detail")
     monkeypatch.setattr(bench_peers, "bench_generation", broken)
     rows = main(["--device", "cpu", "--quick", "--only", "generation", "siglip_mem"])
-    assert rows[0] == {"row": "generation", "error": "RuntimeError: CUDA error: no kernel image is available"}
+    assert rows[0] == {"row": "generation", "error": "RuntimeError: CUDA error: no kernel image is available",
+                       "comparison": "peer"}
     assert rows[1]["row"] == "siglip_mem" and rows[1]["reduction"] > 5
     assert ("scripts/benchmark.py: row generation failed (RuntimeError: CUDA error: no kernel image is available)"
             in capsys.readouterr().err)
@@ -92,11 +93,57 @@ def test_every_result_gets_its_ratio_to_the_peer_it_names():
                          {"path": "ours", "role": "ours", "vs": "peer", "time_s": 0.5, "peak_MiB": 100.0, "flops": 2e9},
                          {"path": "big peer", "role": "peer", "error": "out of memory"},
                          {"path": "ours 2", "role": "ours", "vs": "big peer", "time_s": 1.0, "peak_MiB": None}],
-                        samples=8, peak_flops=1e10)
+                        samples=8, peak_flops=1e10, gemm_flops=5e9)
     peer, ours, _, ours2 = results
     assert ours["speedup_vs_peer"] == 4.0 and ours["memory_vs_peer"] == 3.0
     assert ours["throughput"] == 16.0 and ours["mfu"] == pytest.approx(0.4) and peer["mfu"] == pytest.approx(0.2)
+    assert ours["mfu_vs_gemm"] == pytest.approx(0.8)  # the measured GEMM is below the datasheet peak
     assert ours2["speedup_vs_peer"] == "peer: out of memory" and "memory_vs_peer" not in ours2
+    no_peak = _complete([{"path": "ours", "role": "ours", "time_s": 0.5, "flops": 2e9}], samples=8, peak_flops=None,
+                        gemm_flops=5e9)
+    assert no_peak[0]["mfu"] is None and no_peak[0]["mfu_vs_gemm"] == pytest.approx(0.8)
+
+
+def test_mfu_is_against_the_datasheet_dense_bf16_peak():
+    from scripts.bench_core import datasheet_peak
+    from scripts.benchmark import mfu_peak
+    # torch.cuda.get_device_name() of each (dense numbers: half the datasheets' "with sparsity" ones)
+    expected = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4,
+                "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.05,
+                "NVIDIA A10G": 125.0, "NVIDIA L4": 121.0, "NVIDIA GeForce RTX 4090": 165.2}
+    assert {name: datasheet_peak(name)[0] for name in expected} == expected
+    assert datasheet_peak("Tesla V100-SXM2-16GB") is None  # no bf16 tensor cores
+    assert mfu_peak("cpu") == (None, "no peak known: a CPU")
+    assert mfu_peak("cpu", 100.0) == (100e12, "--peak_tflops")
+
+
+def test_quick_cpu_run_mfu_column_peers_doing_the_same_work_and_ablation_labels(tmp_path):
+    """On CPU the MFU column says there is no datasheet peak (the GEMM column still fills); the
+    frozen-text step's peer trains exactly what ours trains (its text tower frozen too) and the
+    both-towers step's peer both towers; the project-vs-itself rows are labelled ablations."""
+    main(["--device", "cpu", "--quick", "--only", "mfu_reference", "stage0_step", "text_cache", "siglip_mem",
+          "--output_json", str(tmp_path / "b.json"), "--output_md", str(tmp_path / "b.md")])
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["peak_tflops"] is None and data["peak_source"] == "no peak known: a CPU"
+    assert "do not carry over to a GPU" in data["note"]
+    by = {r["row"]: r for r in data["rows"]}
+    results = {r["path"]: r for r in by["stage0_step"]["results"]}
+    for r in results.values():
+        assert r["mfu"] is None and r["mfu_vs_gemm"] > 0 and r["time_s"] > 0, r
+    pairs = [(r, results[r["vs"]]) for r in results.values() if r["role"] == "ours"]
+    assert len(pairs) == 2
+    for ours, peer in pairs:
+        assert peer["trained_params"] == ours["trained_params"] and peer["flops"] == ours["flops"], (ours, peer)
+    peer_of = {"frozen" if "frozen text" in ours["path"] else "both": peer for ours, peer in pairs}
+    frozen_peer, both_peer = peer_of["frozen"], peer_of["both"]
+    assert "text tower frozen" in frozen_peer["path"] and "both towers" in both_peer["path"]
+    assert frozen_peer["trained_params"] < both_peer["trained_params"]
+    assert by["text_cache"]["comparison"] == "ablation" and by["siglip_mem"]["comparison"] == "peer"
+    assert by["stage0_step"]["comparison"] == "peer"
+    md = (tmp_path / "b.md").read_text()
+    assert "no peak known" in md and "MFU vs measured GEMM" in md and "do not carry over to a GPU" in md
+    assert "| text_cache | ablation |" in md and "| siglip_mem | peer |" in md
+    assert md.index("ablations:") > md.index("| siglip_mem | peer |")
 
 
 def test_the_llava_peer_optimises_the_same_loss_as_the_project(tmp_path):
@@ -135,8 +182,8 @@ def test_quick_mode_runs_every_row_and_writes_json_and_markdown(tmp_path):
         peers = [r for r in results if r["role"] == "peer"]
         ours = [r for r in results if r["role"] == "ours"]
         assert peers and ours, name
-        for r in peers + ours:
-            assert r["time_s"] > 0 and r["throughput"] > 0 and 0 < r["mfu"], (name, r)
+        for r in peers + ours:  # MFU needs a datasheet peak, which a CPU has not
+            assert r["time_s"] > 0 and r["throughput"] > 0 and r["mfu"] is None and 0 < r["mfu_vs_gemm"], (name, r)
         for r in ours:
             assert r["speedup_vs_peer"] > 0, (name, r)
             if name != "stage0_step":  # the peer's logits at every position are more work
@@ -158,4 +205,16 @@ def test_quick_mode_runs_every_row_and_writes_json_and_markdown(tmp_path):
     for name in ("stage0_step", "stage1_step", "stage2_step"):
         assert f"| {name} | ours" in md and f"| {name} | peer" in md
     assert "siglip_loss:" in md and "generation:" in md and "mfu_reference:" in md and "torch " in md
-    assert "| siglip_mem |" in md and "| tokenize |" in md
+    assert "| siglip_mem | peer |" in md and "| tokenize | ablation |" in md
+    assert by["tokenize"]["comparison"] == "ablation"
+    assert all(r["comparison"] == "ablation" for r in data["rows"] if r["row"].startswith("data"))
+
+
+def test_environment_states_the_dtype_the_trainers_trained_in(tmp_path):
+    """Read from the models the trainers built, not a fixed string: a bf16-stored checkpoint
+    once trained in bf16 while the line claimed float32."""
+    main(["--device", "cpu", "--quick", "--only", "stage2_step", "--output_json", str(tmp_path / "b.json")])
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert "trained weights float32," in data["dtype"], data["dtype"]
+    trained = [r["trained_dtype"] for row in data["rows"] for r in row.get("results", []) if "trained_dtype" in r]
+    assert trained and set(trained) == {"float32"}
