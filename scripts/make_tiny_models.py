@@ -30,6 +30,61 @@ from transformers import (
 GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
                  "<start_of_image>", "<image_soft_token>"]
 SIGLIP_SPECIAL = ["<pad>", "</s>", "<unk>"]
+# Llama 3's own special tokens (the base of the LLM2Vec checkpoints); Llama 3 has no pad token.
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+# The chat template google/gemma-3-*-it ship (tokenizer_config.json "chat_template" of
+# google/gemma-3-1b-it and gemma-3-4b-it; the same text as transformers' Gemma 3 tests and the
+# ggml-org/gemma-3-270m-GGUF metadata). A system message is folded into the first user turn,
+# an image item becomes <start_of_image>, and {{ bos_token }} is emitted although the
+# tokenizer also adds <bos> when the rendered text is encoded with special tokens.
+GEMMA3_IT_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# RAD-DINO's preprocessing (microsoft/rad-dino preprocessor_config.json): resize the short
+# side to 518 and center-crop 518 (37 x 37 patches of 14 px), with the mean and std of its
+# chest X-ray training set rather than ImageNet's.
+RAD_DINO_SIZE, RAD_DINO_MEAN, RAD_DINO_STD = 518, [0.5307] * 3, [0.2583] * 3
 
 
 def _texts_from_files(paths) -> list[str]:
@@ -85,10 +140,20 @@ GEMMA3_PRESETS = {
 
 def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_size=96,
                       num_layers=4, num_heads=4, text_len=64, vocab_size=1024, seed=0,
-                      tokenizer_kind="bpe", intermediate_size=None, model_vocab_size=None) -> Path:
+                      tokenizer_kind="bpe", intermediate_size=None, model_vocab_size=None, hub_shaped=False,
+                      dtype=None) -> Path:
     """A SigLIP (vision + text towers) saved like a hub checkpoint: model, image processor,
     tokenizer. The text length is fixed by the checkpoint, as for real SigLIP.
-    tokenizer_kind="sentencepiece" gives the SiglipTokenizer class of real checkpoints."""
+    tokenizer_kind="sentencepiece" gives the SiglipTokenizer class of real checkpoints.
+
+    hub_shaped=True: what changes the code path against a real checkpoint: the sentencepiece
+    tokenizer, the 64-token text length of google/siglip-* and weights stored in bf16.
+    google/siglip-* themselves are fp32 on the hub; bf16 is how SigLIP towers reach users
+    inside Gemma 3 / MedGemma / PaliGemma checkpoints and in fine-tunes saved from bf16
+    training, and transformers 5 loads them in that dtype unless told otherwise."""
+    if hub_shaped:
+        tokenizer_kind, text_len = "sentencepiece", 64
+        dtype = dtype or torch.bfloat16
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     if tokenizer_kind == "sentencepiece":
@@ -113,6 +178,8 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
     with torch.no_grad():  # the SigLIP paper's init: t' = log 10, b = -10
         model.logit_scale.fill_(torch.log(torch.tensor(10.0)))
         model.logit_bias.fill_(-10.0)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
@@ -121,10 +188,16 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
 
 def build_tiny_gemma3(out_dir, texts, *, hidden_size=96, num_layers=2, num_heads=2,
                       vocab_size=1024, seed=0, tokenizer_from=None, intermediate_size=None, head_dim=None,
-                      model_vocab_size=None, dtype=None, **config_kwargs) -> Path:
+                      model_vocab_size=None, dtype=None, hub_shaped=False, **config_kwargs) -> Path:
     """A Gemma3ForCausalLM with Gemma3's special tokens (<start_of_turn>, <end_of_turn>,
     <image_soft_token>) in a small byte-level BPE vocabulary, or with the tokenizer of a real
-    Gemma 3 folder (`tokenizer_from`)."""
+    Gemma 3 folder (`tokenizer_from`).
+
+    hub_shaped=True saves it the way google/gemma-3-*-it ship: weights in bf16 (transformers 5
+    loads a checkpoint in its stored dtype), a sampling generation_config.json and Gemma's own
+    chat template in the tokenizer."""
+    if hub_shaped:
+        dtype = dtype or torch.bfloat16
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     if tokenizer_from:
@@ -153,23 +226,49 @@ def build_tiny_gemma3(out_dir, texts, *, hidden_size=96, num_layers=2, num_heads
     if dtype is not None:
         model = model.to(dtype)
     model.generation_config.eos_token_id = config.eos_token_id
+    if hub_shaped:
+        model.generation_config = gemma3_it_generation_config(tokenizer)
+        tokenizer.chat_template = GEMMA3_IT_CHAT_TEMPLATE
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
+def gemma3_it_generation_config(tokenizer):
+    """generation_config.json as google/gemma-3-1b-it ships it: sampling (top-k 64, top-p 0.95),
+    stopping at <eos> or <end_of_turn>, with this tokenizer's ids for them (1 and 106 in the real
+    vocabulary). "hybrid" is deprecated in transformers 5 but still accepted, and it is what the
+    released files say."""
+    from transformers import GenerationConfig
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, eot],
+                            pad_token_id=tokenizer.pad_token_id, cache_implementation="hybrid", do_sample=True,
+                            top_k=64, top_p=0.95)
+
+
 def build_tiny_dinov2(out_dir, *, image_size=64, patch_size=8, hidden_size=64, num_layers=2, num_heads=2,
-                      seed=0) -> Path:
+                      seed=0, hub_shaped=False, dtype=None) -> Path:
     """A Dinov2Model (the RAD-DINO architecture) with DINOv2's own preprocessing: resize the
-    short side and center-crop, ImageNet mean and std."""
+    short side and center-crop, ImageNet mean and std.
+
+    hub_shaped=True: microsoft/rad-dino's shape where it changes the code path: 14 px patches,
+    a 518 px position table, and its processor (short side 518, center crop 518, its own mean
+    and std). Its weights are fp32 on the hub (about 350 MB for 87M parameters), so fp32 here
+    unless `dtype` says otherwise."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    if hub_shaped:
+        image_size, patch_size, mean, std = RAD_DINO_SIZE, 14, RAD_DINO_MEAN, RAD_DINO_STD
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     config = Dinov2Config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
                           num_hidden_layers=num_layers, num_attention_heads=num_heads, mlp_ratio=4)
-    Dinov2Model(config).save_pretrained(out_dir)
+    model = Dinov2Model(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(out_dir)
     BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_center_crop=True, image_mean=mean, image_std=std, resample=3,
                       do_convert_rgb=True).save_pretrained(out_dir)
     return out_dir
 
@@ -200,12 +299,130 @@ def build_tiny_bert(out_dir, texts, *, hidden_size=64, num_layers=2, num_heads=2
     return out_dir
 
 
+def build_tiny_llama(out_dir, texts, *, hidden_size=64, num_layers=2, num_heads=2, vocab_size=400, seed=0,
+                     dtype=torch.bfloat16) -> Path:
+    """A LlamaForCausalLM shaped like meta-llama/Meta-Llama-3-*-Instruct where it matters to a
+    text tower: Llama 3's special tokens, <|begin_of_text|> prepended, no pad token, untied
+    embeddings, weights stored in bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    tok = _train_bpe(texts, LLAMA3_SPECIAL, vocab_size)
+    bos_id, eos_id = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>", model_max_length=512)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=1,
+                         max_position_embeddings=512, bos_token_id=bos_id, eos_token_id=eos_id,
+                         tie_word_embeddings=False, rope_theta=500000.0)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+LLM2VEC_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_llm2vec_mntp_adapter(out_dir, base_dir, base_id, *, r=16, alpha=32, seed=0) -> Path:
+    """A PEFT LoRA adapter folder laid out as McGill-NLP/LLM2Vec-*-mntp ship theirs: trained on
+    the base's inner model (keys `base_model.model.layers.N...`), `base_model_name_or_path` the
+    base's hub id, the base's config and tokenizer next to it. The real config.json also maps
+    AutoModel to the repo's bidirectional Llama code; transformers 5 needs none
+    (`config.is_causal = False`), so that entry is left out. B is random (a fresh LoRA has B = 0,
+    which would make merging a no-op that no test could see)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).model
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, bias="none", target_modules=LLM2VEC_LORA_TARGETS)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    peft_model.save_pretrained(out_dir)
+    adapter_cfg = json.loads((out_dir / "adapter_config.json").read_text())
+    adapter_cfg["base_model_name_or_path"] = base_id
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+    config = AutoConfig.from_pretrained(base_dir)
+    config._name_or_path = base_id
+    config.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def to_hf_cache(folder, repo_id: str, cache_dir, *, revision: str | None = None) -> Path:
+    """Place a model folder in the Hugging Face cache layout (`models--ORG--NAME/blobs`,
+    `snapshots/<commit>/` linking to the blobs, `refs/main`), so that `from_pretrained(repo_id)`
+    resolves it with HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache_dir, as a downloaded model does."""
+    import hashlib
+    import os
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    commit = revision or hashlib.sha1("".join(f"{f.relative_to(folder)}:{f.stat().st_size}" for f in files)
+                                      .encode() + repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for f in files:
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        if not blob.exists():
+            blob.write_bytes(f.read_bytes())
+        link = snapshot / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def build_hub_llm2vec(out_dir, texts, *, base_id="tiny-hub/Meta-Llama-3-Instruct",
+                      adapter_id="tiny-hub/LLM2Vec-Meta-Llama-3-Instruct-mntp", cache_dir=None, seed=0) -> dict:
+    """An LLM2Vec MNTP checkpoint as users name it: a tiny Llama 3-shaped base and its MNTP
+    adapter, as local folders and (both) in a Hugging Face cache under their hub ids."""
+    out_dir = Path(out_dir)
+    base = build_tiny_llama(out_dir / "base", texts, seed=seed)
+    adapter = build_llm2vec_mntp_adapter(out_dir / "mntp", base, base_id, seed=seed)
+    cache = Path(cache_dir or out_dir / "hf_cache")
+    to_hf_cache(base, base_id, cache)
+    to_hf_cache(adapter, adapter_id, cache)
+    return {"base_id": base_id, "adapter_id": adapter_id, "cache_dir": cache, "base_dir": base,
+            "adapter_dir": adapter}
+
+
+def build_merlin_checkpoint(path, *, layers=(1, 1, 1, 1), width=8, seed=0) -> Path:
+    """A checkpoint file with the keys of Merlin's official release
+    (stanfordmimi/Merlin `i3_resnet_clinical_longformer_best_clip_*.pt`): one flat state dict of
+    the whole CLIP model, the 3D image encoder under `encode_image.i3_resnet.` (its classifier
+    and contrastive heads included) and the Clinical-Longformer text encoder under
+    `encode_text.`. `layers`/`width` give a small I3ResNet of the same structure."""
+    from Stage0.towers import MerlinBackbone
+    torch.manual_seed(seed)
+    path = Path(path)
+    state = {f"encode_image.i3_resnet.{k}": v for k, v in
+             MerlinBackbone(layers=layers, width=width).state_dict().items()}
+    state["encode_text.text_encoder.embeddings.word_embeddings.weight"] = torch.randn(16, 8)
+    state["encode_text.linear_layer.weight"] = torch.randn(4, 8)
+    state["encode_text.linear_layer.bias"] = torch.zeros(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
 def pretrain_lm(path, texts, *, steps=200, batch_size=32, max_len=96, lr=3e-3, seed=0) -> Path:
     """Next-token training on the given texts: the stand-in for a pretrained LLM. A random LM
-    gives near-uniform logits whatever its inputs, which leaves a projector nothing to align to."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gives near-uniform logits whatever its inputs, which leaves a projector nothing to align to.
+    Trains in fp32 and saves in the dtype the folder had (a bf16 checkpoint stays bf16)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(path)
+    stored = AutoConfig.from_pretrained(path).dtype or torch.float32
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -221,7 +438,7 @@ def pretrain_lm(path, texts, *, steps=200, batch_size=32, max_len=96, lr=3e-3, s
         opt.step(), sched.step(), opt.zero_grad()
         if step % 50 == 0 or step == steps - 1:
             print(f"LM stand-in pretraining step {step}: loss {loss.item():.3f}", file=sys.stderr)
-    lm.save_pretrained(path)
+    lm.to(stored).save_pretrained(path)
     return Path(path)
 
 
@@ -241,26 +458,46 @@ def parse_args(argv=None):
                    help="take the tokenizer of this Gemma 3 folder (e.g. the packaged 270M's)")
     p.add_argument("--lm_pretrain_steps", type=int, default=0,
                    help="train the small Gemma3 on the texts first (a stand-in for a pretrained LLM)")
+    p.add_argument("--hub_shaped", action="store_true",
+                   help="save SigLIP and Gemma3 as the hub ships the real ones: bf16 weights, SigLIP's "
+                        "sentencepiece tokenizer and 64-token text, Gemma 3 -it's sampling generation config "
+                        "and chat template")
+    p.add_argument("--extra", nargs="*", choices=["raddino", "llm2vec", "merlin"], default=[],
+                   help="also write hub-shaped stand-ins: OUT/rad-dino (518 px processor), OUT/llm2vec (an MNTP "
+                        "adapter and its base, as folders and in a Hugging Face cache at OUT/llm2vec/hf_cache), "
+                        "OUT/merlin/merlin_official.pt (Merlin's official checkpoint keys)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
+    import cli
+    cli.quiet_library_noise()
     args = parse_args(argv)
     texts = _texts_from_files(args.texts)
     out = Path(args.out_dir)
+    hub = args.hub_shaped
     if args.siglip_preset == "tiny":
         build_tiny_siglip(out / "siglip", texts, image_size=args.image_size,
-                          hidden_size=args.hidden_size, seed=args.seed)
+                          hidden_size=args.hidden_size, seed=args.seed, hub_shaped=hub)
     else:
-        build_tiny_siglip(out / "siglip", texts, seed=args.seed, **SIGLIP_PRESETS[args.siglip_preset])
+        build_tiny_siglip(out / "siglip", texts, seed=args.seed, hub_shaped=hub, **SIGLIP_PRESETS[args.siglip_preset])
     if args.gemma3_preset == "tiny":
         build_tiny_gemma3(out / "gemma3", texts, hidden_size=args.hidden_size, seed=args.seed,
-                          tokenizer_from=args.gemma3_tokenizer)
+                          tokenizer_from=args.gemma3_tokenizer, hub_shaped=hub)
     else:  # stored in bf16 as the released Gemma 3 checkpoints are
         build_tiny_gemma3(out / "gemma3", texts, seed=args.seed, tokenizer_from=args.gemma3_tokenizer,
-                          dtype=torch.bfloat16, **GEMMA3_PRESETS[args.gemma3_preset])
+                          dtype=torch.bfloat16, hub_shaped=hub, **GEMMA3_PRESETS[args.gemma3_preset])
     if args.lm_pretrain_steps:
         pretrain_lm(out / "gemma3", texts, steps=args.lm_pretrain_steps, seed=args.seed)
+    if "raddino" in args.extra:
+        build_tiny_dinov2(out / "rad-dino", hidden_size=32, num_layers=1, num_heads=2, seed=args.seed, hub_shaped=True)
+    if "llm2vec" in args.extra:
+        info = build_hub_llm2vec(out / "llm2vec", texts, seed=args.seed)
+        print(f"LLM2Vec stand-in: HF_HUB_OFFLINE=1 HF_HUB_CACHE={info['cache_dir']} resolves "
+              f"{info['adapter_id']} and {info['base_id']}", file=sys.stderr)
+    if "merlin" in args.extra:
+        build_merlin_checkpoint(out / "merlin" / "merlin_official.pt", seed=args.seed)
     print(f"Built config-initialised (random) SigLIP and Gemma3 under {out} (no download).",
           file=sys.stderr)
     return out

@@ -104,3 +104,69 @@ def assert_sharded_run(proc, out, train_rows: int, batch_size: int, epochs: int 
     assert steps and len(steps) == len(set(steps)), steps  # one writer
     assert abs(steps[-1] - per_epoch * epochs) <= epochs, (steps[-1], per_epoch, epochs)
     assert (out / "final_model").is_dir()
+
+
+# ---------------------------------------------------------------- hub-shaped stand-ins
+# Tiny models saved the way the checkpoints users start from ship: the properties that change
+# what the code does (stored dtype, generation config, chat template, tokenizer class and
+# length, image processor, adapter by hub id, checkpoint key names), at a size built in seconds.
+
+@pytest.fixture(scope="session")
+def hub_texts(demo_dir):
+    from scripts.make_tiny_models import _texts_from_files
+    return _texts_from_files([demo_dir / f"stage{n}_train.json" for n in (0, 1, 2)])
+
+
+@pytest.fixture(scope="session")
+def hub_gemma3_it(tmp_path_factory, hub_texts):
+    """google/gemma-3-*-it's shape: bf16 weights, sampling generation_config.json
+    (top-k 64, top-p 0.95, eos [<eos>, <end_of_turn>]), Gemma's chat template."""
+    from scripts.make_tiny_models import build_tiny_gemma3
+    return build_tiny_gemma3(tmp_path_factory.mktemp("hub") / "gemma-3-it", hub_texts, hidden_size=64,
+                             num_layers=2, num_heads=2, vocab_size=400, hub_shaped=True)
+
+
+@pytest.fixture(scope="session")
+def hub_siglip(tmp_path_factory, hub_texts):
+    """A SigLIP with google/siglip-*'s sentencepiece SiglipTokenizer and 64-token text length,
+    bf16 weights."""
+    from scripts.make_tiny_models import build_tiny_siglip
+    return build_tiny_siglip(tmp_path_factory.mktemp("hub") / "siglip", hub_texts, image_size=64,
+                             hidden_size=64, num_layers=2, num_heads=2, hub_shaped=True)
+
+
+@pytest.fixture(scope="session")
+def hub_raddino(tmp_path_factory):
+    """A DINOv2 with microsoft/rad-dino's patch size, 518 px position table and processor."""
+    from scripts.make_tiny_models import build_tiny_dinov2
+    return build_tiny_dinov2(tmp_path_factory.mktemp("hub") / "rad-dino", hidden_size=32, num_layers=1,
+                             num_heads=2, hub_shaped=True)
+
+
+@pytest.fixture(scope="session")
+def hub_llm2vec(tmp_path_factory, hub_texts):
+    """An LLM2Vec MNTP adapter on a Llama 3-shaped bf16 base: dict with `adapter_id`, `base_id`,
+    `cache_dir` (a Hugging Face cache holding both ids), `adapter_dir` and `base_dir` (the same
+    folders, local). Use `hub_cache` to make the ids resolve."""
+    from scripts.make_tiny_models import build_hub_llm2vec
+    return build_hub_llm2vec(tmp_path_factory.mktemp("hub") / "llm2vec", hub_texts)
+
+
+@pytest.fixture
+def hub_cache(hub_llm2vec, monkeypatch):
+    """HF_HUB_CACHE -> the hub-shaped cache, in this process (huggingface_hub reads the variable
+    once, at import) and for subprocesses."""
+    import huggingface_hub.constants
+    cache = str(hub_llm2vec["cache_dir"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    return hub_llm2vec
+
+
+@pytest.fixture(scope="session")
+def hub_merlin_ckpt(tmp_path_factory):
+    """A Merlin checkpoint file with the official release's keys (`encode_image.i3_resnet.*`
+    and `encode_text.*`, one flat state dict), for an I3ResNet with one block per stage and
+    width 8 (`--merlin_layers 1 1 1 1 --merlin_width 8`)."""
+    from scripts.make_tiny_models import build_merlin_checkpoint
+    return build_merlin_checkpoint(tmp_path_factory.mktemp("hub") / "merlin" / "merlin_official.pt")

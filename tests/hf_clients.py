@@ -19,10 +19,11 @@ def assert_standard_clients_match(model_path, image, question, answer, max_new_t
     inputs = processor(images=pil, text=text, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == build_prompt(processor.tokenizer, model.config, question)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        # No decoding arguments: the export's own generation config must be the CLI's greedy one.
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens)
     got = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert got == answer
     pipe = pipeline("image-text-to-text", model=str(model_path))
     chat = [{"role": "user", "content": [{"type": "image", "image": pil}, {"type": "text", "text": question}]}]
-    res = pipe(text=chat, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False)
+    res = pipe(text=chat, max_new_tokens=max_new_tokens, return_full_text=False)
     assert res[0]["generated_text"].strip() == answer

@@ -1,4 +1,5 @@
-"""Stage0 end to end on the demo data with a tiny config-built SigLIP."""
+"""Stage0 end to end on the demo data with a tiny SigLIP saved as the hub ships SigLIP (bf16
+weights, sentencepiece tokenizer, 64-token text)."""
 import json
 import shutil
 
@@ -31,9 +32,9 @@ def test_help_and_defaults():
     assert e.value.code == 0
 
 
-def test_frozen_parts_stay_bit_identical(tiny_siglip, demo_dir, tmp_path):
-    before = SiglipModel.from_pretrained(tiny_siglip)
-    trainer = main(_args(tiny_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=3))
+def test_frozen_parts_stay_bit_identical(hub_siglip, demo_dir, tmp_path):
+    before = SiglipModel.from_pretrained(hub_siglip)
+    trainer = main(_args(hub_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=3))
     after = trainer.encoder.model
     for (n, p0), p1 in zip(before.text_model.named_parameters(), after.text_model.parameters()):
         assert torch.equal(p0, p1), f"text tower changed: {n}"
@@ -45,8 +46,8 @@ def test_frozen_parts_stay_bit_identical(tiny_siglip, demo_dir, tmp_path):
     assert trainer.text_cache is not None and trainer.text_cache.shape[0] == len(trainer.train_dataset.captions)
 
 
-def test_final_model_reloads_with_same_embeddings(tiny_siglip, demo_dir, tmp_path):
-    trainer = main(_args(tiny_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=2))
+def test_final_model_reloads_with_same_embeddings(hub_siglip, demo_dir, tmp_path):
+    trainer = main(_args(hub_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=2))
     final = tmp_path / "final_model"
     for f in ("vision_encoder.bin", "model.safetensors", "config.json", "preprocessor_config.json",
               "tokenizer_config.json"):
@@ -62,24 +63,24 @@ def test_final_model_reloads_with_same_embeddings(tiny_siglip, demo_dir, tmp_pat
     assert all(torch.equal(sd[k], v) for k, v in mem.image.backbone.state_dict().items())
 
 
-def test_resume_matches_uninterrupted_run(tiny_siglip, demo_dir, tmp_path):
+def test_resume_matches_uninterrupted_run(hub_siglip, demo_dir, tmp_path):
     common = dict(num_epochs=2, checkpointing_steps=3, checkpoints_total_limit=20, seed=7)
-    full = main(_args(tiny_siglip, tmp_path / "full", demo_dir / "stage0_train.json", **common))
+    full = main(_args(hub_siglip, tmp_path / "full", demo_dir / "stage0_train.json", **common))
     # a run that "died" after step 3: only its step_3 checkpoint survives (mid-epoch 1)
     ckpt = tmp_path / "full" / "checkpoints" / "step_3"
     assert ckpt.exists()
     shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / "step_3")
-    resumed = main(_args(tiny_siglip, tmp_path / "resumed", demo_dir / "stage0_train.json",
+    resumed = main(_args(hub_siglip, tmp_path / "resumed", demo_dir / "stage0_train.json",
                          resume_from_checkpoint="latest", **common))
     for (n, a), b in zip(full.encoder.model.named_parameters(), resumed.encoder.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
-def test_training_lowers_val_loss_and_raises_recall(tiny_siglip, short_caption_jsons, tmp_path):
+def test_training_lowers_val_loss_and_raises_recall(hub_siglip, short_caption_jsons, tmp_path):
     """Stand-in for a pretrained checkpoint: train the tiny SigLIP jointly, then run the seed's
     frozen-text fine-tune from it with a fresh vision tower, and compare with its start."""
     train, val = short_caption_jsons["train"], short_caption_jsons["val"]
-    main(_args(tiny_siglip, tmp_path / "joint", train, num_epochs=6, no_freeze_text_encoder=True,
+    main(_args(hub_siglip, tmp_path / "joint", train, num_epochs=6, no_freeze_text_encoder=True,
                no_freeze_logit_scale=True))
     start = tmp_path / "joint" / "final_model"
     trainer = main(_args(start, tmp_path / "ft", train, val, num_epochs=6, reinit_vision_tower=True,
@@ -136,14 +137,14 @@ def _assert_same_weights(a, b, atol):
 
 
 @pytest.mark.parametrize("captions", ["demo", "repeated"])
-def test_gradient_accumulation_is_exact_with_frozen_text(captions, tiny_siglip, demo_dir, short_caption_jsons,
+def test_gradient_accumulation_is_exact_with_frozen_text(captions, hub_siglip, demo_dir, short_caption_jsons,
                                                           tmp_path):
     """4 micro-batches of 4 meet every caption of the step, so they train exactly like one
     batch of 16 (a per-micro-batch loss would see 4 captions and drift). With repeated captions
     (a few canonical ones), every copy in any micro-batch is a positive."""
     train = demo_dir / "stage0_train.json" if captions == "demo" else short_caption_jsons["train"]
-    main(_args(tiny_siglip, tmp_path / "big", train, max_steps=3, batch_size=16, seed=5))
-    main(_args(tiny_siglip, tmp_path / "accum", train, max_steps=3, batch_size=4,
+    main(_args(hub_siglip, tmp_path / "big", train, max_steps=3, batch_size=16, seed=5))
+    main(_args(hub_siglip, tmp_path / "accum", train, max_steps=3, batch_size=4,
                gradient_accumulation_steps=4, seed=5))
     # Float summation order differs, and AdamW's g/sqrt(v) amplifies that where v is tiny, to
     # ~1e-5. Micro-batches that saw only their own captions would differ by ~lr*steps = 3e-3.
@@ -151,7 +152,7 @@ def test_gradient_accumulation_is_exact_with_frozen_text(captions, tiny_siglip, 
 
 
 @pytest.mark.parametrize("captions,text", [("demo", "frozen"), ("repeated", "frozen"), ("repeated", "trained")])
-def test_two_processes_train_like_one_on_the_union_batch(captions, text, tiny_siglip, demo_dir, short_caption_jsons,
+def test_two_processes_train_like_one_on_the_union_batch(captions, text, hub_siglip, demo_dir, short_caption_jsons,
                                                          tmp_path):
     """The whole trainer under DDP (2 CPU processes, gloo): each process's images meet both
     processes' captions, so 2 x 8 ends with the weights of 1 x 16. With repeated captions the
@@ -171,8 +172,8 @@ def test_two_processes_train_like_one_on_the_union_batch(captions, text, tiny_si
         train = tmp_path / "train48.json"
         train.write_text(json.dumps(json.loads((demo_dir / "stage0_train.json").read_text())[:48]))
         val_kw = {"val_json": val, "num_epochs": 1, "image_root": demo_dir}
-    main(_args(tiny_siglip, tmp_path / "one", train, max_steps=3, batch_size=16, seed=5, **kw, **val_kw))
-    argv = _args(tiny_siglip, tmp_path / "two", train, max_steps=3, batch_size=8, seed=5, **kw, **val_kw)
+    main(_args(hub_siglip, tmp_path / "one", train, max_steps=3, batch_size=16, seed=5, **kw, **val_kw))
+    argv = _args(hub_siglip, tmp_path / "two", train, max_steps=3, batch_size=8, seed=5, **kw, **val_kw)
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,19 +195,19 @@ def test_two_processes_train_like_one_on_the_union_batch(captions, text, tiny_si
                 assert b[k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
 
 
-def test_bad_rows_fail_before_training_naming_file_and_row(tiny_siglip, demo_dir, tmp_path):
+def test_bad_rows_fail_before_training_naming_file_and_row(hub_siglip, demo_dir, tmp_path):
     import json
     rows = json.loads((demo_dir / "stage0_train.json").read_text())[:5]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(rows[:3] + [{"image": rows[3]["image"]}] + rows[4:]))
     with pytest.raises(ValueError, match=r"bad\.json row 3: missing or empty \['caption'\]"):
-        main(_args(tiny_siglip, tmp_path / "o", bad, max_steps=1, image_root=demo_dir))
+        main(_args(hub_siglip, tmp_path / "o", bad, max_steps=1, image_root=demo_dir))
     bad.write_text(json.dumps(rows[:2] + [{**rows[2], "image": "images/nope.png"}]))
     with pytest.raises(ValueError, match=r"bad\.json row 2: Cannot load image .*nope\.png.*--image_root"):
-        main(_args(tiny_siglip, tmp_path / "o", bad, max_steps=1, image_root=demo_dir))
+        main(_args(hub_siglip, tmp_path / "o", bad, max_steps=1, image_root=demo_dir))
 
 
-def test_fp16_overflow_is_skipped_through_the_scaler_and_training_goes_on(tiny_siglip, demo_dir, tmp_path,
+def test_fp16_overflow_is_skipped_through_the_scaler_and_training_goes_on(hub_siglip, demo_dir, tmp_path,
                                                                            monkeypatch):
     """fp16 as on a GPU (a GradScaler), with an inf loss planted in step 2: the scaler skips that
     step and lowers its scale, and the run goes on (it used to raise `unscale_() has already been
@@ -234,7 +235,7 @@ def test_fp16_overflow_is_skipped_through_the_scaler_and_training_goes_on(tiny_s
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        trainer = main(_args(tiny_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=4,
+        trainer = main(_args(hub_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=4,
                              mixed_precision="fp16"))
     finally:
         AcceleratorState._reset_state(True)
@@ -244,7 +245,7 @@ def test_fp16_overflow_is_skipped_through_the_scaler_and_training_goes_on(tiny_s
     assert all(torch.isfinite(p).all() for p in trainer.encoder.model.parameters())
 
 
-def test_repeated_captions_are_positives_unless_asked_otherwise(tiny_siglip, short_caption_jsons, tmp_path,
+def test_repeated_captions_are_positives_unless_asked_otherwise(hub_siglip, short_caption_jsons, tmp_path,
                                                               monkeypatch):
     """Stage0 hands the loss caption ids: two rows with one caption are positives for each other.
     `--duplicate_captions negative` gives the paper's one-positive-per-row loss."""
@@ -257,19 +258,19 @@ def test_repeated_captions_are_positives_unless_asked_otherwise(tiny_siglip, sho
         return real(*a, **k)
     monkeypatch.setattr(stage0_trainer, "siglip_loss", spy)
     train = short_caption_jsons["train"]
-    main(_args(tiny_siglip, tmp_path / "pos", train, max_steps=1))
+    main(_args(hub_siglip, tmp_path / "pos", train, max_steps=1))
     assert "image_labels" in seen[-1]
     ids = seen[-1]["text_labels"]
     assert len(set(ids.tolist())) < len(ids), "the batch should repeat captions"
-    main(_args(tiny_siglip, tmp_path / "neg", train, max_steps=1, duplicate_captions="negative"))
+    main(_args(hub_siglip, tmp_path / "neg", train, max_steps=1, duplicate_captions="negative"))
     assert "positive_index" in seen[-1] and "image_labels" not in seen[-1]
 
 
-def test_lora_trains_only_adapters_on_both_towers_and_merges_exactly(tiny_siglip, demo_dir, tmp_path):
+def test_lora_trains_only_adapters_on_both_towers_and_merges_exactly(hub_siglip, demo_dir, tmp_path):
     """LoRA on both SigLIP encoders (never the vision pooling head's MultiheadAttention): only
     the adapters change, and the merged SiglipModel gives the adapted model's embeddings."""
-    before = SiglipModel.from_pretrained(tiny_siglip).state_dict()
-    trainer = main(_args(tiny_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=3, lora_r=4,
+    before = SiglipModel.from_pretrained(hub_siglip).state_dict()
+    trainer = main(_args(hub_siglip, tmp_path, demo_dir / "stage0_train.json", max_steps=3, lora_r=4,
                          lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2))
     model = trainer.encoder.model.eval()
     names = [n for n, _ in model.siglip.named_parameters() if "lora_A" in n]
@@ -292,13 +293,13 @@ def test_lora_trains_only_adapters_on_both_towers_and_merges_exactly(tiny_siglip
 
 
 @pytest.mark.parametrize("damage", ["missing model.safetensors", "truncated optimizer.bin"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, tiny_siglip, demo_dir, tmp_path, capsys):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, hub_siglip, demo_dir, tmp_path, capsys):
     """`latest` passes over a damaged newest checkpoint, with a warning naming it, and resumes
     from the previous one: the run still ends with the uninterrupted run's weights."""
     train = demo_dir / "stage0_train.json"
     common = dict(batch_size=16, seed=5, lr_scheduler="constant", warmup_steps=0)
-    main(_args(tiny_siglip, tmp_path / "full", train, max_steps=4, **common))
-    main(_args(tiny_siglip, tmp_path / "cut", train, max_steps=3, checkpointing_steps=1, **common))
+    main(_args(hub_siglip, tmp_path / "full", train, max_steps=4, **common))
+    main(_args(hub_siglip, tmp_path / "cut", train, max_steps=3, checkpointing_steps=1, **common))
     newest = tmp_path / "cut" / "checkpoints" / "step_3"
     if damage.startswith("missing"):
         (newest / "model.safetensors").unlink()
@@ -306,22 +307,22 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, tiny_s
         data = (newest / "optimizer.bin").read_bytes()
         (newest / "optimizer.bin").write_bytes(data[: len(data) // 3])
     capsys.readouterr()
-    main(_args(tiny_siglip, tmp_path / "cut", train, max_steps=4, resume_from_checkpoint="latest", **common))
+    main(_args(hub_siglip, tmp_path / "cut", train, max_steps=4, resume_from_checkpoint="latest", **common))
     err = capsys.readouterr().err
     assert "step_3 is damaged" in err and "resumed from" in err and "step_2" in err
     _assert_same_weights(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"), atol=0)
 
 
 @pytest.mark.parametrize("text", ["frozen", "trained"])
-def test_checkpointing_and_compile_train_the_same_weights(text, tiny_siglip, demo_dir, tmp_path, capsys):
+def test_checkpointing_and_compile_train_the_same_weights(text, hub_siglip, demo_dir, tmp_path, capsys):
     """--gradient_checkpointing recomputes the trained towers' blocks and --torch_compile
     (traced with the eager backend here) compiles every block the step runs: same weights."""
     torch._dynamo.reset()
     train = demo_dir / "stage0_train.json"
     kw = {"max_steps": 3, "seed": 3} | ({"no_freeze_text_encoder": True} if text == "trained" else {})
-    main(_args(tiny_siglip, tmp_path / "plain", train, **kw))
+    main(_args(hub_siglip, tmp_path / "plain", train, **kw))
     capsys.readouterr()
-    trainer = main(_args(tiny_siglip, tmp_path / "fast", train, gradient_checkpointing=True, torch_compile=True,
+    trainer = main(_args(hub_siglip, tmp_path / "fast", train, gradient_checkpointing=True, torch_compile=True,
                          torch_compile_backend="eager", **kw))
     _assert_same_weights(_final_weights(tmp_path / "plain"), _final_weights(tmp_path / "fast"), atol=1e-6)
     err = capsys.readouterr().err

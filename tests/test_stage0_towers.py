@@ -17,7 +17,9 @@ from Stage0.train_vision_encoder_stage0 import main, parse_args
 
 
 @pytest.fixture(scope="module")
-def knee(tmp_path_factory):
+def knee(tmp_path_factory, hub_raddino, hub_siglip):
+    """The knee phantoms, small config-built towers of the recipe's architectures, and the
+    hub-shaped RAD-DINO (518 px processor) and SigLIP (bf16, sentencepiece, 64 tokens)."""
     root = tmp_path_factory.mktemp("knee")
     csv_path = make_demo(["--recipe", "knee", "--out_dir", str(root / "data"), "--num_images", "600",
                           "--image_size", "64", "--seed", "0"])
@@ -26,7 +28,7 @@ def knee(tmp_path_factory):
             "dino": build_tiny_dinov2(root / "dino", image_size=64, patch_size=8),
             "siglip": build_tiny_siglip(root / "siglip", texts, image_size=64, hidden_size=64, num_layers=2,
                                         num_heads=2),
-            "bert": build_tiny_bert(root / "bert", texts)}
+            "bert": build_tiny_bert(root / "bert", texts), "raddino": hub_raddino, "hub_siglip": hub_siglip}
 
 
 def _argv(knee, out, *extra):
@@ -40,7 +42,9 @@ def _val_rows(out):
 
 
 PAIRINGS = {"siglip/siglip": lambda k: ["--model_name", str(k["siglip"]), "--no_freeze_logit_scale"],
-            "dinov2/siglip-text": lambda k: ["--image_model_name", str(k["dino"]), "--text_model_name", str(k["siglip"])],
+            # RAD-DINO as the launcher runs it below its native 518 px (IMAGE_SIZE): position table interpolated
+            "raddino/siglip-text": lambda k: ["--image_model_name", str(k["raddino"]), "--image_size", "56",
+                                              "--text_model_name", str(k["hub_siglip"])],
             "dinov2/bert": lambda k: ["--image_model_name", str(k["dino"]), "--text_model_name", str(k["bert"])]}
 
 
@@ -99,7 +103,7 @@ def test_stage1_takes_a_towers_folder_as_its_vision_tower(runs, knee, tmp_path):
 def test_batch_inference_matches_the_training_metric(runs, knee, tmp_path):
     """One output row per input row, in order; top-1 accuracy on the val split equals the
     accuracy training logged for the final weights."""
-    trainer, out = runs["dinov2/siglip-text"]
+    trainer, out = runs["raddino/siglip-text"]
     pred = tmp_path / "val_predictions.csv"
     infer(["--model_path", str(out / "final_model"), "--csv_path", str(knee["csv"]), "--split", "val",
            "--output_path", str(pred), "--batch_size", "7"])
@@ -141,7 +145,7 @@ def test_seed_temperature_and_text_length_are_handled(knee, tmp_path):
     """The seed's --temperature 0.07 (a softmax value) sets t = 1/0.07 with a warning; its
     --max_text_length 512 on a 64-token SigLIP text tower is clamped, not a crash."""
     with pytest.warns(UserWarning, match="softmax"):
-        trainer = main(["--image_model_name", str(knee["dino"]), "--text_model_name", str(knee["siglip"]),
+        trainer = main(["--image_model_name", str(knee["raddino"]), "--text_model_name", str(knee["hub_siglip"]),
                         "--csv_file", str(knee["csv"]), "--output_dir", str(tmp_path / "t"), "--temperature", "0.07",
                         "--max_text_length", "512", "--max_steps", "1", "--report_to", "none", "--num_workers", "0",
                         "--no-save_epoch_models", "--batch_size", "16"])
@@ -160,7 +164,7 @@ def test_csv_errors_name_the_file_and_line(knee, tmp_path):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows[:3] + [{**rows[3], "impression": " "}] + rows[4:])
-    base = ["--image_model_name", str(knee["dino"]), "--text_model_name", str(knee["siglip"]), "--image_root",
+    base = ["--image_model_name", str(knee["raddino"]), "--text_model_name", str(knee["hub_siglip"]), "--image_root",
             str(knee["csv"].parent), "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--max_steps", "1"]
     with pytest.raises(ValueError, match=r"bad\.csv line 5: empty impression"):
         main(["--csv_file", str(bad), *base])

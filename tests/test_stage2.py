@@ -1,13 +1,15 @@
 """Stage 2 end to end on the synthetic demo data: answer-only labels, what each flag trains,
 LoRA merge, resume, Stage 1 hand-off, the export, the inference CLI and the evaluation script,
-and a learning check. Towers are small config-built models (no download): a random SigLIP and
-a Gemma3 briefly trained on the demo texts; the slow test uses the packaged Gemma 3 270M."""
+and a learning check. Towers are small config-built models (no download) saved as the hub ships
+SigLIP and Gemma 3 -it: a random SigLIP and a Gemma3 briefly trained on the demo texts; the slow
+test uses the packaged Gemma 3 270M."""
 import contextlib
 import io
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
@@ -19,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoTokenizer,
@@ -27,7 +30,7 @@ from transformers import (
 
 from hf_clients import assert_standard_clients_match
 from image_loader import ImageLoadError
-from projectors import build_vlm, projector_of, save_vlm
+from projectors import build_vlm, load_projector, projector_of, save_vlm
 from scripts.make_demo_data import main as make_demo_data
 from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage2.dataset import VQACollator, VQADataset, build_example, build_prompt
@@ -63,15 +66,27 @@ def s2(tmp_path_factory):
     (data / "small_train.json").write_text(json.dumps(splits["train"][:48]))
     (data / "small_val.json").write_text(json.dumps(splits["val"][:16]))
     texts = _texts_from_files([data / "stage2_train.json"])
+    # Saved as the hub ships SigLIP and Gemma 3 -it (bf16; Gemma's sampling generation config and
+    # chat template), at the sizes above.
     siglip = build_tiny_siglip(root / "siglip", texts, image_size=32, patch_size=16, hidden_size=128,
-                               num_layers=2, num_heads=2, vocab_size=300)
-    gemma = build_tiny_gemma3(root / "gemma3", texts, hidden_size=128, num_layers=2, num_heads=4, vocab_size=400)
+                               num_layers=2, num_heads=2, vocab_size=300, hub_shaped=True)
+    gemma = build_tiny_gemma3(root / "gemma3", texts, hidden_size=128, num_layers=2, num_heads=4, vocab_size=400,
+                              hub_shaped=True)
     pretrain_lm(gemma, texts, steps=150, max_len=48)
+    # The same towers stored in fp32 (bf16 widens exactly), for the tests that need an fp32 base.
+    fp32 = {}
+    for name, folder, cls in (("siglip", siglip, AutoModel), ("gemma3", gemma, AutoModelForCausalLM)):
+        fp32[name] = Path(shutil.copytree(folder, root / f"{name}_fp32"))
+        cls.from_pretrained(folder, dtype=torch.float32).save_pretrained(fp32[name])
     # A Stage 1 output folder (Stage1/ writes it with save_vlm) holding its own projector: every
-    # run starts from it, so the initial weights of every part are known exactly.
+    # run starts from it, so the initial weights of every part are known exactly. Stage 1 exports
+    # the projector in the LM's dtype, as here.
     torch.manual_seed(1)
-    stage1 = save_vlm(*build_vlm(siglip, gemma), root / "stage1" / "final_model")
-    return {"root": root, "data": data, "siglip": siglip, "gemma3": gemma, "stage1": stage1}
+    vlm, tok, proc = build_vlm(siglip, gemma)
+    projector_of(vlm).to(vlm.model.language_model.dtype)
+    stage1 = save_vlm(vlm, tok, proc, root / "stage1" / "final_model")
+    return {"root": root, "data": data, "siglip": siglip, "gemma3": gemma, "siglip_fp32": fp32["siglip"],
+            "gemma3_fp32": fp32["gemma3"], "stage1": stage1}
 
 
 def _argv(s, out, *extra, train="small_train.json", val="small_val.json"):
@@ -109,7 +124,9 @@ def _same(a: dict, b: dict) -> bool:
 # ---------------------------------------------------------------- data
 
 def test_labels_supervise_exactly_answer_and_end_of_turn(s2):
-    model, tok, ip = build_vlm(s2["siglip"], s2["gemma3"])
+    # fp32 towers: build_vlm's new projector is fp32, and between bf16 towers a plain forward
+    # fails on mixed dtypes (test_hub_shaped_models.test_a_vlm_built_from_bf16_parts_runs_without_autocast)
+    model, tok, ip = build_vlm(s2["siglip_fp32"], s2["gemma3_fp32"])
     cfg = model.config
     sot, eot = tok.convert_tokens_to_ids("<start_of_turn>"), tok.convert_tokens_to_ids("<end_of_turn>")
     question, answer = "Is there a pleural effusion on the left side?", "yes, a small left pleural effusion"
@@ -186,6 +203,23 @@ def default_run(s2):
     return main(_argv(s2, out)), out
 
 
+@pytest.fixture(scope="module")
+def s2_fp32(s2):
+    """s2 with the towers stored in fp32 and a Stage 1 folder for them (the same projector), for
+    the tests that compare an export with the trained weights bit for bit: an export keeps the
+    base checkpoint's bf16, which rounds what trained in fp32."""
+    vlm, tok, proc = build_vlm(s2["siglip_fp32"], s2["gemma3_fp32"])
+    projector_of(vlm).load_state_dict(load_projector(s2["stage1"]).state_dict())
+    stage1 = save_vlm(vlm, tok, proc, s2["root"] / "stage1_fp32" / "final_model")
+    return {**s2, "siglip": s2["siglip_fp32"], "gemma3": s2["gemma3_fp32"], "stage1": stage1}
+
+
+@pytest.fixture(scope="module")
+def default_run_fp32(s2_fp32):
+    out = s2_fp32["root"] / "default_fp32"
+    return main(_argv(s2_fp32, out)), out
+
+
 def test_default_trains_the_llm_only(s2, default_run):
     trainer, out = default_run
     fresh = _split(_fresh(s2))
@@ -202,8 +236,8 @@ def test_default_trains_the_llm_only(s2, default_run):
     assert json.loads((out / "results.json").read_text())["val_loss"] == trainer.results["val_loss"]
 
 
-def test_output_layout_and_plain_transformers_load(s2, default_run):
-    trainer, out = default_run
+def test_output_layout_and_plain_transformers_load(default_run_fp32):
+    trainer, out = default_run_fp32
     for name in ("epoch_1", "epoch_2", "final_model"):
         folder = out / name
         for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
@@ -253,7 +287,8 @@ def test_projector_and_vision_tower_flags(s2):
     assert (out / "final_model" / "vision_tower" / "model.safetensors").is_file()
 
 
-def test_lora_changes_only_adapters_and_merges_exactly(s2):
+def test_lora_changes_only_adapters_and_merges_exactly(s2_fp32):
+    s2 = s2_fp32
     out = s2["root"] / "lora"
     trainer = main(_argv(s2, out, "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.1",
                          "--unfreeze_projection_layer", "--num_epochs", "1", val=None))
@@ -290,11 +325,11 @@ def test_bf16_lora_exports_the_model_that_was_trained(s2, tmp_path, fresh_accele
     checkpoint's own, in its dtype (merging into the bf16 training copies was off by ~1e-2)."""
     from safetensors.torch import load_file
     out = tmp_path / "bf16_lora"
-    main(_argv(s2, out, "--mixed_precision", "bf16", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "1e-2",
+    main(_argv({**s2, "gemma3": s2["gemma3_fp32"]}, out, "--mixed_precision", "bf16", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "1e-2",
                "--max_steps", "4", "--num_epochs", "1", "--no-save_every_epoch", val=None))
     final = out / "final_model"
     lm = load_file(final / "language_model" / "model.safetensors")
-    base = load_file(Path(s2["gemma3"]) / "model.safetensors")
+    base = load_file(Path(s2["gemma3_fp32"]) / "model.safetensors")
     adapter = load_file(final / "lora_adapter" / "adapter_model.safetensors")
     cfg = json.loads((final / "lora_adapter" / "adapter_config.json").read_text())
     scaling = cfg["lora_alpha"] / cfg["r"]
@@ -641,7 +676,7 @@ def test_launcher_flags_parse():
     path = ROOT / "scripts" / "run_stage2.sh"
     text = path.read_text()
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    assert text.count("accelerate launch") == 1 and text.rstrip().endswith('"$@"')
+    assert text.count("\nlaunch --quiet") == 1 and text.rstrip().endswith('"$@"')
     defaults = dict(re.findall(r': "\$\{(\w+):=([^}]*)\}"', text))
     for var in ("IMAGE_ROOT", "TRAIN_JSON", "VAL_JSON", "STAGE1_PROJECTOR_PATH", "OUTPUT_DIR", "VISION_MODEL_NAME",
                 "LLM_NAME", "BATCH_SIZE", "LEARNING_RATE", "NUM_EPOCHS", "GRAD_ACCUM", "MAX_Q_LEN", "MAX_A_LEN",
