@@ -13,12 +13,16 @@ torch or transformers is a bug until shown otherwise and keeps its traceback, as
 other exception. SIGLIP_MED_TRACEBACK=1 shows the traceback of user errors too.
 
 The checks a CLI runs before it loads anything live here too: `checkpoint_kind` (what a folder
-the user passed holds), `require_checkpoint`, `check_data_file`, `check_device`.
+the user passed holds), `require_checkpoint`, `require_model` (a folder or a hub id that will
+load), `check_weights` (weight files cut short), `check_data_file`, `check_device`,
+`check_output_file` (no user's file replaced without --force) and `check_run_start` (what a
+training CLI checks before its output folder is written).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -85,9 +89,26 @@ def _report(message) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class _DefaultSiglipIds(logging.Filter):
+    """transformers writes a config as its difference from a default config of its class, and
+    SigLIP's default text config (32,000 tokens; bos/eos 49406/49407, ids of CLIP's vocabulary)
+    fails its own token-id check: every SigLIP save and print warns about ids that the model at
+    hand does not have. Only that default's warning is dropped."""
+
+    def filter(self, record):
+        return "(between 0 and 31999), got 4940" not in record.getMessage()
+
+
+def quiet_library_noise() -> None:
+    logger = logging.getLogger("transformers.configuration_utils")
+    if not any(isinstance(f, _DefaultSiglipIds) for f in logger.filters):
+        logger.addFilter(_DefaultSiglipIds())
+
+
 def run(main, argv=None):
     """Call `main(argv)` as a command-line entry point: a user error prints one `error:` line
     and exits with status 2, anything else propagates with its traceback."""
+    quiet_library_noise()
     try:
         return main(argv)
     except SystemExit as e:
@@ -202,6 +223,7 @@ def require_checkpoint(path, flag: str, accept, wanted: str, fix: str) -> str:
     the folder is, which CLI takes it, and `fix`. A missing path is a FileNotFoundError."""
     kind = checkpoint_kind(path)
     if kind in accept:
+        check_weights(path, flag)
         return kind
     where = f"{flag} {path}"
     if kind == "missing":
@@ -255,3 +277,129 @@ def check_data_file(path, flag: str, *, split_column=None, split=None, split_fla
         raise UserError(f"{flag} {path}: no rows with {split_column} == {split!r} (its values: "
                         f"{', '.join(map(repr, shown[:8])) or 'none'}); pass the split's name with {split_flag}")
     return n
+
+
+# ---------------------------------------------------------------- models by folder or hub id
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _cut_short(f: Path) -> str | None:
+    """Why a safetensors file cannot be whole (its header says how many bytes its tensors take),
+    or None. Reads the header only: a few KiB whatever the file's size."""
+    import struct
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
+            if size < 8 or 8 + n > size:
+                return f"{size} bytes, shorter than its own header says"
+            header = json.loads(fh.read(n))
+        need = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"its header is unreadable ({e})"
+    return f"{size} of the {need} bytes its tensors take" if size < need else None
+
+
+def check_weights(folder, flag: str) -> None:
+    """Refuse a model folder whose weight files are cut short (an interrupted copy, download or
+    save), naming the file: safetensors' own error names neither the file nor the fix, and comes
+    only after the model has half loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for f in sorted(folder.rglob("*.safetensors")):
+        if "checkpoints" in f.relative_to(folder).parts:  # a run's resume state, not the model
+            continue
+        reason = _cut_short(f)
+        if reason:
+            raise UserError(f"{flag} {folder}: {f} is cut short ({reason}); copy or export the model again "
+                            "(an interrupted copy, download or save leaves such a file)")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in {"1", "ON", "YES",
+                                                                                                   "TRUE"}
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants  # read at call time: tests and users may point it elsewhere
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    snapshots = _hub_cache() / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def require_model(name, flag: str) -> None:
+    """A model that `from_pretrained` will load, checked before anything is written or loaded: a
+    local folder (its weight files whole), or a hub id `org/name`, which offline
+    (HF_HUB_OFFLINE=1) must be in the local Hugging Face cache. A typo otherwise surfaces as two
+    chained tracebacks from the hub client, after the run's output folder was written. Online, a
+    hub id is left to the hub (a look-up here would cost every run a request)."""
+    if name is None:
+        return
+    text = str(name)
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        check_weights(path, flag)
+        return
+    if path.exists():
+        raise UserError(f"{flag} {name}: a file, not a model folder; pass the folder holding its config.json, or a "
+                        "hub id such as org/name")
+    if not _HUB_ID.match(text) or text.startswith(("~", ".")):
+        raise FileNotFoundError(f"{flag} {name}: no such folder; check the path (a hub id has the form org/name)")
+    if _hub_offline() and not _in_hub_cache(text):
+        raise UserError(f"{flag} {name}: no such folder here, and as a hub id it is not in the local Hugging Face "
+                        f"cache ({_hub_cache()}), which is all HF_HUB_OFFLINE=1 allows; check the path, or download "
+                        f"the model where the hub is reachable (huggingface-cli download {name}) into that cache")
+
+
+def require_file(path, flag: str, what: str = "file") -> None:
+    """A file the CLI reads (not a folder), before anything loads."""
+    if path is None:
+        return
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag} {path}: " + ("a directory, not a " + what if p.is_dir()
+                                                      else "no such " + what) + "; check the path")
+
+
+# ---------------------------------------------------------------- files and folders a CLI writes
+
+def check_output_file(path, flag: str, force: bool = False) -> None:
+    """A file the CLI is about to write: never a folder, and never an existing file unless
+    --force says to replace it (a user's predictions or metrics are not rewritten silently)."""
+    if path is None:
+        return
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: a directory; pass the file to write, e.g. {p / 'out'}{p.suffix}")
+    if p.exists() and not force:
+        raise UserError(f"{flag} {path}: the file exists; pass --force to replace it, or another {flag}")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: {p.parent} is a file, not a folder; pass another {flag}")
+
+
+def check_run_start(args, models: dict) -> None:
+    """What a training CLI checks before its output folder, args.json or a tracker is written:
+    --output_dir is not a file, every model named in `models` ({flag: name or None}) will load
+    (`require_model`), and an explicit --resume_from_checkpoint is a complete checkpoint."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: a file, not a folder; pass a folder for the run's outputs")
+    for flag, name in models.items():
+        require_model(name, flag)
+    given = getattr(args, "resume_from_checkpoint", None)
+    if not given or given == "latest":
+        return
+    from accelerator_setup import list_checkpoints, resolve_resume
+    if not Path(given).is_dir():
+        found = [str(p) for p in list_checkpoints(out)] if out.is_dir() else []
+        raise FileNotFoundError(f"--resume_from_checkpoint {given}: no such checkpoint folder; pass an existing "
+                                f"OUTPUT_DIR/checkpoints/step_N" + (f" (here: {', '.join(found)})" if found else "")
+                                + f", or 'latest' (the newest under {out / 'checkpoints'}; a fresh start when there "
+                                "is none)")
+    resolve_resume(out, given)  # incomplete (an interrupted save): refused the same way, before any model loads

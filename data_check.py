@@ -22,7 +22,9 @@ recorded in OUTPUT_DIR/substituted_rows.jsonl; under `error` the ImageLoadError 
 is raised as before.
 
 `validate_file` is the same check for one data file outside training
-(`scripts/validate_data.py`, the CT recipe's `--validate_csv`).
+(`scripts/validate_data.py`, the CT recipe's `--validate_csv`), and `check_rows` the same for the
+inference and evaluation CLIs, with their own `--on_bad_sample error|skip`: error lists every bad
+row and stops before a model loads; skip leaves them out and says so.
 """
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ from pathlib import Path
 
 from image_loader import DataFileError, ImageLoadError, check_input, read_rows
 
-__all__ = ["BadDataError", "BadRow", "DataFileError", "check_datasets", "check_paths", "load_item",
-           "validate_file"]
+__all__ = ["BadDataError", "BadRow", "DataFileError", "check_datasets", "check_file", "check_paths", "check_rows",
+           "load_item", "validate_file"]
 
 logger = logging.getLogger("siglip_med")
 
@@ -92,10 +94,11 @@ def merge(rows) -> list[BadRow]:
     return sorted((BadRow(f, r, "; ".join(reasons)) for (f, r), reasons in by_row.items()), key=_order)
 
 
-def format_bad_rows(rows: list[BadRow], *, header: str, footer: str) -> str:
-    lines = [header] + [f"  {b}" for b in rows[:MAX_LISTED]]
-    if len(rows) > MAX_LISTED:
-        lines.append(f"  ... and {len(rows) - MAX_LISTED} more")
+def format_bad_rows(rows: list[BadRow], *, header: str, footer: str, limit: int | None = MAX_LISTED) -> str:
+    shown = rows if limit is None else rows[:limit]
+    lines = [header] + [f"  {b}" for b in shown]
+    if len(rows) > len(shown):
+        lines.append(f"  ... and {len(rows) - len(shown)} more")
     return "\n".join(lines + [footer])
 
 
@@ -264,10 +267,11 @@ def _note(ds, k: int, error: Exception, replacement: int | None) -> None:
 
 # ---------------------------------------------------------------- one file, outside training
 
-def validate_file(path, image_root, keys, *, image_key: str, full: bool = False,
-                  required_columns=()) -> tuple[int, list[BadRow]]:
-    """Check every row of a JSON or CSV data file as training would: (rows in the file, bad rows).
-    Raises DataFileError for a file unusable as a whole, FileNotFoundError for a missing one."""
+def check_file(path, image_root, keys, *, image_key: str, full: bool = False, required_columns=(),
+               split_column=None, split=None) -> tuple[list[dict], list[BadRow]]:
+    """Check every row of a JSON or CSV data file (of one split, given `split_column`) as training
+    would: (the good rows, as image_loader.read_rows returns them; the bad rows). Raises
+    DataFileError for a file unusable as a whole, FileNotFoundError for a missing one."""
     if str(path).lower().endswith(".csv") and required_columns:
         from image_loader import csv_columns
         columns = csv_columns(path)
@@ -275,8 +279,52 @@ def validate_file(path, image_root, keys, *, image_key: str, full: bool = False,
         if missing:
             raise DataFileError(path, f"no column {missing} (columns: {columns})")
     problems: list[dict] = []
-    rows = read_rows(path, image_root, keys, image_key=image_key, problems=problems)
+    rows = read_rows(path, image_root, keys, image_key=image_key, split_column=split_column, split=split,
+                     problems=problems)
+    if split_column and not str(path).lower().endswith(".csv"):
+        # A JSON list's rows are checked before the split is selected: keep other splits' problems out.
+        from image_loader import load_table
+        table = load_table(path)[0]
+        problems = [p for p in problems if isinstance(table[p["row"]], dict)
+                    and str(table[p["row"]].get(split_column, "")).strip() == split]
     failed = check_paths(sorted({r["image_path"] for r in rows}), full, progress=True)
     bad = merge([BadRow(**p) for p in problems]
                 + [BadRow(str(path), r["row"], failed[r["image_path"]]) for r in rows if r["image_path"] in failed])
-    return len(rows) + len({p["row"] for p in problems}), bad
+    return [r for r in rows if r["image_path"] not in failed], bad
+
+
+def validate_file(path, image_root, keys, *, image_key: str, full: bool = False,
+                  required_columns=()) -> tuple[int, list[BadRow]]:
+    """Check every row of a JSON or CSV data file as training would: (rows in the file, bad rows).
+    Raises DataFileError for a file unusable as a whole, FileNotFoundError for a missing one."""
+    rows, bad = check_file(path, image_root, keys, image_key=image_key, full=full, required_columns=required_columns)
+    return len(rows) + len(bad), bad
+
+
+def position(row) -> int:
+    """A row's place in its file: a JSON list's index, or a CSV's line number."""
+    return row if isinstance(row, int) else int(str(row).split()[-1])
+
+
+def check_rows(path, image_root, keys, *, image_key: str, on_bad_sample: str = "error", split_column=None,
+               split=None, what: str = "") -> tuple[list[dict], list[BadRow]]:
+    """The rows an inference or evaluation CLI reads, checked before its model loads: (good rows,
+    bad rows). `error` raises one BadDataError listing every bad row; `skip` logs them and leaves
+    them out. `what` ends the sentences: where the left-out rows go (" (written with an empty
+    prediction)")."""
+    rows, bad = check_file(path, image_root, keys, image_key=image_key, split_column=split_column, split=split)
+    if bad and on_bad_sample != "skip":
+        if len(bad) == 1:
+            raise BadDataError(f"{str(bad[0]).rstrip('.')}. Fix the row, or pass {SKIP_FIX} to leave it out{what}.",
+                               bad)
+        raise BadDataError(format_bad_rows(bad, header=f"{len(bad)} bad rows in {path}:", limit=None,
+                                           footer=f"Fix or remove these rows, or pass {SKIP_FIX} to leave them "
+                                                  f"out{what}."), bad)
+    if bad:
+        logger.warning(format_bad_rows(bad, header=f"{SKIP_FIX}: {len(bad)} bad rows of {path} are left out{what}:",
+                                       footer="", limit=None).rstrip())
+    if not rows and not bad:
+        raise DataFileError(path, "no rows" + (f" with {split_column} == {split!r}" if split_column else ""))
+    if not rows:
+        raise BadDataError(f"{path}: every row is bad ({len(bad)}; the first: {bad[0]}); fix the data file", bad)
+    return rows, bad

@@ -45,7 +45,7 @@ from PIL import Image
 from image_loader import ImageLoadError, load_image, load_input
 
 __all__ = ["ENV_VAR", "ImageCache", "Target", "build_cache", "cache_folder", "decode_resized", "load_cached",
-           "open_cache", "target_from_processor", "to_image"]
+           "open_cache", "refresh_command", "target_from_processor", "to_image"]
 
 logger = logging.getLogger("siglip_med")
 
@@ -255,10 +255,34 @@ class ImageCache:
         os.replace(tmp, file)
 
 
-def open_cache(data_file, processor, rows, *, cache_dir=None) -> ImageCache | None:
+def refresh_command(data_file, target: Target, *, image_root=None, image_key=None, cache_dir=None) -> str:
+    """The preprocess_images.py command that brings the cache of `data_file` up to date, runnable
+    as printed from any folder: absolute paths, the folder the rows' relative image paths are
+    under, the image column when it is not the default, and the target as the cache stores it."""
+    import shlex
+    script = pathlib.Path(__file__).resolve().parent / "scripts" / "preprocess_images.py"
+    csv = str(data_file).lower().endswith(".csv")
+    cmd = ["python", str(script), "--data", _abs(data_file)]
+    if image_root or not csv:  # a JSON's relative paths without --image_root are under the working folder
+        cmd += ["--image_root", _abs(image_root or os.getcwd())]
+    if image_key and image_key != ("img_path" if csv else "image"):
+        cmd += ["--image_key", str(image_key)]
+    if target.height:
+        cmd += ["--size", str(target.height), str(target.width)]
+    else:
+        cmd += ["--shortest_edge", str(target.shortest_edge)]
+    cmd += ["--resample", _RESAMPLE_NAME[int(target.resample)]]
+    if cache_dir:
+        cmd += ["--cache_dir", _abs(cache_dir)]
+    return shlex.join(cmd)
+
+
+def open_cache(data_file, processor, rows, *, cache_dir=None, image_root=None, image_key=None) -> ImageCache | None:
     """The cache a dataset over `data_file` reads, or None (none built, caching off, a processor
     without a cacheable size). Logs once how many of the rows' images it serves and how many are
-    stale. `rows`: image paths, or row dicts with an `image_path`."""
+    stale, with the command that refreshes it (`image_root`, `image_key`: as the dataset read the
+    file, so that the command reads it the same way). `rows`: image paths, or row dicts with an
+    `image_path`."""
     target = target_from_processor(processor)
     folder = cache_folder(data_file, target, cache_dir) if target is not None else None
     cache = ImageCache.load(folder, target) if folder is not None else None
@@ -273,9 +297,10 @@ def open_cache(data_file, processor, rows, *, cache_dir=None) -> ImageCache | No
         logger.info("image cache %s: all %d images of %s pre-resized", folder, len(paths), data_file)
     else:
         logger.warning("image cache %s: %d of %d images of %s pre-resized, %d stale (source changed since "
-                       "caching), %d not cached; those are decoded from source. Refresh with: python "
-                       "scripts/preprocess_images.py --data %s --model MODEL", folder, counts["fresh"], len(paths),
-                       data_file, counts["stale"], counts["missing"], data_file)
+                       "caching), %d not cached; those are decoded from source. Refresh with: %s", folder,
+                       counts["fresh"], len(paths), data_file, counts["stale"], counts["missing"],
+                       refresh_command(data_file, target, image_root=image_root, image_key=image_key,
+                                       cache_dir=cache_dir))
     return cache
 
 
@@ -305,7 +330,7 @@ class _Jobs:
         try:
             # Stamp before decoding: a file rewritten meanwhile then reads as stale, never as fresh.
             stamp = _stamp(path)
-            arr = decode_resized(path, self.cache.target, row=row, source=source)
+            arr = decode_resized(path, self.cache.target)  # the row is named by build_cache's caller
             self.cache.write(path, arr, stamp)
         except (ImageLoadError, OSError) as e:
             return path, None, str(e)
@@ -320,7 +345,8 @@ def build_cache(jobs, folder, target: Target, *, num_workers: int = 0, progress:
                 save_every: int = 2000) -> dict:
     """Cache every image of `jobs` ((path, row, source) tuples, or paths) that has no fresh entry
     in `folder`. Returns counts: built, fresh (already up to date), volumes (skipped), failed
-    (error messages), bytes written."""
+    (`FILE row N: reason` of the first row naming each image that failed), failed_paths
+    ({absolute image path: reason}, for the caller to name every row), bytes written."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -343,14 +369,20 @@ def build_cache(jobs, folder, target: Target, *, num_workers: int = 0, progress:
             fresh += 1
         else:
             todo.append((path, row, source))
-    stats = {"folder": str(folder), "built": 0, "fresh": fresh, "volumes": volumes, "failed": [], "bytes": 0}
+    stats = {"folder": str(folder), "built": 0, "fresh": fresh, "volumes": volumes, "failed": [], "failed_paths": {},
+             "bytes": 0}
+    where = {path: (row, source) for path, row, source in todo}
     folder.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(_Jobs(cache, todo), batch_size=None, num_workers=num_workers, collate_fn=_first)
     try:
         for path, stamp, info in tqdm(loader, total=len(todo), desc=f"caching {target.key}", unit="img",
                                       disable=not progress or not todo):
             if stamp is None:
-                stats["failed"].append(info)
+                row, source = where[path]
+                at = ("" if source is None else f"{source}: " if row is None
+                      else f"{source} {row if isinstance(row, str) else f'row {row}'}: ")
+                stats["failed"].append(at + info)
+                stats["failed_paths"][path] = info
                 continue
             cache.entries[cache.key(path)] = stamp
             stats["built"] += 1

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import cli
 from data_check import DataFileError, validate_file
 from Stage0.dataset import data_keys
 
@@ -33,14 +34,19 @@ def validate_csv(path, image_root="", image_key=None, caption_key=None, split_co
     return 1 if bad else 0
 
 
-def create_example_csv(npz_directory, out_path=None, text="No findings text available.") -> Path:
+def create_example_csv(npz_directory, out_path=None, text="No findings text available.", force=False) -> Path:
     """A CSV (img_path, findings, split) for the volumes in a folder: absolute paths, a
-    placeholder text to replace, and a deterministic 80/10/10 split by file name."""
+    placeholder text to replace, and a deterministic 80/10/10 split by file name. An existing
+    file is replaced only with `force`: it is usually the data CSV, its reports written by hand."""
     folder = Path(npz_directory)
     files = sorted(folder.glob("*.npz"))
     if not files:
         raise SystemExit(f"error: no .npz files in {folder}")
     out = Path(out_path) if out_path else folder / "example.csv"
+    if out.is_file() and not force:
+        raise cli.UserError(f"--csv_file {out}: the file exists, and --create_example_csv would replace every "
+                            f"text in it with {text!r}; pass another --csv_file, or --force to replace it")
+    cli.check_output_file(out, "--csv_file", force)
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["img_path", "findings", "split"])

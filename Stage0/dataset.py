@@ -61,10 +61,16 @@ class ImageTextContrastiveDataset(Dataset):
                     if c.strip():
                         self.label_hot[i, index[c.strip()]] = 1
         self.image_processor = image_processor
-        self.image_cache = open_cache(json_path, image_processor, self.rows)
+        self.image_cache = open_cache(json_path, image_processor, self.rows, image_root=image_root,
+                                      image_key=data_keys(json_path, image_key, caption_key)[0])
         self.captions = list(dict.fromkeys(r["caption"] for r in self.rows))
         index = {c: i for i, c in enumerate(self.captions)}
-        self.caption_ids = torch.tensor([index[r["caption"]] for r in self.rows])
+        self.caption_ids = torch.tensor([index[r["caption"]] for r in self.rows], dtype=torch.long)
+        if not self.captions:
+            # Every row was bad: data_check says so in one line. A tokenizer given no text
+            # raised IndexError from its own internals instead.
+            self.input_ids = self.attention_mask = torch.zeros((0, max_length), dtype=torch.long)
+            return
         full = tokenizer(self.captions, truncation=False, verbose=False)["input_ids"]
         n_long = sum(len(ids) > max_length for ids in full)
         if n_long:

@@ -5,6 +5,10 @@ and, given a findings file, per-finding zero-shot ROC AUC from the prompt pair
     python Stage0/evaluate_stage0.py --model_path runs/stage0/final_model \\
         --test_json data/demo/stage0_test.json --image_root data/demo \\
         --findings_json data/demo/findings.json --output_json runs/stage0/test_metrics.json
+
+Every row is checked before a model loads: a bad one (missing or unreadable image, empty text)
+stops the run with every bad row listed, or with --on_bad_sample skip is left out (logged, and
+counted as `skipped_rows` in the results). An existing --output_json is replaced only with --force.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ if __package__ in (None, ""):
 import torch
 
 import cli
-from image_loader import read_rows
+from data_check import check_rows
 from metrics import auc
 from Stage0.dataset import ImageTextContrastiveDataset, collate_fn, data_keys
 from Stage0.towers import load_model, text_length
@@ -40,7 +44,14 @@ def parse_args(argv=None):
                    help="a JSON or CSV data file (with --label_column: labelled rows, class retrieval metrics)")
     p.add_argument("--label_column", default=None,
                    help="class labels per row (';'-separated): evaluate top-1 class retrieval over all classes")
-    p.add_argument("--classes_file", default=None, help="condition,description,icd10: the class prompts' texts")
+    p.add_argument("--classes_file", default=None,
+                   help="condition,description,icd10: the class prompts' texts (default: the classes the model "
+                        "was trained on, from its class_prompts.json)")
+    p.add_argument("--class_prompt_template", default=None,
+                   help="{condition}/{description} wording of the class prompts (default: the one the model was "
+                        "trained with, from its class_prompts.json; else the seed's); a different one is warned about")
+    p.add_argument("--unknown_labels", choices=["warn", "error"], default="warn",
+                   help="labels missing from the classes: warn and score them as classes of their own, or refuse")
     p.add_argument("--split", default=None, help="only the rows whose 'split' column is this")
     p.add_argument("--image_key", "--img_path_column", dest="image_key", default=None)
     p.add_argument("--image_root", default="")
@@ -50,8 +61,21 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing --output_json (and its .md table)")
+    p.add_argument("--on_bad_sample", choices=["error", "skip"], default="error",
+                   help="rows whose image is missing or unreadable, or whose text is empty: error lists them all "
+                        "and stops before a model loads; skip evaluates without them (counted as skipped_rows)")
     args = p.parse_args(argv)
     cli.check_device(p, args.device)
+    cli.check_output_file(args.output_json, "--output_json", args.force)
+    if args.output_json and args.label_column:
+        cli.check_output_file(Path(args.output_json).with_suffix(".md"), "--output_json", args.force)
+    if args.class_prompt_template is not None:
+        from Stage0.labels import check_template
+        try:
+            check_template(args.class_prompt_template)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -74,7 +98,8 @@ def zero_shot_auc(encoder, dataset, findings, tokenizer, max_len, batch_size, de
     return out
 
 
-def evaluate_model(path, args, findings, reinit=False) -> dict[str, float]:
+def evaluate_model(path, args, findings, reinit=False, skip=()) -> dict[str, float]:
+    """`skip`: the rows (`row` ids) left out under --on_bad_sample skip."""
     torch.manual_seed(args.seed)
     model, tokenizer, image_processor = load_model(path)
     if reinit:
@@ -82,16 +107,21 @@ def evaluate_model(path, args, findings, reinit=False) -> dict[str, float]:
     model.to(args.device).eval()
     max_len = text_length(model.text, tokenizer, None)
     ds = ImageTextContrastiveDataset(args.test_json, args.image_root, image_processor, tokenizer, max_len,
-                                     tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n))
+                                     tokenize=lambda texts, n: model.text.tokenize(tokenizer, texts, n),
+                                     collect_bad_rows=bool(skip))
+    if skip:
+        ds.drop_rows([k for k, r in enumerate(ds.rows) if r["row"] in set(skip)])
     encoder = DualEncoder(model)
     out = evaluate_contrastive(encoder, ds, args.batch_size, args.device)
     if findings:
         out.update(zero_shot_auc(encoder, ds, findings, tokenizer, max_len, args.batch_size, args.device))
+    if skip:
+        out["skipped_rows"] = len(skip)
     return out
 
 
 @torch.no_grad()
-def evaluate_classes(path, args) -> dict:
+def evaluate_classes(path, args, rows=None) -> dict:
     """Labelled data (seed 004): each image against every class prompt (one matrix product of
     image embeddings, computed once, by the class text embeddings); top-1 accuracy, macro
     precision/recall/F1, R@1/R@5 over all classes, the 1-in-10 distractor test, per-class table.
@@ -102,25 +132,33 @@ def evaluate_classes(path, args) -> dict:
     from image_loader import read_rows
     from metrics import class_recall_at_k, distractor_top1, top1_classification
     from Stage0.inference_stage0 import ImageFiles, score
-    from Stage0.labels import class_text, parse_labels, read_classes
-    model, tokenizer, processor = load_model(path)
-    model.to(args.device).eval()
+    from Stage0.labels import (PROMPTS_FILE, check_unknown_labels, class_texts, parse_labels, read_classes,
+                               resolve_prompts)
     image_key = args.image_key or ("img_path" if str(args.test_json).lower().endswith(".csv") else "image")
-    rows = read_rows(args.test_json, args.image_root, (image_key,), image_key=image_key,
-                     split_column="split" if args.split else None, split=args.split)
+    if rows is None:  # main passes the rows it checked (--on_bad_sample)
+        rows = read_rows(args.test_json, args.image_root, (image_key,), image_key=image_key,
+                         split_column="split" if args.split else None, split=args.split)
     rows = [r for r in rows if parse_labels(r.get(args.label_column))]
     classes = read_classes(args.classes_file) if args.classes_file else {}
+    template, classes = resolve_prompts(path, getattr(args, "class_prompt_template", None), classes)
     label_sets = [parse_labels(r[args.label_column]) for r in rows]
+    source = args.classes_file or (Path(path) / PROMPTS_FILE if classes else None)
+    check_unknown_labels(label_sets, classes, source, getattr(args, "unknown_labels", "warn"))
     names = sorted(set(classes) | {c for s in label_sets for c in s})
+    prompts = class_texts(names, classes, template)
     index = {c: k for k, c in enumerate(names)}
-    loader = DataLoader(ImageFiles(rows, processor, args.test_json), batch_size=args.batch_size)
-    scores = score(model, tokenizer, loader, [class_text(c, classes) for c in names], args.device)
+    model, tokenizer, processor = load_model(path)
+    model.to(args.device).eval()
+    loader = DataLoader(ImageFiles(rows, processor, args.test_json, image_root=args.image_root, image_key=image_key),
+                        batch_size=args.batch_size)
+    scores = score(model, tokenizer, loader, prompts, args.device)
     true_sets = [{index[c] for c in s} for s in label_sets]
     out = top1_classification(scores, [[index[c] for c in s] for s in label_sets], names)
     out.update(class_recall_at_k(scores, true_sets, ks=(1, 5)))
     out["distractor_top1"] = distractor_top1(scores, [index[s[0]] for s in label_sets], n_distractors=9,
                                              seed=args.seed)
     out["n_images"], out["n_classes"] = len(rows), len(names)
+    out["class_prompt_template"], out["class_prompts"] = template, dict(zip(names, prompts))
     return out
 
 
@@ -162,13 +200,16 @@ def main(argv=None):
                                "pass Stage0 output folders such as runs/stage0/final_model")
     split = args.split if args.label_column else None  # evaluate_model reads every row
     cli.check_data_file(args.test_json, "--test_json", split_column="split" if split else None, split=split)
-    image_key = data_keys(args.test_json, args.image_key if args.label_column else None)[0]
-    read_rows(args.test_json, args.image_root, (image_key,), image_key=image_key,
-              split_column="split" if split else None, split=split)
+    image_key, caption_key = data_keys(args.test_json, args.image_key if args.label_column else None)
+    keys = (image_key,) if args.label_column else (image_key, caption_key)
+    rows, bad = check_rows(args.test_json, args.image_root, keys, image_key=image_key,
+                           on_bad_sample=args.on_bad_sample, split_column="split" if split else None, split=split)
     if args.label_column:
         if len(args.model_path) != 1:
             raise SystemExit("--label_column evaluates one --model_path")
-        m = evaluate_classes(args.model_path[0], args)
+        m = evaluate_classes(args.model_path[0], args, rows=rows)
+        if bad:
+            m["skipped_rows"] = len(bad)
         table = class_table(m)
         print(table)
         if args.output_json:
@@ -176,7 +217,8 @@ def main(argv=None):
             Path(args.output_json).with_suffix(".md").write_text(table + "\n")
         return m
     findings = json.loads(Path(args.findings_json).read_text()) if args.findings_json else None
-    results = {lab: evaluate_model(p, args, findings, reinit=lab in args.reinit_vision_tower)
+    results = {lab: evaluate_model(p, args, findings, reinit=lab in args.reinit_vision_tower,
+                                   skip={b.row for b in bad})
                for lab, p in zip(labels, args.model_path)}
     print(format_table(results))
     if args.output_json:

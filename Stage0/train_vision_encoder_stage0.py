@@ -85,6 +85,8 @@ def parse_args(argv=None):
                         "else 1 with one 'line N: reason' per bad row")
     g.add_argument("--create_example_csv", action="store_true",
                    help="write --csv_file (default NPZ_DIRECTORY/example.csv) listing the volumes in --npz_directory")
+    g.add_argument("--force", action="store_true",
+                   help="with --create_example_csv: replace an existing CSV (its texts become the placeholder)")
     g.add_argument("--npz_directory", default=None)
     g.add_argument("--train_data_dir", default=None, help="legacy directory mode: a folder of NPZ volumes")
     g.add_argument("--val_data_dir", default=None, help="legacy directory mode: validation volumes")
@@ -94,6 +96,13 @@ def parse_args(argv=None):
                    help="labelled data (seed 004): one or several class labels per row, ';'-separated; the "
                         "texts become the classes' texts and the label-aware losses apply")
     g.add_argument("--classes_file", default=None, help="a CSV condition,description,icd10 for --label_column")
+    g.add_argument("--class_prompt_template", default=None,
+                   help="each class's text, with {condition} and/or {description} (one wording for every class; "
+                        "{description} needs every class described), e.g. \"Chest X-ray showing {condition}.\"; "
+                        "default: the seed's \"Clinical presentation of {condition}: {description}\", or \"A "
+                        "dermatological image showing {condition}.\" for a class without a description")
+    g.add_argument("--unknown_labels", choices=["warn", "error"], default="warn",
+                   help="labels missing from --classes_file: warn and keep them as classes of their own, or refuse")
     g.add_argument("--stratified_split", default="0.8,0.1,0.1",
                    help="train,val,test fractions of the multi-label stratified split (data without a split column)")
     g.add_argument("--oversample_min", type=int, default=30,
@@ -131,6 +140,12 @@ def parse_args(argv=None):
     g.add_argument("--lora_dropout", type=float, default=0.05)
     g.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,out_proj,fc1,fc2",
                    help="within the encoder layers only (never the vision pooling head)")
+    g.add_argument("--text_lora_r", type=int, default=0,
+                   help="LoRA rank on a decoder LLM text tower (the CT recipe's phase 2; 0: it trains fully with "
+                        "--no_freeze_text_encoder); only its adapters train in the text backbone")
+    g.add_argument("--text_lora_alpha", type=float, default=None, help="default: 2 x --text_lora_r, as LLM2Vec")
+    g.add_argument("--text_lora_dropout", type=float, default=0.05)
+    g.add_argument("--text_lora_target_modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     g.add_argument("--freeze_vision_encoder", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--freeze_image_backbone", action="store_true",
                    help="train only the projection heads (and the logit scale/bias) on a frozen image backbone: the "
@@ -158,6 +173,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.train_json and not args.train_data_dir:
         p.error("pass the data: --train_json / --csv_file (or --train_data_dir for directory mode)")
+    if args.class_prompt_template is not None:
+        from Stage0.labels import check_template
+        try:
+            check_template(args.class_prompt_template)
+        except ValueError as e:
+            p.error(str(e))
     if args.temperature is not None:
         if args.temperature <= 0:
             p.error("--temperature must be > 0")
@@ -191,6 +212,19 @@ def check_data(args) -> None:
                             split_flag="--val_split")
 
 
+def model_flags(args) -> dict:
+    """{flag: name} of the models build_model will load from these flags (Stage0/towers.py)."""
+    from Stage0.towers import TOWERS_FILE
+    image, text, text_path = args.image_model_name, args.text_model_name, args.text_model_path
+    if text_path and (Path(text_path) / TOWERS_FILE).is_file():  # a phase-1 output: the whole model resumes
+        return {"--text_model_path": text_path}
+    flags = {"--image_model_name": image if image != "merlin" else None, "--text_model_name": text,
+             "--text_model_path": text_path}
+    if not image or not (text or text_path):  # the SigLIP gives the tower(s) not named otherwise
+        flags["--model_name"] = args.model_name
+    return flags
+
+
 def run_csv_tool(args) -> int:
     """--validate_csv / --create_example_csv (seed 002's CSV tools)."""
     from Stage0.data_tools import create_example_csv, validate_csv
@@ -198,7 +232,7 @@ def run_csv_tool(args) -> int:
         if not args.npz_directory:
             print("error: --create_example_csv needs --npz_directory", file=sys.stderr)
             return 2
-        out = create_example_csv(args.npz_directory, args.train_json)
+        out = create_example_csv(args.npz_directory, args.train_json, force=args.force)
         print(f"wrote {out}")
         if not args.validate_csv:
             return 0
@@ -212,6 +246,8 @@ def run_csv_tool(args) -> int:
 def main(argv=None):
     args = parse_args(argv)
     check_data(args)
+    cli.check_run_start(args, model_flags(args))  # before the output folder or args.json is written
+    cli.require_file(args.image_model_path, "--image_model_path", "checkpoint file")
     if args.train_data_dir:  # the CT seed's legacy directory mode becomes a CSV
         args.train_json = str(Path(args.output_dir) / "data_from_dirs.csv")
     accelerator = setup_accelerator_and_logging(args, stage="Stage0")
@@ -230,19 +266,29 @@ def main(argv=None):
         apply_lora(model, args.model_name, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                    target_modules=args.lora_target_modules)
         args.freeze_text_encoder = False  # the text adapters train: the text is embedded every step
+    if args.text_lora_r:
+        from Stage0.towers import TEXT_DIR, TOWERS_FILE, apply_text_lora
+        text_source = args.text_model_path or args.text_model_name  # None once build_model loaded a towers folder
+        if not text_source and (Path(args.model_name) / TOWERS_FILE).is_file():
+            text_source = Path(args.model_name) / TEXT_DIR
+        apply_text_lora(model, text_source,
+                        r=args.text_lora_r, alpha=args.text_lora_alpha, dropout=args.text_lora_dropout,
+                        target_modules=args.text_lora_target_modules)
+        args.freeze_text_encoder = False
     max_len = text_length(model.text, tokenizer, args.max_text_length)
     objective = class_prompts = None
     label_kw = {}
     if args.label_column:
         from losses import LabelAwareObjective
-        from Stage0.labels import class_text, prepare_labelled_csv
+        from Stage0.labels import class_texts, collision_error, colliding_prompts, prepare_labelled_csv, prompt_record
         image_key = args.image_key or ("img_path" if str(args.train_json).lower().endswith(".csv") else "image")
         label_problems = []
         out_csv, class_names, classes = prepare_labelled_csv(
             args.train_json, args.image_root, image_key, args.label_column, args.classes_file,
             Path(args.output_dir) / "labelled_data.csv", split_column=args.split_column or "split",
             fractions=tuple(float(v) for v in args.stratified_split.split(",")), oversample_min=args.oversample_min,
-            seed=args.seed, write=accelerator.is_main_process, problems=label_problems)
+            seed=args.seed, write=accelerator.is_main_process, problems=label_problems,
+            template=args.class_prompt_template, unknown_labels=args.unknown_labels)
         accelerator.wait_for_everyone()  # the file exists for every process before it is read
         args.train_json, args.image_key, args.caption_key, args.split_column = str(out_csv), "img_path", "caption", "split"
         args.image_root = ""
@@ -250,7 +296,12 @@ def main(argv=None):
             [v.strip() for v in args.loss.split(",") if v.strip()], pos_weight=args.pos_weight, alpha=args.alpha,
             beta=args.beta, gamma=args.gamma, ramp_steps=[int(v) for v in args.ramp_steps.split(",")],
             class_codes=[classes.get(c, {}).get("icd10") or "" for c in class_names])
-        class_prompts = model.text.tokenize(tokenizer, [class_text(c, classes) for c in class_names], max_len)
+        class_prompts = model.text.tokenize(tokenizer, class_texts(class_names, classes, args.class_prompt_template),
+                                            max_len)
+        collisions = colliding_prompts(class_names, *class_prompts)
+        if collisions:
+            raise SystemExit(collision_error(collisions, max_len))
+        prompts_used = prompt_record(args.class_prompt_template, class_names, classes)
         label_kw = {"label_column": "labels", "class_names": class_names}
     split_column = args.split_column
     if split_column is None and str(args.train_json).lower().endswith(".csv"):
@@ -274,7 +325,8 @@ def main(argv=None):
     logger.info("train: %d pairs (%d distinct captions)%s; text length %d", len(train_ds),
                 len(train_ds.captions), f", val: {len(val_ds)}" if val_ds else "", max_len)
     trainer = VisionEncoderTrainerStage0(args, accelerator, model, tokenizer, image_processor, train_ds, val_ds,
-                                         objective=objective, class_prompts=class_prompts)
+                                         objective=objective, class_prompts=class_prompts,
+                                         prompt_record=prompts_used if args.label_column else None)
     trainer.train()
     return trainer
 

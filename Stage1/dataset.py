@@ -39,7 +39,7 @@ class ImageCaptionDataset(Dataset):
         self.bad_rows = [] if collect_bad_rows else None
         self.rows = read_rows(json_path, image_root, problems=self.bad_rows)
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.image_cache = open_cache(json_path, image_processor, self.rows)
+        self.image_cache = open_cache(json_path, image_processor, self.rows, image_root=image_root)
         self.max_caption_len = max_caption_len
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         extra = tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []

@@ -86,6 +86,8 @@ def main(argv=None):
     cli.check_data_file(args.train_json, "--train_json")
     if args.val_json:
         cli.check_data_file(args.val_json, "--val_json")
+    # The models and the output folder too, before anything is written there.
+    cli.check_run_start(args, {"--vision_model_name": args.vision_model_name, "--llm_name": args.llm_name})
     accelerator = setup_accelerator_and_logging(args, stage="Stage1")
     # Frozen weights stored in bf16 halve their memory; fp16 storage overflows in Gemma.
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None

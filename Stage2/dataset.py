@@ -99,7 +99,7 @@ class VQADataset(Dataset):
                               ("image", QUESTION_KEY, ANSWER_KEY) if with_answers else ("image", QUESTION_KEY),
                               problems=self.bad_rows)
         self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
-        self.image_cache = open_cache(json_path, image_processor, self.rows)
+        self.image_cache = open_cache(json_path, image_processor, self.rows, image_root=image_root)
         self.max_q_len, self.max_a_len, self.with_answers = max_q_len, max_a_len, with_answers
 
     def __len__(self):

@@ -12,7 +12,13 @@ and anything else "open"):
   location  exact match after normalisation (metrics.normalize_answer), plus token F1.
   open      token F1 and recall against the reference (metrics.token_f1).
 The table goes to standard output, OUTPUT_JSON gets the summary and every prediction, and
-OUTPUT_JSON with a .md suffix the same table in Markdown.
+OUTPUT_JSON with a .md suffix the same table in Markdown; existing ones are replaced only with
+--force.
+
+Every row is checked before the model loads, as training checks it: a bad one (missing or
+unreadable image, empty question or answer) stops the run with every bad row listed
+(--on_bad_sample error, the default), or with --on_bad_sample skip is left out, logged, and listed
+in OUTPUT_JSON's summary as `skipped` (file, row, reason).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import json
 import logging
 import sys
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import from the repo root
@@ -32,7 +39,8 @@ from tqdm.auto import tqdm
 
 import cli
 from metrics import normalize_answer, token_f1, yes_no
-from Stage2.dataset import ANSWER_KEY, QUESTION_KEY, VQACollator, VQADataset, pad_token_id, read_rows
+from data_check import check_rows
+from Stage2.dataset import ANSWER_KEY, QUESTION_KEY, VQACollator, VQADataset, pad_token_id
 from Stage2.inference_vqa_stage2 import generate_answers, generation_kwargs, load_model, resolve_dtype
 
 logger = logging.getLogger("siglip_med")
@@ -122,6 +130,10 @@ def parse_args(argv=None):
     g.add_argument("--image_root", required=True)
     g.add_argument("--output_json", default=None,
                    help="summary + predictions (default: MODEL/eval_<test json name>.json); a .md table beside it")
+    g.add_argument("--force", action="store_true", help="replace an existing OUTPUT_JSON (and its .md table)")
+    g.add_argument("--on_bad_sample", choices=["error", "skip"], default="error",
+                   help="rows whose image is missing or unreadable, or whose question or answer is empty: error "
+                        "lists them all and stops before the model loads; skip evaluates without them")
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     g.add_argument("--max_q_len", type=int, default=None, help="truncate questions as in training")
     g = p.add_argument_group("generation")
@@ -134,10 +146,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.model_path and not (args.llm_path and args.projector_path):
         p.error("pass --model_path, or both --llm_path and --projector_path")
+    for flag in ("num_beams", "max_new_tokens", "batch_size", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if args.num_workers < 0:
+        p.error("--num_workers must be >= 0")
     args.device = cli.check_device(p, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.output_json is None:
         base = Path(args.model_path) if args.model_path else Path(args.llm_path).parent
         args.output_json = str(base / f"eval_{Path(args.test_json).stem}.json")
+    for path in (args.output_json, Path(args.output_json).with_suffix(".md")):
+        cli.check_output_file(path, "--output_json", args.force)
     return args
 
 
@@ -146,12 +165,17 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=logging.INFO, force=True)
     cli.check_data_file(args.test_json, "--test_json")
-    rows = read_rows(args.test_json, args.image_root)  # references are required here, not for generation
+    # References are required here, not for generation; every row is checked before the model loads.
+    rows, bad = check_rows(args.test_json, args.image_root, ("image", QUESTION_KEY, ANSWER_KEY), image_key="image",
+                           on_bad_sample=args.on_bad_sample)
     model, tokenizer, image_processor, source = load_model(
         args.model_path, llm_path=args.llm_path, projector_path=args.projector_path,
         vision_model_name=args.vision_model_name, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
     ds = VQADataset(args.test_json, args.image_root, tokenizer, image_processor, model.config,
-                    max_q_len=args.max_q_len, with_answers=False)
+                    max_q_len=args.max_q_len, with_answers=False, collect_bad_rows=bool(bad))
+    if bad:
+        good = {r["row"] for r in rows}
+        ds.drop_rows([k for k, r in enumerate(ds.rows) if r["row"] not in good])
     if args.limit:
         ds.rows, rows = ds.rows[: args.limit], rows[: args.limit]
     loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -163,6 +187,8 @@ def main(argv=None) -> dict:
             predictions[i] = answer
     summary, records = score(rows, predictions)
     summary.update(model=source, test_json=str(args.test_json))
+    if bad:
+        summary["skipped"] = [asdict(b) for b in bad]
     table = format_table(summary)
     print(table)
     out = Path(args.output_json)

@@ -176,6 +176,12 @@ def main(argv=None):
         cli.require_checkpoint(args.stage1_projector_path, "--stage1_projector_path", {"stage1", "stage2", "projector"},
                                f"a Stage1 export (or its {PROJECTOR_DIR}/)",
                                "pass Stage1's output folder, e.g. runs/stage1/final_model")
+    # The models and the output folder too, before anything is written there; the vision tower
+    # as main resolves it below (the flag, else the one Stage 1 recorded, else the default).
+    vision = args.vision_model_name or (
+        (recorded_tower(stage1_projector_dir(args.stage1_projector_path)) or {}).get("source")
+        if args.stage1_projector_path else None) or DEFAULT_VISION
+    cli.check_run_start(args, {"--vision_model_name": vision, "--llm_name": args.llm_name})
     accelerator = setup_accelerator_and_logging(args, stage="Stage2")
     depth = stage1_projector_depth(args.stage1_projector_path) if args.stage1_projector_path else args.projector_depth
     record = recorded_tower(stage1_projector_dir(args.stage1_projector_path)) if args.stage1_projector_path else None

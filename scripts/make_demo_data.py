@@ -41,6 +41,9 @@ FINDINGS = [
 ]
 FINDING_NAMES = [f["name"] for f in FINDINGS]
 ICD10 = {f["name"]: f["icd10"] for f in FINDINGS}
+# The labelled example's class prompts (--class_prompt_template): the recipe's default wording is
+# the dermatology seed's, and classes.csv's description is the finding's plain name.
+CLASS_PROMPT_TEMPLATE = "Chest X-ray showing {description}."
 
 # Patient side -> direction on the image x axis, measured from the midline.
 _IMAGE_SIGN = {"right": -1.0, "left": +1.0}
@@ -603,17 +606,19 @@ stage2_*.json holds VQA triplets (image, problem = question, normal_caption = an
 question_type closed/location/open, finding); demo.csv has one row per image with its absolute
 img_path, the findings and impression text, split, one 0/1 column per finding, the ICD-10
 codes, the relative image path and `labels` (the findings present, ';'-separated; with classes.csv
-the labelled recipe's example); findings.json lists the findings with ICD-10 codes and
-zero-shot prompts; pretrain_train.json (train images only) adds a single-finding statement per
-image to the captions, the corpus the quickstart's stand-in for a pretrained SigLIP learns
-from. Paths in the JSON files are relative to this folder, so pass it as
---image_root.
+the labelled recipe's example, trained with --class_prompt_template "{template}");
+findings.json lists the findings with ICD-10 codes and zero-shot prompts; pretrain_train.json
+(train images only) adds a single-finding statement per image to the captions, the corpus the
+quickstart's stand-in for a pretrained SigLIP learns from. Paths in the JSON files are relative
+to this folder, so pass it as --image_root.
 """
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", required=True, type=Path)
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that holds other files (same-named ones are replaced)")
     p.add_argument("--num_images", type=int, default=1000)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -636,8 +641,34 @@ def parse_args(argv=None):
     return args
 
 
+MARKER = ".made_by_make_demo_data"
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse a folder holding files this script did not write: the demo writes stage0_*.json,
+    demo.csv, classes.csv, images/... and deletes stale images/demo_*.png, which in a user's data
+    folder would be their data. An earlier demo (the marker, or the CXR demo's README.txt) is
+    rewritten in place."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"error: --out_dir {out_dir}: a file, not a folder; pass a new or empty folder")
+    if force or not out_dir.is_dir() or (out_dir / MARKER).is_file():
+        return
+    readme = out_dir / "README.txt"
+    if readme.is_file() and "made by scripts/make_demo_data.py" in readme.read_text(errors="replace"):
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries:
+        raise SystemExit(f"error: --out_dir {out_dir}: the folder holds files the demo did not write "
+                         f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}), which files of the "
+                         "same names (stage0_*.json, demo.csv, images/...) would replace; pass a new or empty "
+                         "folder, or --force to write there anyway")
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    check_out_dir(args.out_dir, args.force)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / MARKER).write_text("made by scripts/make_demo_data.py: it may rewrite this folder\n")
     if args.recipe == "derm":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from make_derm_demo import make_derm_demo
@@ -721,7 +752,8 @@ def main(argv=None) -> Path:
         writer.writerow(["condition", "description", "icd10"])
         writer.writerows([f["name"], f["display"].lower(), f["icd10"]] for f in FINDINGS)
     _write_json(out_dir / "findings.json", FINDINGS)
-    (out_dir / "README.txt").write_text(_README.format(seed=args.seed), encoding="utf-8")
+    (out_dir / "README.txt").write_text(_README.format(seed=args.seed, template=CLASS_PROMPT_TEMPLATE),
+                                         encoding="utf-8")
 
     width = max(len(n) for n in FINDING_NAMES)
     print(f"Wrote {len(specs)} synthetic phantoms ({args.image_size} px) to {out_dir}")

@@ -12,25 +12,32 @@ Running it again rebuilds only entries whose source changed (size or modificatio
 are missing. Rows may be Stage0 JSON/CSV or Stage1/Stage2 JSON files; only the image column is
 read. CT volumes (.npz) are left out. With --cache_dir DIR, point training at the same place with
 SIGLIP_MED_IMAGE_CACHE=DIR.
+
+Bad rows (a missing or unreadable image, an empty image column) do not stop it: each is listed
+on standard error as `FILE row N: reason` (a CSV's as `FILE line N`), every good row is cached,
+and the exit status is 1 (0 when every row was cached). A file unusable as a whole (not valid
+JSON/CSV, no image column) is refused in one `error:` line before anything is written.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli
 from image_cache import RESAMPLE, ENV_VAR, ImageCache, Target, build_cache, cache_folder, target_from_processor
-from image_loader import read_rows
+from image_loader import DataFileError, read_rows
 
 logger = logging.getLogger("siglip_med")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE",
                    help="data files (JSON list or CSV) whose images to cache; one cache per file's folder")
     p.add_argument("--image_root", default="", help="folder relative image paths are under (CSV: its folder)")
@@ -40,7 +47,10 @@ def parse_args(argv=None):
     g.add_argument("--model", default=None, metavar="PATH",
                    help="a model folder or hub id: its image processor gives the size and filter")
     g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="resize to H x W")
-    p.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic", help="with --size: the PIL filter")
+    g.add_argument("--shortest_edge", type=int, default=None, metavar="N",
+                   help="resize the shorter side to N, keeping the aspect (processors with {shortest_edge: N})")
+    p.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic",
+                   help="with --size / --shortest_edge: the PIL filter")
     p.add_argument("--cache_dir", default=None,
                    help=f"cache root instead of .image_cache beside the data file (then set {ENV_VAR}=DIR "
                         "for training)")
@@ -49,13 +59,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_workers < 0:
         p.error("--num_workers must be >= 0")
-    if args.size and min(args.size) < 1:
-        p.error("--size H W must be positive")
+    if (args.size and min(args.size) < 1) or (args.shortest_edge is not None and args.shortest_edge < 1):
+        p.error("--size H W and --shortest_edge N must be positive")
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        p.error(f"--cache_dir {args.cache_dir}: a file, not a folder; pass a folder for the cache")
     return p, args
 
 
 def model_target(parser, path) -> Target:
     from transformers import AutoImageProcessor
+    try:
+        cli.require_model(path, "--model")
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
     folder = Path(path)
     if (folder / "towers.json").is_file():  # a Stage0 towers folder keeps its processor with the image tower
         folder = folder / "image_tower"
@@ -70,24 +86,39 @@ def model_target(parser, path) -> Target:
     return target
 
 
+def _where(row) -> str:
+    return row if isinstance(row, str) else f"row {row}"
+
+
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(message)s", stream=sys.stderr, level=logging.INFO, force=True)
     if args.model:
         target = model_target(parser, args.model)
-    else:
+    elif args.size:
         target = Target(height=args.size[0], width=args.size[1], resample=RESAMPLE[args.resample])
+    else:
+        target = Target(shortest_edge=args.shortest_edge, resample=RESAMPLE[args.resample])
+    # Every file's rows first: a file unusable as a whole is refused before anything is written.
     by_folder: dict[Path, list] = {}
+    bad: list[str] = []
     for data in args.data:
         key = args.image_key or ("img_path" if str(data).lower().endswith(".csv") else "image")
+        problems: list[dict] = []
         try:
-            rows = read_rows(data, args.image_root, (key,), image_key=key)
-        except (FileNotFoundError, ValueError) as e:
+            rows = read_rows(data, args.image_root, (key,), image_key=key, problems=problems)
+        except (FileNotFoundError, DataFileError) as e:
             parser.error(str(e))
+        bad += [f"{p['file']} {_where(p['row'])}: {p['reason']}" for p in problems]
         folder = cache_folder(data, target, args.cache_dir)
         if folder is None:  # the variable says off; building needs a place
             folder = cache_folder(data, target, Path(data).resolve().parent / ".image_cache")
         by_folder.setdefault(folder, []).extend((r["image_path"], r["row"], str(data)) for r in rows)
+    if not any(by_folder.values()):  # nothing to cache: the list is the whole answer
+        print("\n".join(bad), file=sys.stderr)
+        print(f"error: no row of {', '.join(map(str, args.data))} names an existing image ({len(bad)} bad rows, "
+              "listed above); fix the rows or --image_root", file=sys.stderr)
+        raise SystemExit(1)
 
     failed = 0
     for folder, jobs in by_folder.items():
@@ -104,14 +135,21 @@ def main(argv=None) -> int:
         except PermissionError as e:
             parser.error(f"cannot write the cache in {folder} ({e}); pass --cache_dir DIR on a writable disk and "
                          f"set {ENV_VAR}=DIR for training")
-        for msg in stats["failed"]:
-            logger.error("%s", msg)
-        failed += len(stats["failed"])
-        print(f"{folder}: built {stats['built']}, already fresh {stats['fresh']}, failed {len(stats['failed'])}"
+        # build_cache decodes each image once; every row naming a failed image is listed.
+        reasons = stats["failed_paths"]
+        bad += [f"{source} {_where(row)}: {reasons[os.path.abspath(path)]}" for path, row, source in jobs
+                if os.path.abspath(path) in reasons]
+        failed += len(reasons)
+        print(f"{folder}: built {stats['built']}, already fresh {stats['fresh']}, failed {len(reasons)}"
               + (f", CT volumes skipped {stats['volumes']}" if stats["volumes"] else "")
               + f" ({stats['bytes'] / 2**20:.1f} MiB written)")
-    return 1 if failed else 0
+    for line in bad:
+        print(line, file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} bad rows (listed above) were not cached; fix or remove them, or train with "
+              "--on_bad_sample skip to leave them out", file=sys.stderr)
+    return 1 if failed or bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

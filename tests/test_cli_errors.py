@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,8 +133,27 @@ def fx(tmp_path_factory, demo_dir, tiny_siglip):
         w.writerows([demo_dir / r["image"], r["caption"], "train"]
                     for r in json.loads((demo_dir / "stage0_train.json").read_text())[:8])
     (root / "used_run" / "final_model").mkdir(parents=True)  # another run's output folder
+    # Two bad rows after a good one: the data CLIs list both, or leave both out.
+    (root / "eval_two_bad.json").write_text(json.dumps([{**row, "image": str(p)} for p in (good, root / "absent.png",
+                                                                                         root / "notes.png")]))
+    # The user's own files, which no tool may replace without --force.
+    (root / "volumes").mkdir()
+    for i in range(2):
+        np.savez(root / "volumes" / f"vol{i}.npz", image=np.zeros((1, 4, 8, 8), np.float32))
+    user_files = {"user.csv": "img_path,findings,split\nvolumes/vol0.npz,a radiologist's report,train\n",
+                  "predictions.csv": "image_path,top_match\nx.png,mine\n", "metrics.json": '{"mine": 1}\n',
+                  "user_data/stage0_train.json": '[{"image": "mine.png", "caption": "mine"}]'}
+    for name, text in user_files.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_text(text)
+    # Weights cut short, as an interrupted copy or download leaves them.
+    cut_weights = {}
+    for kind, src in (("stage0", tiny_siglip), ("stage2", stage2)):
+        cut_weights[kind] = shutil.copytree(src, root / f"{kind}_cut_weights")
+        weights = cut_weights[kind] / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return {"root": root, "demo": demo_dir, "good": good, "stage0": tiny_siglip, "stage1": stage1,
-            "stage2": stage2, "lm": lm, **images}
+            "stage2": stage2, "lm": lm, "user_files": user_files, "cut_weights": cut_weights, **images}
 
 
 def _cases(fx) -> list[dict]:
@@ -157,18 +177,23 @@ def _cases(fx) -> list[dict]:
     wrong_s2 = ["--model_path", "this is a Stage0 model", "Stage0/inference_stage0.py", "Stage2 output folder"]
     cases = []
 
-    def case(id, cmd, words, mid_run=False):
+    def case(id, cmd, words, mid_run=False, lines=1):
+        """`lines`: the error line and the list under it (bad rows), when there is one."""
         cases.append({"id": id, "script": cmd[0], "argv": [str(a) for a in cmd[1:]], "words": words,
-                      "mid_run": mid_run})
+                      "mid_run": mid_run, "lines": lines})
 
     for kind, words in img_words.items():
         case(f"s0-infer-image-{kind}", [*s0i, "--image_path", fx[kind]], words)
         case(f"vqa-image-{kind}", [*vqa, "--image_path", fx[kind]], words)
-        # Rows' images are checked for existence before a model loads; decoding happens in the
-        # evaluation loop, after the model loaded and printed its progress.
-        mid = kind in ("text", "truncated")
-        case(f"s0-eval-image-{kind}", [*s0e, r / f"eval_{kind}.json"], words + ["row 1"], mid_run=mid)
-        case(f"s2-eval-image-{kind}", [*s2e, r / f"eval_{kind}.json"], words + ["row 1"], mid_run=mid)
+        # The rows' images are checked (headers) before a model loads, as training checks them.
+        rows = [w.replace("truncated or corrupt", "truncated") for w in words] + ["row 1", "--on_bad_sample skip"]
+        case(f"s0-eval-image-{kind}", [*s0e, r / f"eval_{kind}.json"], rows)
+        case(f"s2-eval-image-{kind}", [*s2e, r / f"eval_{kind}.json"], rows)
+    two_bad = r / "eval_two_bad.json"
+    listed = ["2 bad rows", f"{two_bad} row 1: ", f"{two_bad} row 2: ", "--on_bad_sample skip"]
+    case("s0-infer-csv-bad-rows", [*s0i, "--csv_path", two_bad, "--output_path", r / "pred_out.csv"], listed, lines=4)
+    case("s0-eval-bad-rows", [*s0e, two_bad], listed, lines=4)
+    case("s2-eval-bad-rows", [*s2e, two_bad], listed, lines=4)
     ok = r / "eval_ok.json"
     case("s0-infer-stage2-folder", [*s0i, "--image_path", fx["good"], "--model_path", fx["stage2"]], wrong_s0)
     case("s0-eval-stage2-folder", [*s0e, ok, "--model_path", fx["stage2"]], wrong_s0)
@@ -192,6 +217,36 @@ def _cases(fx) -> list[dict]:
          ["--projector_path", "this is a Stage0 model", "projection_layer/"])
     case("s2-eval-no-model", [*s2e, ok, "--model_path", r / "no_model"], ["--model_path", "no model in this folder"])
     case("s2-eval-cuda", [*s2e, ok, "--device", "cuda"], ["--device cuda", "--device cpu"])
+    case("s2-eval-num-beams-0", [*s2e, ok, "--num_beams", "0"], ["--num_beams", ">= 1"])
+    cut = ["--model_path", "model.safetensors", "cut short", "copy"]
+    case("s0-infer-truncated-weights", [*s0i, "--image_path", fx["good"], "--model_path", fx["cut_weights"]["stage0"]],
+         cut)
+    case("s0-eval-truncated-weights", [*s0e, ok, "--model_path", fx["cut_weights"]["stage0"]], cut)
+    case("vqa-truncated-weights", [*vqa, "--image_path", fx["good"], "--model_path", fx["cut_weights"]["stage2"]], cut)
+    case("s2-eval-truncated-weights", [*s2e, ok, "--model_path", fx["cut_weights"]["stage2"]], cut)
+    hub_id = "nobody-here/no-such-siglip"  # HF_HUB_OFFLINE=1 and not in the cache
+    not_cached = ["--vision_model_name", hub_id, "HF_HUB_OFFLINE", "cache"]
+    case("vqa-vision-hub-id-not-cached", [VQA, "--llm_path", fx["stage2"] / "language_model", "--projector_path",
+                                          fx["stage2"] / "projection_layer", "--vision_model_name", hub_id,
+                                          "--question", "q", "--device", "cpu", "--image_path", fx["good"]],
+         not_cached)
+    case("s2-eval-vision-hub-id-not-cached", [*s2e_data, "--test_json", ok, "--llm_path",
+                                              fx["stage2"] / "language_model", "--projector_path",
+                                              fx["stage2"] / "projection_layer", "--vision_model_name", hub_id],
+         not_cached)
+    # Files of the user's that a tool would write over.
+    case("s0-create-example-csv-existing", [S0_TRAIN, "--create_example_csv", "--npz_directory", r / "volumes",
+                                            "--csv_file", r / "user.csv"], ["user.csv", "--force"])
+    case("s0-infer-output-exists", [*s0i, "--csv_path", ok, "--output_path", r / "predictions.csv"],
+         ["--output_path", "predictions.csv", "--force"])
+    case("s0-eval-output-exists", [*s0e, ok, "--output_json", r / "metrics.json"],
+         ["--output_json", "metrics.json", "--force"])
+    case("s2-eval-output-exists", [*s2e, ok, "--output_json", r / "metrics.json"],
+         ["--output_json", "metrics.json", "--force"])
+    case("demo-data-into-user-folder", ["scripts/make_demo_data.py", "--out_dir", r / "user_data", "--num_images", "4",
+                                        "--image_size", "32", "--num_workers", "1"], ["user_data", "--force"])
+    case("preprocess-cache-dir-is-a-file", ["scripts/preprocess_images.py", "--data", ok, "--size", "8", "8",
+                                            "--cache_dir", r / "notes.png"], ["--cache_dir", "notes.png"])
 
     for name, cmd, data_flag in (("s0", s0t, "--train_json"), ("s1", s1t, "--train_json"),
                                  ("s2", s2t, "--train_json")):
@@ -212,7 +267,24 @@ def _cases(fx) -> list[dict]:
     case("s2-train-stage0-as-stage1-projector", [*s2t, "--train_json", d / "stage2_train.json",
                                                  "--stage1_projector_path", fx["stage0"]],
          ["--stage1_projector_path", "this is a Stage0 model", "runs/stage1/final_model"])
+    # Refused before the output folder is written (each case has its own, which must not appear).
+    for name, cmd, flag in (("s0", s0t, "--model_name"), ("s1", s1t, "--llm_name"), ("s2", s2t, "--llm_name")):
+        valid = d / ("stage2_train.json" if name == "s2" else "stage0_train.json")
+        base = [*cmd, "--train_json", valid]
+        case(f"{name}-train-model-typo", [*base, flag, r / "no_such_model", "--output_dir", r / f"{name}_typo_run"],
+             [flag, "no_such_model", "no such folder"])
+        case(f"{name}-train-hub-id-not-cached", [*base, "--vision_model_name" if name != "s0" else flag, hub_id,
+                                                 "--output_dir", r / f"{name}_hub_run"],
+             ["--vision_model_name" if name != "s0" else flag, hub_id, "HF_HUB_OFFLINE", "cache"])
+        case(f"{name}-train-output-dir-is-a-file", [*base, "--output_dir", r / "notes.png"],
+             ["--output_dir", "notes.png", "not a folder"])
+        case(f"{name}-train-resume-missing", [*base, "--output_dir", r / f"{name}_resume_run",
+                                              "--resume_from_checkpoint", r / "no_such_checkpoint"],
+             ["--resume_from_checkpoint", "no_such_checkpoint", "latest"])
     return cases
+
+
+RUN_FOLDERS_NEVER_WRITTEN = [f"{s}_{k}_run" for s in ("s0", "s1", "s2") for k in ("typo", "hub", "resume")]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +305,14 @@ CASE_IDS = [f"{cli_}-image-{k}" for k in ("missing", "text", "truncated", "direc
     f"{s}-train-{k}" for s in ("s0", "s1", "s2") for k in ("missing-train", "empty-json", "missing-val",
                                                            "used-output-dir")] + [
     "s0-train-header-only-csv", "s0-train-split-selects-nothing", "s0-train-no-val-rows",
-    "s2-train-stage0-as-stage1-projector"]
+    "s2-train-stage0-as-stage1-projector"] + [
+    "s0-infer-csv-bad-rows", "s0-eval-bad-rows", "s2-eval-bad-rows", "s2-eval-num-beams-0"] + [
+    f"{cli_}-truncated-weights" for cli_ in ("s0-infer", "s0-eval", "vqa", "s2-eval")] + [
+    "vqa-vision-hub-id-not-cached", "s2-eval-vision-hub-id-not-cached", "s0-create-example-csv-existing",
+    "s0-infer-output-exists", "s0-eval-output-exists", "s2-eval-output-exists", "demo-data-into-user-folder",
+    "preprocess-cache-dir-is-a-file"] + [
+    f"{s}-train-{k}" for s in ("s0", "s1", "s2") for k in ("model-typo", "hub-id-not-cached",
+                                                           "output-dir-is-a-file", "resume-missing")]
 
 
 def test_every_case_is_listed(results):
@@ -248,11 +327,21 @@ def test_user_error_is_one_line_naming_the_input_and_the_fix(results, case_id):
     assert "Traceback" not in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    block = lines[lines.index(errors[0]):]  # the error line, then the list it carries (bad rows)
+    assert len(block) == r["lines"] and all(ln.startswith("  ") for ln in block[1:]), err[-3000:]
     if not r["mid_run"]:  # refused before any model loaded: nothing else was printed
-        assert lines == errors, err[-3000:]
+        assert lines == block, err[-3000:]
     for word in r["words"]:
-        assert word in errors[0], (word, errors[0])
+        assert word in "\n".join(block), (word, block)
+
+
+def test_refusals_leave_the_users_files_and_write_no_run_folder(results, fx):
+    for name, text in fx["user_files"].items():
+        assert (fx["root"] / name).read_text() == text, name
+    assert [p.name for p in (fx["root"] / "user_data").iterdir()] == ["stage0_train.json"]
+    assert not [name for name in RUN_FOLDERS_NEVER_WRITTEN if (fx["root"] / name).exists()]
+    assert not (fx["root"] / "pred_out.csv").exists()
 
 
 def test_forked_runs_match_fresh_processes(results):
@@ -307,3 +396,40 @@ def test_checkpoint_kind_tells_every_folder_apart(fx, tmp_path):
              tmp_path / "nothing": "missing"}
     assert {p: cli.checkpoint_kind(p) for p in kinds} == kinds
 
+
+
+# ---------------------------------------------------------------- --on_bad_sample skip at the data CLIs
+
+def test_inference_skip_writes_the_dropped_rows_with_empty_predictions(fx, tmp_path, capsys):
+    from Stage0.inference_stage0 import main as infer
+    out = tmp_path / "pred.csv"
+    infer(["--model_path", str(fx["stage0"]), "--csv_path", str(fx["root"] / "eval_two_bad.json"), "--output_path",
+           str(out), "--queries", "cardiomegaly", "normal", "--device", "cpu", "--on_bad_sample", "skip"])
+    rows = list(csv.DictReader(open(out)))
+    assert [r["image_path"] for r in rows] == [str(fx["good"]), str(fx["missing"]), str(fx["text"])]
+    assert rows[0]["top_match"] in ("cardiomegaly", "normal") and 0 < float(rows[0]["top_score"]) < 1
+    assert [(r["top_match"], r["top_score"], r["cardiomegaly"], r["normal"]) for r in rows[1:]] == [("",) * 4] * 2
+    err = capsys.readouterr().err
+    assert "--on_bad_sample skip: 2 bad rows" in err and "row 1: " in err and "row 2: " in err
+
+
+def test_evaluations_skip_bad_rows_and_say_so(fx, tmp_path, capsys):
+    from Stage0.evaluate_stage0 import main as s0_eval
+    from Stage2.evaluate import main as s2_eval
+    good = [{**r, "problem": "Is there cardiomegaly?", "normal_caption": "no"}
+            for r in json.loads((fx["demo"] / "stage0_test.json").read_text())[:5]]
+    bad = [{**good[0], "image": str(fx["missing"])}, {**good[0], "image": str(fx["text"])}]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(good + bad))
+    common = ["--test_json", str(data), "--image_root", str(fx["demo"]), "--device", "cpu", "--on_bad_sample", "skip"]
+    results = s0_eval(["--model_path", str(fx["stage0"]), *common, "--output_json", str(tmp_path / "s0.json")])
+    (metrics,) = results.values()
+    assert metrics["skipped_rows"] == 2
+    err = capsys.readouterr().err
+    assert "--on_bad_sample skip: 2 bad rows" in err and f"{data} row 5: " in err and f"{data} row 6: " in err
+    summary = s2_eval(["--model_path", str(fx["stage2"]), *common, "--max_new_tokens", "2",
+                       "--output_json", str(tmp_path / "s2.json")])
+    saved = json.loads((tmp_path / "s2.json").read_text())
+    assert summary["n"] == 5 and len(saved["predictions"]) == 5
+    assert [s["row"] for s in saved["summary"]["skipped"]] == [5, 6]
+    assert "--on_bad_sample skip: 2 bad rows" in capsys.readouterr().err

@@ -272,9 +272,12 @@ def test_script_help_and_errors_name_the_fix(tmp_path, capsys):
 
 def test_loader_kwargs_pin_on_cuda_and_keep_workers():
     from accelerator_setup import loader_kwargs
+    from accelerator_setup import ignore_stop_signals
     assert loader_kwargs(0) == {"num_workers": 0, "pin_memory": torch.cuda.is_available(),
-                                "persistent_workers": False}
-    assert loader_kwargs(3)["persistent_workers"] is True
+                                "persistent_workers": False, "worker_init_fn": None}
+    workers = loader_kwargs(3)
+    assert workers["persistent_workers"] is True
+    assert workers["worker_init_fn"] is ignore_stop_signals  # a SIGTERM to the process group is the trainer's
 
 
 # ---------------------------------------------------------------- the benchmark

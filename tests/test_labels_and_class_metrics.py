@@ -80,3 +80,26 @@ def test_class_recall_and_the_distractor_test():
     truth = torch.randint(0, k, (n,))
     assert distractor_top1(torch.nn.functional.one_hot(truth, k).float(), truth.tolist()) == 1.0
     assert abs(distractor_top1(torch.rand(n, k), truth.tolist(), seed=1) - 0.1) < 0.03
+
+
+def test_class_prompt_templates():
+    """The seed's wording by default; one template for every class otherwise ({description}
+    then needs every class described: an empty one would read "...: " or repeat the name)."""
+    from Stage0.labels import class_texts
+    classes = {"acne": {"description": "red papules"}, "keloid": {"description": ""}}
+    assert class_texts(["acne", "keloid"], classes) == ["Clinical presentation of acne: red papules",
+                                                        "A dermatological image showing keloid."]
+    assert class_texts(["acne", "keloid"], classes, "Chest X-ray showing {condition}.") == [
+        "Chest X-ray showing acne.", "Chest X-ray showing keloid."]
+    with pytest.raises(ValueError, match=r"keloid.*\{condition\}"):
+        class_texts(["acne", "keloid"], classes, "{condition}: {description}")
+    for bad in ("Chest X-ray", "{finding}", "{condition"):
+        with pytest.raises(ValueError, match="--class_prompt_template"):
+            class_texts(["acne"], classes, bad)
+
+
+def test_prompts_identical_after_tokenization_are_named():
+    from Stage0.labels import colliding_prompts
+    ids = torch.tensor([[5, 6, 1], [5, 6, 1], [5, 7, 1], [5, 6, 1]])
+    assert colliding_prompts(["a", "b", "c", "d"], ids, torch.ones_like(ids)) == [["a", "b", "d"]]
+    assert colliding_prompts(["a", "c"], ids[1:3], torch.ones(2, 3)) == []

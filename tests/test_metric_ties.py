@@ -98,7 +98,7 @@ def test_class_evaluation_of_a_collapsed_model_is_chance(tmp_path, monkeypatch):
     model = SimpleNamespace(to=lambda device: SimpleNamespace(eval=lambda: None))
     monkeypatch.setattr(ev, "load_model", lambda path: (model, None, None))
     monkeypatch.setattr("image_loader.read_rows", lambda *a, **kw: [{"labels": "c0"} for _ in range(n)])
-    monkeypatch.setattr(inf, "ImageFiles", lambda rows, processor, source: list(range(len(rows))))
+    monkeypatch.setattr(inf, "ImageFiles", lambda rows, processor, source, **kw: list(range(len(rows))))
     monkeypatch.setattr(inf, "score", lambda *a: torch.full((n, k), 1.0))  # sigmoid saturated everywhere
     classes = tmp_path / "classes.csv"
     classes.write_text("condition,description,icd10\n" + "".join(f"c{j},,\n" for j in range(k)))

@@ -170,9 +170,12 @@ def test_every_stage_checks_its_engine_before_loading_models(monkeypatch, tmp_pa
     data.write_text('[{"image": "x.png", "caption": "x", "problem": "x", "normal_caption": "x"}]')
     common = ["--output_dir", str(tmp_path), "--report_to", "none", "--image_root", str(tmp_path),
               "--train_json", str(data)]
-    for main, argv in ((s0, ["--model_name", "/nonexistent"]),
-                       (s1, ["--vision_model_name", "/nonexistent", "--llm_name", "/nonexistent"]),
-                       (s2, ["--vision_model_name", "/nonexistent", "--llm_name", "/nonexistent"])):
+    model = tmp_path / "model"  # a folder (checked before the engine too) whose loading would fail
+    model.mkdir()
+    for main, argv in ((s0, ["--model_name", model]),
+                       (s1, ["--vision_model_name", model, "--llm_name", model]),
+                       (s2, ["--vision_model_name", model, "--llm_name", model])):
+        argv = [str(a) for a in argv]
         with pytest.raises(SystemExit, match="refused"):
             main(argv + common)
     assert seen == ["Stage0", "Stage1", "Stage2"]

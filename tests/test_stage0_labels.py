@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from scripts.make_demo_data import main as make_demo
 from scripts.make_tiny_models import build_tiny_siglip
@@ -19,7 +20,11 @@ def derm(tmp_path_factory):
                           "--image_size", "64", "--seed", "0"])
     classes = read_classes(csv_path.parent / "classes.csv")
     texts = [class_text(c, classes) for c in classes] * 5
-    siglip = build_tiny_siglip(root / "siglip", texts, image_size=64, hidden_size=64, num_layers=2, num_heads=2)
+    # bf16 weights, as SigLIP towers are stored in MedGemma and bf16 fine-tunes: LoRA merges into
+    # them. (hub_shaped's sentencepiece tokenizer, trained on these few class texts, has too few
+    # pieces: most captions would exceed the 64 tokens.)
+    siglip = build_tiny_siglip(root / "siglip", texts, image_size=64, hidden_size=64, num_layers=2, num_heads=2,
+                               dtype=torch.bfloat16)
     # a few unlabelled rows: dropped and counted
     rows = list(csv.DictReader(open(csv_path)))
     with open(root / "data" / "with_blanks.csv", "w", newline="") as f:
@@ -103,6 +108,17 @@ def test_cxr_demo_findings_are_a_labelled_example(demo_dir, tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert any(";" in r["labels"] for r in rows)  # multi-label rows
     assert all(r["split"] in ("train", "val", "test") for r in rows)
+    # its prompts are radiology's, one per finding, not the dermatology seed's wording
+    from scripts.make_demo_data import CLASS_PROMPT_TEMPLATE
+    from Stage0.labels import class_texts
+    texts = class_texts(names, classes, CLASS_PROMPT_TEMPLATE)
+    assert texts[names.index("pleural_effusion")] == "Chest X-ray showing pleural effusion."
+    assert len(set(texts)) == len(names)
+    out, _, _ = prepare_labelled_csv(demo_dir / "demo.csv", "", "img_path", "labels", demo_dir / "classes.csv",
+                                     tmp_path / "cxr2.csv", oversample_min=0, template=CLASS_PROMPT_TEMPLATE)
+    captions = {r["caption"] for r in csv.DictReader(open(out))}
+    assert "Chest X-ray showing cardiomegaly." in captions
+    assert not any("dermatolog" in c or "Clinical presentation" in c for c in captions)
 
 
 def test_an_image_in_both_train_and_test_is_refused(derm, tmp_path):
@@ -164,3 +180,123 @@ def test_derm_recipe_on_two_processes_and_exact_resume(derm, tmp_path):
     resumed = main(base + flags + ["--output_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "latest"])
     for (n, a), b in zip(full.encoder.model.named_parameters(), resumed.encoder.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def _short_run(derm, out, *extra):
+    return ["--model_name", str(derm["siglip"]), "--csv_file", str(derm["csv"]), "--label_column", "labels",
+            "--classes_file", str(derm["classes"]), "--batch_size", "64", "--report_to", "none",
+            "--num_workers", "0", "--no-save_epoch_models", "--oversample_min", "0", "--output_dir", str(out),
+            *extra]
+
+
+def test_class_prompts_identical_after_truncation_are_refused_before_training(derm, tmp_path, capsys):
+    """Truncated to the text tower's length, the seed's prompts keep only their shared prefix
+    ("Clinical presentation of"): every class would train on one text and score chance."""
+    import cli
+    out = tmp_path / "short"
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, _short_run(derm, out, "--max_text_length", "4", "--max_steps", "1"))
+    assert e.value.code == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert all(c in errors[0] for c in read_classes(derm["classes"])), errors[0]
+    assert "--class_prompt_template" in errors[0] and "{condition}" in errors[0]
+    assert not (out / "final_model").exists() and not (out / "checkpoints").exists()
+    assert not (out / "metrics.jsonl").exists()
+
+
+TEMPLATE = "Skin photo of {condition}."
+
+
+@pytest.fixture(scope="module")
+def templated_run(derm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("templated")
+    main(_short_run(derm, out, "--class_prompt_template", TEMPLATE, "--epochs", "1"))
+    return out
+
+
+def test_class_prompt_template_is_recorded_and_evaluation_scores_the_training_prompts(derm, templated_run,
+                                                                                     tmp_path, caplog):
+    out = templated_run
+    expected = {c: TEMPLATE.format(condition=c) for c in read_classes(derm["classes"])}
+    # what training embedded: the captions of single-label rows are their class's prompt
+    trained = {r["labels"]: r["caption"] for r in csv.DictReader(open(out / "labelled_data.csv"))
+               if ";" not in r["labels"]}
+    assert trained == expected
+    for folder in ("final_model", "best_model"):
+        record = json.loads((out / folder / "class_prompts.json").read_text())
+        assert record["template"] == TEMPLATE and record["prompts"] == expected
+    result = tmp_path / "eval.json"
+    evaluate(["--model_path", str(out / "final_model"), "--csv_file", str(out / "labelled_data.csv"),
+              "--label_column", "labels", "--classes_file", str(derm["classes"]), "--split", "test",
+              "--output_json", str(result)])
+    assert json.loads(result.read_text())["class_prompts"] == expected
+    assert not [r for r in caplog.records if "differs from training" in r.getMessage()]
+    # told otherwise, evaluation uses the flag and says that it is not what the model trained on
+    evaluate(["--model_path", str(out / "final_model"), "--csv_file", str(out / "labelled_data.csv"),
+              "--label_column", "labels", "--classes_file", str(derm["classes"]), "--split", "test",
+              "--class_prompt_template", "{condition}", "--output_json", str(result), "--force"])
+    assert json.loads(result.read_text())["class_prompts"] == {c: c for c in expected}
+    warned = [r.getMessage() for r in caplog.records if "differs from training" in r.getMessage()]
+    assert len(warned) == 1 and TEMPLATE in warned[0], warned
+
+
+def test_inference_ranks_the_training_class_prompts(derm, templated_run, tmp_path):
+    from Stage0.inference_stage0 import main as infer
+    expected = [TEMPLATE.format(condition=c) for c in sorted(read_classes(derm["classes"]))]
+    image = next(csv.DictReader(open(templated_run / "labelled_data.csv")))["img_path"]
+    ranked = infer(["--model_path", str(templated_run / "final_model"), "--image_path", image])
+    assert sorted(q for q, _ in ranked) == sorted(expected)
+    out = tmp_path / "pred.csv"
+    infer(["--model_path", str(templated_run / "final_model"), "--csv_path", str(derm["csv"]),
+           "--classes_file", str(derm["classes"]), "--output_path", str(out)])
+    header = next(csv.reader(open(out)))
+    assert header[3:] == expected
+
+
+def _with_unknown_labels(derm, path):
+    rows = list(csv.DictReader(open(derm["csv"])))[:80]
+    for r in rows[:3]:
+        r["labels"] = "tinea corporis"
+    rows[3]["labels"] = "wart;" + rows[3]["labels"]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_labels_missing_from_the_classes_file_are_warned_or_refused(derm, tmp_path, caplog, capsys):
+    import cli
+    from Stage0.labels import prepare_labelled_csv
+    data = _with_unknown_labels(derm, derm["csv"].parent / "unknown_labels.csv")
+    caplog.clear()
+    _, names, _ = prepare_labelled_csv(data, derm["csv"].parent, "img_path", "labels", derm["classes"],
+                                       tmp_path / "o.csv", oversample_min=0)
+    assert {"tinea corporis", "wart"} <= set(names)  # warned, then kept as classes of their own
+    warned = [r.getMessage() for r in caplog.records if "not in" in r.getMessage()]
+    assert len(warned) == 1 and "tinea corporis (3 rows)" in warned[0] and "wart (1 row)" in warned[0], warned
+    with pytest.raises(ValueError, match=r"tinea corporis \(3 rows\).*wart \(1 row\)"):
+        prepare_labelled_csv(data, derm["csv"].parent, "img_path", "labels", derm["classes"], tmp_path / "o.csv",
+                             unknown_labels="error")
+    # evaluation warns the same way (K grows by the unknown labels), or refuses with one line
+    evaluation = ["--model_path", str(derm["siglip"]), "--csv_file", str(data), "--image_root",
+                  str(derm["csv"].parent), "--label_column", "labels", "--classes_file", str(derm["classes"])]
+    caplog.clear()
+    m = evaluate(evaluation)
+    warned = [r.getMessage() for r in caplog.records if "not in" in r.getMessage()]
+    assert len(warned) == 1 and "tinea corporis (3 rows)" in warned[0], warned
+    assert m["n_classes"] == len(read_classes(derm["classes"])) + 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate, evaluation + ["--unknown_labels", "error"])
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and "wart (1 row)" in errors[0], errors
+    # training refuses before it trains
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, ["--model_name", str(derm["siglip"]), "--csv_file", str(data), "--image_root",
+                       str(derm["csv"].parent), "--label_column", "labels", "--classes_file", str(derm["classes"]),
+                       "--unknown_labels", "error", "--report_to", "none", "--output_dir", str(tmp_path / "run")])
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and "tinea corporis (3 rows)" in errors[0], errors
+    assert not (tmp_path / "run" / "final_model").exists()
