@@ -1,6 +1,47 @@
-# Sourced by every training launcher (run from the repository root) just before it execs
-# `accelerate launch`: what all of them share.
+# Sourced by every training launcher (run from the repository root): what all of them share.
+# A launcher ends with `launch ARGS...`, where ARGS are `accelerate launch`'s.
 
-# Preemption (SLURM's --signal, spot instances): torch's launcher relays these to the training
-# processes, which finish their step, write a resume checkpoint and exit 0.
+# The project's .venv when no environment with accelerate is active.
+if ! command -v accelerate >/dev/null 2>&1; then
+    if [ -x .venv/bin/accelerate ]; then
+        export PATH="$PWD/.venv/bin:$PATH" VIRTUAL_ENV="$PWD/.venv"
+    else
+        echo "error: accelerate is not installed here: run 'bash scripts/quickstart.sh' (it creates .venv)," \
+             "or activate the environment that has the requirements ('source .venv/bin/activate')" >&2
+        exit 1
+    fi
+fi
+
+# Preemption (SLURM's --signal, spot instances, Ctrl-C) without a kill timer.
+# `accelerate launch` SIGKILLs its trainer 5 s after a signal reaches it (one process), torch's
+# launcher after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (several), and then exits 128 + the signal. A
+# checkpoint of a real model can take longer. So `launch` runs accelerate in a process group of
+# its own, which a signal to the launcher's group (SLURM, a terminal) does not reach, and relays
+# each stop signal to the trainer processes alone. They finish their step, write a resume
+# checkpoint and exit 0; so does the launcher. Its exit status after a clean preemption is 0,
+# as after a finished run: `final_model/` exists only when the run finished, and running the
+# launcher again resumes (`--resume_from_checkpoint latest`).
+# For `accelerate launch` run by hand: torch's launcher then relays these, and waits this long.
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+
+launch() {
+    local agent status sig
+    set -m  # background jobs in their own process group
+    accelerate launch "$@" &
+    agent=$!
+    set +m
+    for sig in TERM INT HUP QUIT USR1; do
+        # The trainers are the launcher's children (one per process); their DataLoader workers
+        # ignore stop signals.
+        # shellcheck disable=SC2064  # $agent and $sig are meant to expand now
+        trap "echo 'launcher: SIG$sig relayed to the trainers' >&2; pkill -$sig -P $agent" "$sig"
+    done
+    while :; do
+        status=0
+        wait "$agent" || status=$?  # (the launchers run under set -e)
+        # A trapped signal interrupts `wait`; waiting again returns the launcher's own status.
+        kill -0 "$agent" 2>/dev/null || break
+    done
+    exit "$status"
+}

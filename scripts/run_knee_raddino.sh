@@ -31,9 +31,9 @@ cd "$(dirname "$0")/.."
 : "${NUM_GPUS:=1}"
 : "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
 
-source scripts/launch_env.sh  # preemption signals relayed to the training processes
+source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 # shellcheck disable=SC2086  # FREEZE_FLAGS is a list of flags
-exec accelerate launch --quiet \
+launch --quiet \
     --config_file "$ACCELERATE_CONFIG" \
     --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \

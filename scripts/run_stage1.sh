@@ -27,8 +27,8 @@ cd "$(dirname "$0")/.."
 : "${NUM_GPUS:=1}"
 : "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
 
-source scripts/launch_env.sh  # preemption signals relayed to the training processes
-exec accelerate launch --quiet \
+source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
+launch --quiet \
     --config_file "$ACCELERATE_CONFIG" \
     --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \

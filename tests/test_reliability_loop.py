@@ -284,9 +284,10 @@ def test_sigterm_stops_2_process_stage0_with_a_checkpoint_that_resumes_exactly(t
     proc, log = _launch(tmp_path, _stage0_argv(tiny_siglip, demo_dir, run, **flags), "group")
     _wait_for_step(proc, run, log, 3)
     os.killpg(proc.pid, signal.SIGTERM)
-    # The launcher itself (torch's elastic agent) re-raises the signal once its trainers have
-    # stopped, so its own status is 1; the trainers' are what a requeued job relies on.
-    assert proc.wait(timeout=120) in (0, 1), log.read_text()[-3000:]
+    # `accelerate launch` run by hand gets the signal too: torch's elastic agent re-raises it
+    # once its trainers have stopped (128 + SIGTERM = 143, or 1 from an older accelerate). The
+    # project's launchers keep the signal from it and exit 0 (test_preemption_workers.py).
+    assert proc.wait(timeout=120) in (0, 1, 143), log.read_text()[-3000:]
     text = log.read_text()
     assert _exit_statuses(tmp_path) == [0, 0], text[-3000:]
     s1 = int(list_checkpoints(run)[-1].name[5:])
