@@ -7,6 +7,7 @@ Only the main process prints, logs and writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -45,7 +46,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant", "one_cycle"], default="cosine",
                    help="after the warmup; one_cycle: torch's OneCycleLR (cosine up over the warmup, then down)")
     g.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps (default: all epochs)")
+                   help="the total number of optimizer steps, repeating epochs as needed; wins over "
+                        "--num_epochs, and the LR schedule spans exactly these steps (default: --num_epochs epochs)")
     g.add_argument("--group_by_length", action="store_true",
                    help="Stage1/Stage2: batch samples of similar token length together (less padding)")
     # Reliability: non-finite steps (SIGTERM/SIGUSR1 preemption needs no flag).
@@ -59,6 +61,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--wandb_project", "--project_name", dest="wandb_project", default="siglip-med")
     g.add_argument("--run_name", "--experiment_name", dest="run_name", default=None)
     g.add_argument("--logging_steps", "--log_interval", dest="logging_steps", type=int, default=10)
+    g.add_argument("--log_level", choices=["debug", "info", "warning"], default="info",
+                   help="the console log of the main process; debug also shows accelerate's line per file saved")
     g.add_argument("--checkpointing_steps", "--save_interval", dest="checkpointing_steps", type=int, default=0,
                    help="save resumable state every N optimizer steps (0: only at epoch ends)")
     g.add_argument("--checkpoints_total_limit", type=int, default=2,
@@ -66,7 +70,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a path to OUTPUT_DIR/checkpoints/step_N")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start over in an output folder that holds another run (its checkpoints are deleted)")
+                   help="start over in an output folder that holds another run: the old run is moved to a dated "
+                        "sibling folder, OUTPUT_DIR.previous-YYYYmmdd-HHMMSS (nothing is deleted)")
     g = p.add_argument_group("speed and memory")
     g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
                    help="attention kernel of every Hugging Face tower (flash_attention_2 needs flash-attn)")
@@ -167,17 +172,20 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
         # --max_grad_norm is the one source of truth; DeepSpeed clips inside its engine step.
         ds.deepspeed_config["gradient_clipping"] = float(max(args.max_grad_norm, 0.0))
     set_seed(args.seed, device_specific=False)
+    level = getattr(logging, getattr(args, "log_level", "info").upper())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, level=logging.INFO if accelerator.is_main_process
-                        else logging.ERROR, force=True)
+                        stream=sys.stderr, level=level if accelerator.is_main_process else logging.ERROR, force=True)
+    # accelerate logs a line per file of every checkpoint ("[RANK 0] Saving ..."): most of a
+    # run's log. Our own line per checkpoint says where it went.
+    logging.getLogger("accelerate").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
     # The process count sets the global batch and the data order a resume must continue.
     args.num_processes = accelerator.num_processes
     check_output_dir(args)  # before args.json is rewritten, on every process alike
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         if args.overwrite_output_dir:
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            _move_previous_run_aside(out)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     if tracker is not None:
         init_kwargs = {"wandb": {"name": args.run_name}} if tracker == "wandb" else {}
@@ -201,8 +209,27 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
 _RUN_DEFINING = ("model_name", "image_model_name", "text_model_name", "text_model_path", "image_model_path",
                  "vision_model_name", "llm_name", "stage1_projector_path", "train_json", "val_json",
                  "label_column", "learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps",
-                 "lr_scheduler", "seed", "lora_r", "freeze_text_encoder", "num_processes",
+                 "lr_scheduler", "seed", "lora_r", "text_lora_r", "freeze_text_encoder", "num_processes",
                  "freeze_image_backbone", "unfreeze_llm", "unfreeze_projection_layer", "train_ve_first_epoch")
+
+
+def _move_previous_run_aside(out: Path) -> Path | None:
+    """--overwrite_output_dir: the old run's whole folder (checkpoints, best_model/ with its val
+    loss, metrics.jsonl, exports) goes to a dated sibling, named in the log. Deleting only its
+    checkpoints left best_model/ and final_model/ beside the new run and appended to its
+    metrics.jsonl; deleting anything before the new run's data check passed lost the old run
+    to a typo. Nothing is deleted: remove the sibling when it is no longer wanted."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = out.with_name(f"{out.name}.previous-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out.with_name(f"{out.name}.previous-{stamp}-{n}")
+    out.rename(aside)
+    logger.warning("--overwrite_output_dir: the previous run in %s was moved to %s (nothing deleted)", out, aside)
+    return aside
 
 
 def check_output_dir(args) -> None:
@@ -281,6 +308,63 @@ def resolve_mixed_precision(choice: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16"
+
+
+def master_weights(model: torch.nn.Module, mixed_precision: str) -> dict[str, torch.dtype]:
+    """Every parameter that trains becomes fp32, whatever dtype its checkpoint was stored in.
+
+    transformers 5 loads a checkpoint in its stored dtype, and the hub stores Gemma 3, SigLIP
+    and MedGemma in bf16. AdamW on bf16 weights rounds most updates away: at lr 2e-5 a weight
+    of magnitude 2^-6 or more never moves (bf16 keeps 8 significant bits), so a full fine-tune
+    silently trains nothing. Autocast still computes in bf16; only storage changes.
+
+    Frozen weights keep their stored dtype under bf16 autocast (half the memory). Under
+    `--mixed_precision no` or fp16 they become fp32: GPUs without bf16 (V100, T4) cannot
+    compute in it, and fp16 storage overflows Gemma's activations. Buffers (BatchNorm
+    statistics) follow their module's parameters. Returns {name: stored dtype} of every tensor
+    changed, so an export can give back the checkpoint's dtypes."""
+    changed: dict[str, torch.dtype] = {}
+    low = (torch.bfloat16, torch.float16)
+    for mod_name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        trains = any(p.requires_grad for _, p in own)
+        for name, p in own:
+            if p.dtype in low and (p.requires_grad or mixed_precision != "bf16"):
+                changed[f"{mod_name}.{name}".lstrip(".")] = p.dtype
+                p.data = p.data.float()
+        for name, b in module.named_buffers(recurse=False):
+            if b.dtype in low and (trains or mixed_precision != "bf16"):
+                changed[f"{mod_name}.{name}".lstrip(".")] = b.dtype
+                setattr(module, name, b.float())
+    if changed:
+        logger.info("fp32 master weights: %d tensors stored in %s cast to float32 (%s)", len(changed),
+                    "/".join(sorted({str(d).replace("torch.", "") for d in changed.values()})),
+                    "trained ones" if mixed_precision == "bf16" else "every tensor, for --mixed_precision "
+                    + mixed_precision)
+    return changed
+
+
+@contextlib.contextmanager
+def frozen_in_stored_dtypes(model: torch.nn.Module, stored: dict[str, torch.dtype]):
+    """Frozen tensors that master_weights widened, back in their checkpoint dtype for the
+    duration (an export then weighs what the base checkpoint weighs). Exact both ways: they
+    never trained, and bf16 -> fp32 -> bf16 is lossless."""
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    narrowed = [(t, stored[n]) for n, t in tensors.items() if n in stored and not t.requires_grad]
+    for t, dtype in narrowed:
+        t.data = t.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for t, _ in narrowed:
+            t.data = t.data.float()
+
+
+def trained_dtypes(model: torch.nn.Module) -> str:
+    """'float32' (or each dtype) of the parameters that train, for logs and benchmarks."""
+    found = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
+    return "/".join(found) or "none"
 
 
 # ----------------------------------------------------------------- speed options, every stage
@@ -413,10 +497,15 @@ def make_scheduler(optimizer, args, total_steps: int):
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
     if args.lr_scheduler == "one_cycle":
         # The knee seed's schedule. No momentum cycling: AdamW's beta1 stays as configured.
+        # OneCycleLR peaks at step warmup - 1 and its warm-up phase must span at least one
+        # step, so it always warms up for 2 or more steps: one step (a short run's ratio rounded
+        # up) would make the phase zero steps long and divide by zero at the first step. It
+        # also keeps one step to anneal over.
+        # A run of fewer than 3 steps has room for neither: it only anneals.
+        pct = min(max(warmup, 2), total_steps - 1) / total_steps if total_steps >= 3 else 1e-6
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total_steps, 1),
-            pct_start=min(max(warmup / max(total_steps, 1), 1e-6), 0.999), anneal_strategy="cos",
-            cycle_momentum=False)
+            pct_start=min(max(pct, 1e-6), 0.999), anneal_strategy="cos", cycle_momentum=False)
     name = {"constant": "constant_with_warmup"}.get(args.lr_scheduler, args.lr_scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
@@ -425,7 +514,20 @@ def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
     return math.ceil(num_batches / grad_accum)
 
 
+def plan_steps(args, per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs the loop runs), the same in every stage. `--max_steps`
+    is the total number of optimizer steps: it wins over `--num_epochs`, repeating epochs as
+    needed (the last one possibly cut short), and the LR schedule spans exactly those steps.
+    Without it, `--num_epochs` full epochs."""
+    if args.max_steps:
+        return args.max_steps, math.ceil(args.max_steps / max(per_epoch, 1))
+    return per_epoch * args.num_epochs, args.num_epochs
+
+
 # ---------------------------------------------------------------- resume checkpoints
+
+_last_saved: dict = {}  # (output dir, step) of this process's newest save
+
 
 def save_checkpoint(accelerator: Accelerator, output_dir, step: int, state: dict,
                     total_limit: int | None = 2) -> Path:
@@ -437,6 +539,16 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, state: dict
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
+    if _last_saved.get("key") == (str(Path(output_dir).resolve()), step) and final.is_dir():
+        # A periodic save met an epoch end or the last step: the weights, optimizer and RNG
+        # are the ones just written; only the position moves on (epoch + 1, batch 0), so a
+        # resume does not replay the epoch's end. Every process takes this branch alike.
+        if accelerator.is_main_process:
+            part = final / (_STATE_FILE + ".tmp")
+            part.write_text(json.dumps({"step": step, **state}, indent=2))
+            part.replace(final / _STATE_FILE)
+        accelerator.wait_for_everyone()
+        return final
     if accelerator.is_main_process:
         for stale in root.glob(".tmp_step_*"):  # left by a save that was cut short
             shutil.rmtree(stale, ignore_errors=True)
@@ -453,6 +565,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, state: dict
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("saved resume checkpoint %s", final)
     accelerator.wait_for_everyone()
+    _last_saved["key"] = (str(Path(output_dir).resolve()), step)
     return final
 
 
@@ -502,6 +615,7 @@ def resume_from(accelerator: Accelerator, output_dir, resume_from_checkpoint) ->
     """Load the checkpoint to resume from; return its trainer state, or None to start fresh.
     With 'latest', a damaged newest checkpoint (a missing or truncated file) is passed over,
     with a warning naming it, for the newest one that loads; a path given explicitly must load."""
+    _last_saved.clear()  # a new run in this process: its saves are its own
     if resume_from_checkpoint != "latest":
         path = resolve_resume(output_dir, resume_from_checkpoint)
         return load_checkpoint(accelerator, path) if path is not None else None
@@ -532,6 +646,271 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
+# ---------------------------------------------------------------- what a resume checkpoint holds
+
+FROZEN_FINGERPRINT_FILE = "frozen_weights.json"
+ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate's own name for a checkpoint's model file
+
+
+def weights_fingerprint(tensors: dict, stored_dtypes: dict | None = None) -> dict:
+    """A content hash (sha256) of `tensors`: each one's name, shape, dtype and raw bytes.
+    Tensors that master_weights widened are hashed in the dtype they were stored in (exact:
+    bf16 -> fp32 -> bf16 is lossless), so a resume under another --mixed_precision still
+    matches. Tensors are hashed on threads (hashlib and the device copy release the GIL), then
+    combined in name order: an 8B tower takes seconds."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+    stored = stored_dtypes or {}
+
+    def one(item):
+        name, t = item
+        t = t.detach()
+        if name in stored and t.dtype != stored[name]:
+            t = t.to(stored[name])
+        h = hashlib.sha256(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.device.type != "meta" and t.numel():
+            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.digest(), t.numel() * t.element_size()
+
+    items = sorted(tensors.items())
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        hashed = list(pool.map(one, items))
+    total = hashlib.sha256()
+    for digest, _ in hashed:
+        total.update(digest)
+    return {"sha256": total.hexdigest(), "tensors": len(items), "bytes": sum(n for _, n in hashed)}
+
+
+class TrainableOnlyCheckpoints:
+    """Resume checkpoints that hold the trained tensors, not the whole model, for every stage.
+
+    accelerate's save_state writes the whole model into every checkpoint: a frozen 8B text
+    tower (16 GB) per checkpoint fills the disk and cannot be written within a preemption's
+    grace period, although it never changes and the run reloads it from where it came from at
+    every start. Here a checkpoint holds the trained tensors (`filename`), next to accelerate's
+    optimizer, scheduler and RNG states, and a fingerprint of the frozen ones taken once at
+    startup (FROZEN_FINGERPRINT_FILE): a resume onto other frozen weights is refused in one line
+    instead of silently pairing trained tensors with a model they were not trained with.
+
+    `module` is the plain model (not a DDP wrapper). Its tensors are recorded here, so a wrapper
+    later put around any part (Stage1's projector) changes nothing. `keeps(name, parameter)`
+    chooses the trained parameters (default: those that require grad now: LoRA adapters only,
+    for a LoRA run); Stage2 also keeps the vision tower that trains in epoch 1 only. A buffer is
+    state of the nearest module that holds parameters (BatchNorm statistics belong to its
+    affine weights): trained when that module trains (Merlin's BatchNorm in phase 2), frozen
+    and fingerprinted when not (phase 1's frozen backbone, kept in eval mode).
+
+    A checkpoint without the fingerprint file was written whole by accelerate (by this code
+    before trained-only checkpoints): accelerate loads it as before. Under DeepSpeed the engine
+    writes its own checkpoint and nothing is registered."""
+
+    def __init__(self, accelerator: Accelerator, module: torch.nn.Module, keeps=None,
+                 filename: str = ACCELERATE_MODEL_FILE, stored_dtypes: dict | None = None):
+        from accelerate.utils import DistributedType
+        self.acc, self.filename = accelerator, filename
+        keeps = keeps or (lambda name, p: p.requires_grad)
+        params = dict(module.named_parameters())
+        self._params = {n: p for n, p in params.items() if keeps(n, p)}
+        frozen = {n: p for n, p in params.items() if n not in self._params}
+        self._buffers: dict[str, tuple[torch.nn.Module, str]] = {}  # looked up at save: .to() replaces buffers
+        modules = dict(module.named_modules())
+        for mod_name, m in modules.items():
+            for b, t in m._buffers.items():
+                if t is None or b in m._non_persistent_buffers_set:
+                    continue
+                name = f"{mod_name}.{b}" if mod_name else b
+                if self._owner_trains(mod_name, modules):
+                    self._buffers[name] = (m, b)
+                else:
+                    frozen[name] = t
+        self.fingerprint = None
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            t0 = time.time()
+            self.fingerprint = weights_fingerprint(frozen, stored_dtypes)
+            logger.info("resume checkpoints hold %d trained tensors; the %d frozen ones (%.2f GB) are "
+                        "fingerprinted instead (%.1fs)", len(self.names), self.fingerprint["tensors"],
+                        self.fingerprint["bytes"] / 1e9, time.time() - t0)
+            accelerator.register_save_state_pre_hook(self._save)
+            accelerator.register_load_state_pre_hook(self._load)
+
+    def _owner_trains(self, mod_name: str, modules: dict) -> bool:
+        owner = mod_name
+        while owner and next(modules[owner].parameters(), None) is None:
+            owner = owner.rpartition(".")[0]
+        prefix = f"{owner}." if owner else ""
+        return any(n.startswith(prefix) for n in self._params)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted([*self._params, *self._buffers])
+
+    def trains(self, prefix: str) -> bool:
+        """Whether any tensor under `prefix` is trained state (else that part never changes)."""
+        return any(n.startswith(prefix) for n in self.names)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = dict(self._params)
+        out.update({n: m._buffers[b] for n, (m, b) in self._buffers.items()})
+        return out
+
+    def _save(self, models, weights, output_dir):
+        weights.clear()  # accelerate writes no whole-model file
+        if not self.acc.is_main_process:
+            return
+        from safetensors.torch import save_file
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.detach().to("cpu").contiguous() for n, t in self.state().items()}, str(out / self.filename))
+        (out / FROZEN_FINGERPRINT_FILE).write_text(json.dumps(self.fingerprint, indent=2))
+
+    def _load(self, models, input_dir):
+        folder = Path(input_dir)
+        path, record = folder / self.filename, folder / FROZEN_FINGERPRINT_FILE
+        if not record.is_file():
+            if self.filename == ACCELERATE_MODEL_FILE or not path.is_file():
+                return  # written whole by accelerate: it loads it
+            logger.warning("%s has no %s (written before frozen weights were fingerprinted): the frozen "
+                           "weights are not checked", folder, FROZEN_FINGERPRINT_FILE)
+        else:
+            saved = json.loads(record.read_text()).get("sha256")
+            if saved != self.fingerprint["sha256"]:
+                message = (f"error: checkpoint {folder} was trained on other frozen weights than this run loaded "
+                           f"(fingerprint {str(saved)[:16]} there, {self.fingerprint['sha256'][:16]} here; or the "
+                           "same ones stored in another dtype): its trained tensors belong to that model. Resume "
+                           "with the towers/checkpoints that run started from, or start over with "
+                           "--overwrite_output_dir.")
+                raise SystemExit(message if self.acc.is_main_process else 1)
+        from safetensors.torch import load_file
+        held = load_file(str(path))  # a missing file raises: `latest` then takes the checkpoint before
+        mine = self.state()
+        unexpected, missing = sorted(set(held) - set(mine)), sorted(set(mine) - set(held))
+        if unexpected:
+            raise ValueError(f"{path}: holds weights this run does not train ({unexpected[:3]}...); it was "
+                             "written by a run with another model or LoRA setup")
+        if missing:
+            raise ValueError(f"{path}: lacks trained weights {missing[:3]}...; it was written by a run that "
+                             "trained other parts (--unfreeze_*/--lora_r/--train_ve_first_epoch/--freeze_* differ)")
+        with torch.no_grad():
+            for n, t in mine.items():
+                t.copy_(held[n])
+        models.clear()  # loaded here; accelerate looks for no whole-model file
+
+
+# ---------------------------------------------------------------- exports: one copy of what did not change
+
+def same_bytes(a, b, chunk: int = 1 << 20) -> bool:
+    """Two files with the same bytes (stops at the first block that differs: a trained tower
+    differs within its first megabyte)."""
+    a, b = Path(a), Path(b)
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def link_or_copy_unchanged(path, first, *, copy: bool = True) -> bool:
+    """Make `path` the file `first` is: a hard link to it (one copy on disk; each folder still
+    holds a whole file and loads on its own), or, where the file system refuses links (another
+    device, no link support), a copy (`copy=False`: leave `path` as it is). True when linked."""
+    path, first = Path(path), Path(first)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.link-tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(first, tmp)
+        linked = True
+    except OSError:
+        if not copy:
+            return False
+        shutil.copy2(first, tmp)
+        linked = False
+    os.replace(tmp, path)
+    return linked
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".link-tmp"))
+
+
+class ExportCopies:
+    """One copy on disk of each export file that an earlier export of the run already holds.
+
+    A frozen tower is the same in every epoch_N/, best_model/ and final_model/; written into
+    each, a 16 GB text tower costs 16 GB per epoch. Each folder stays self-contained: a hard
+    link is a whole file, and deleting one folder leaves the others intact.
+
+    - before_write(out): a folder written again (best_model/) first drops the files it shares
+      with other folders, so the new write cannot go through a link into their copy.
+    - link_parts(out, parts): parts (a subfolder or file) that cannot have changed (a frozen
+      tower) are linked from a copy this process wrote, and not written at all.
+    - after_write(out, parts): every written file byte-identical to the first copy of the same
+      relative path (in this process's exports, or in the run's exports already on disk after a
+      resume) becomes a link to it; `parts` are recorded as complete in `out`."""
+
+    PATTERNS = ("epoch_*", "best_model", "final_model")
+
+    def __init__(self, output_dir):
+        self.root = Path(output_dir)
+        self.first: dict[str, Path] = {}
+        self.written: dict[str, list[Path]] = {}
+
+    def before_write(self, out) -> None:
+        out = Path(out)
+        if out.is_dir():
+            for f in _files(out):
+                if f.stat().st_nlink > 1:
+                    f.unlink()
+
+    def link_parts(self, out, parts) -> set[str]:
+        out, linked = Path(out), set()
+        for part in parts:
+            sources = [f / part for f in self.written.get(part, []) if f != out and (f / part).exists()]
+            if not sources:
+                continue
+            src, dst = sources[0], out / part
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            if src.is_file():
+                link_or_copy_unchanged(dst, src)
+            else:
+                for f in _files(src):
+                    link_or_copy_unchanged(dst / f.relative_to(src), f)
+            linked.add(part)
+        return linked
+
+    def _on_disk(self, out: Path, rel: Path) -> Path | None:
+        """The oldest export of the run already on disk (a resumed run's) holding `rel`."""
+        def order(p):
+            return (0, int(p.name[6:])) if p.name[6:].isdigit() else (1, p.name)
+        folders = sorted((p for pat in self.PATTERNS for p in self.root.glob(pat) if p.is_dir() and p != out),
+                         key=order)
+        return next((f / rel for f in folders if (f / rel).is_file()), None)
+
+    def after_write(self, out, parts=()) -> None:
+        out = Path(out)
+        for f in _files(out):
+            rel = f.relative_to(out)
+            key = str(rel)
+            first = self.first.get(key)
+            if first is None or not first.is_file():
+                first = self._on_disk(out, rel)
+            if first is None or first == f:
+                self.first[key] = f
+                continue
+            if os.path.samefile(first, f) or (same_bytes(first, f) and link_or_copy_unchanged(f, first, copy=False)):
+                self.first[key] = first
+            elif key not in self.first or not self.first[key].is_file():
+                self.first[key] = f
+        for part in parts:
+            if (out / part).exists():
+                self.written.setdefault(part, []).append(out)
+
+
 # ---------------------------------------------------------------- loop helpers
 
 def epoch_batches(accelerator: Accelerator, dataloader, epoch: int, skip_batches: int = 0):
@@ -539,15 +918,17 @@ def epoch_batches(accelerator: Accelerator, dataloader, epoch: int, skip_batches
     first `skip_batches` are skipped without loading them twice."""
     if hasattr(dataloader, "set_epoch"):
         dataloader.set_epoch(epoch)
-    return _RngNeutral(accelerator.skip_first_batches(dataloader, skip_batches)) if skip_batches else dataloader
+    return _RngNeutral(accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader)
 
 
 class _RngNeutral:
-    """Iterates a resumed epoch's loader without touching the global torch RNG. A DataLoader
-    draws its workers' base seed from the global RNG when its iterator is made: an
-    uninterrupted run made it at the epoch's start, a resumed one makes it mid-epoch, just
-    after the checkpoint's RNG state was restored; that one draw would shift every dropout
-    mask (LoRA dropout) after the resume."""
+    """Iterates an epoch's loader without touching the global torch RNG. A DataLoader draws
+    its workers' base seed from the global RNG when its iterator is made, and when that
+    happens depends on the run's history, not on the step: a resumed run makes one mid-epoch
+    just after the checkpoint's RNG state was restored, and with persistent workers an
+    uninterrupted run makes one in its first epoch only, while a run resumed at a later epoch
+    makes its first there. Any such draw shifts every dropout mask (LoRA dropout) after it, so
+    no epoch's iterator may draw at all."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -761,9 +1142,30 @@ class OptimizerStep:
         self.steps_taken = 0  # optimizer updates actually applied (skipped ones excluded)
         from accelerate.utils import DistributedType
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.norm0 = self.weight_norm()
+        self.runaway_weights: dict | None = None
 
     def set_params(self, params) -> None:
         self.params = list(params)
+        self.norm0 = self.weight_norm()
+
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        norms = [torch.linalg.vector_norm(p.detach().float()) for p in self.params if p.numel()]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    # Trained weights whose norm grows this much have run away: a fine-tune changes it by a few
+    # percent, lr 1e3 multiplied Stage1's projector weights by 4e4. The loss alone misses it
+    # when the LM ignores its inputs (it stayed at log(V) while the projector blew up).
+    WEIGHT_RUNAWAY = 100.0
+    WEIGHT_CHECK_EVERY = 10
+
+    def _check_weights(self, step: int) -> None:
+        if self.runaway_weights is not None or self.norm0 <= 0 or self.steps_taken % self.WEIGHT_CHECK_EVERY:
+            return
+        norm = self.weight_norm()
+        if not math.isfinite(norm) or norm > self.WEIGHT_RUNAWAY * self.norm0:
+            self.runaway_weights = {"step": step, "norm": norm, "norm0": self.norm0}
 
     def catch_preemption(self) -> None:
         """From now on SIGTERM/SIGUSR1 stop the run after the current step (see Preemption)."""
@@ -818,6 +1220,8 @@ class OptimizerStep:
             applied = not nonfinite and not acc.optimizer_step_was_skipped
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += int(applied)
+        if applied:
+            self._check_weights(step + 1)
         self.guard.update(not nonfinite)
         if nonfinite:
             self._report_nonfinite(step + 1, grad_norm, bad_loss, window)
@@ -862,14 +1266,15 @@ class OptimizerStep:
         parts = [f"process {rank}{' (its loss is NaN/inf)' if bad else ''}: {listed(ids)}" for rank, bad, ids in mine]
         return f"; its samples{f' in {source}' if source else ''}: " + "; ".join(parts)
 
-    def stop_if_requested(self, step: int, state: dict, args) -> None:
+    def stop_if_requested(self, step: int, state: dict, args, watch: "DivergenceWatch | None" = None) -> None:
         """Call after the step's bookkeeping and periodic checkpoint, with the state a resume
-        needs (epoch, batches done). When the processes agreed to stop (a preemption signal, or
-        --max_nonfinite_steps skipped steps in a row): write a resume checkpoint, unless this
-        step's was just written, say why in one line, and exit: status 0 after a signal (the
-        same command with --resume_from_checkpoint latest continues exactly), 1 after
-        non-finite steps."""
-        if self.stop is None and not self.guard.exhausted:
+        needs (epoch, batches done). When the processes agreed to stop (a preemption signal,
+        --max_nonfinite_steps skipped steps in a row, or a loss that ran away by the logger's
+        `watch`): write a resume checkpoint, unless this step's was just written, say why in one
+        line, and exit: status 0 after a signal (the same command with --resume_from_checkpoint
+        latest continues exactly), 1 otherwise."""
+        runaway = watch.runaway if watch is not None else None
+        if self.stop is None and not self.guard.exhausted and runaway is None and self.runaway_weights is None:
             return
         every = getattr(args, "checkpointing_steps", 0)
         if every and step % every == 0:  # the trainer has just saved it
@@ -877,12 +1282,30 @@ class OptimizerStep:
         else:
             path = save_checkpoint(self.acc, args.output_dir, step, state, args.checkpoints_total_limit)
         self.close()
+        # The checkpoint holds the weights the bad steps left; a lower learning rate is a new
+        # run (learning_rate is run-defining), so the advice is a command that starts one.
+        restart = ("start again with a lower --learning_rate (or a longer warmup) and --overwrite_output_dir, "
+                   "which moves this run aside")
         if self.guard.exhausted:
             message = (f"error: {self.guard.bad} optimizer steps in a row (steps {step - self.guard.bad + 1}-{step}) "
-                       f"had a NaN/inf loss or gradient norm and were skipped; stopped with a resume checkpoint in "
-                       f"{path}. Likely causes: a learning rate too high (lower --learning_rate), fp16 overflow "
+                       f"had a NaN/inf loss or gradient norm and were skipped; stopped with a checkpoint in "
+                       f"{path}. Likely causes: a learning rate too high ({restart}), fp16 overflow "
                        f"(use --mixed_precision bf16), or a bad data row (the first skipped step's samples are "
                        f"logged above).")
+            self.acc.end_training()
+            raise SystemExit(message if self.acc.is_main_process else 1)
+        if self.runaway_weights is not None and self.stop is None:
+            w = self.runaway_weights
+            message = (f"error: the trained weights ran away: their norm grew from {w['norm0']:.4g} to {w['norm']:.4g} "
+                       f"by step {w['step']} (over {self.WEIGHT_RUNAWAY:g}x); stopped with a checkpoint in {path}. "
+                       f"The learning rate is likely too high: {restart}.")
+            self.acc.end_training()
+            raise SystemExit(message if self.acc.is_main_process else 1)
+        if runaway is not None and self.stop is None:
+            message = (f"error: the loss ran away: {runaway['loss']:.4g} at step {runaway['step']}, over "
+                       f"{watch.stop_factor:g}x its level earlier in the run ({runaway['baseline']:.4g}) for "
+                       f"{runaway['logged']} logged steps in a row; stopped with a checkpoint in {path}. The learning "
+                       f"rate is likely too high: {restart}.")
             self.acc.end_training()
             raise SystemExit(message if self.acc.is_main_process else 1)
         logger.warning("%s received: stopped after step %d with a resume checkpoint in %s; the same command with "
@@ -892,22 +1315,40 @@ class OptimizerStep:
 
 
 class DivergenceWatch:
-    """A loss that stays finite but far above its recent level: more than `factor` x the median
-    of the last `window` logged losses for `patience` logged steps in a row gets one warning
-    (until the loss comes back down), naming the step, the loss and the median. It does not
-    stop the run. Quiet until `min_history` losses are logged: a normal run's loss falls fast
-    and noisily at the start."""
+    """A loss that stays finite but runs away, in two tiers:
 
-    def __init__(self, factor: float = 10.0, window: int = 50, patience: int = 3, min_history: int = 20):
+    - warn: more than `factor` x the median of the last `window` logged losses for `patience`
+      logged steps in a row gets one warning (until the loss comes back down), naming the step,
+      the loss and the median; quiet until `min_history` losses are logged (a normal run's loss
+      falls fast and noisily at the start);
+    - stop: more than `stop_factor` x the baseline for `patience` logged steps in a row sets
+      `runaway`, and the loop stops with a checkpoint (OptimizerStep.stop_if_requested). The
+      baseline is the lowest median of 5 consecutive logged losses so far, so it is taken before
+      the loss runs away (at lr 1e3 Stage2's loss went from 6.6 to 1.9e7 within the first 20
+      logged steps, which the warning's median by then included) and one lucky low batch late
+      in a run does not make normal noise look like a runaway.
+
+    Every process sees the same logged loss (the mean over processes), so all decide alike."""
+
+    def __init__(self, factor: float = 10.0, window: int = 50, patience: int = 3, min_history: int = 20,
+                 stop_factor: float = 10.0):
         from collections import deque
-        self.factor, self.patience, self.min_history = factor, patience, min_history
+        self.factor, self.patience, self.min_history, self.stop_factor = factor, patience, min_history, stop_factor
         self.history = deque(maxlen=window)
+        self.recent = deque(maxlen=5)
         self.high, self.warned = 0, False
+        self.baseline, self.above = math.inf, 0
+        self.runaway: dict | None = None
 
     def update(self, step: int, loss: float) -> bool:
         """Record a logged loss; True when this one raised the warning."""
         if not math.isfinite(loss):
             return False  # skipped steps are the non-finite guard's business
+        self.recent.append(loss)
+        self.baseline = min(self.baseline, statistics.median(self.recent))
+        self.above = self.above + 1 if loss > self.stop_factor * self.baseline else 0
+        if self.above >= self.patience and self.runaway is None:
+            self.runaway = {"step": step, "loss": loss, "baseline": self.baseline, "logged": self.above}
         fired = False
         if len(self.history) >= self.min_history:
             median = statistics.median(self.history)
@@ -964,9 +1405,45 @@ class StepLogger:
         self.bar.close()
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """A DataLoader worker's init: SIGTERM, SIGINT and SIGUSR1 are the trainer's to act on.
+    SLURM and the launchers signal the whole process group; a worker that died of it first
+    made torch's child-death handler raise `DataLoader worker ... killed by signal` in the
+    trainer mid-step, so no preemption checkpoint was written and the run was lost. Ignoring
+    them, the workers keep serving batches until the trainer has checkpointed and exits (they
+    then stop with it: torch's workers watch their parent)."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _shut_down_workers_at_exit() -> None:
+    """Stop every live DataLoader's workers through their queues while Python can still do it.
+    Workers that ignore SIGTERM outlive multiprocessing's exit hook (it terminates daemonic
+    children with SIGTERM, then joins them: a hang), and torch's own shutdown is a no-op once
+    the interpreter exits. atexit runs this before both, as it is registered after them.
+    Found through gc: accelerate creates the iterators, so nothing else holds them for us."""
+    import gc
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+    for obj in gc.get_objects():
+        if isinstance(obj, _MultiProcessingDataLoaderIter):
+            obj._shutdown_workers()
+
+
+_WORKER_EXIT_HOOK = []
+
+
 def loader_kwargs(num_workers: int) -> dict:
     """DataLoader settings every stage shares: page-locked batches when CUDA is used (the
-    host-to-device copy can then run asynchronously) and workers kept alive across epochs (no
-    re-fork and re-import of the dataset per epoch)."""
+    host-to-device copy can then run asynchronously), workers kept alive across epochs (no
+    re-fork and re-import of the dataset per epoch) that leave stop signals to the trainer."""
+    if num_workers > 0 and not _WORKER_EXIT_HOOK:
+        import atexit
+        from torch.utils.data import dataloader  # noqa: F401  (its exit hook must be registered before ours)
+        atexit.register(_shut_down_workers_at_exit)
+        _WORKER_EXIT_HOOK.append(True)
     return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": num_workers > 0}
+            "persistent_workers": num_workers > 0,
+            "worker_init_fn": ignore_stop_signals if num_workers > 0 else None}

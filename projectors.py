@@ -34,6 +34,12 @@ PROJECTOR_DIR = "projection_layer"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 VISION_ENCODER_FILE = "vision_encoder.bin"  # Stage0's torch.save of the vision tower state dict
 IMAGE_TOKEN_CANDIDATES = ("<image_soft_token>", "<image>")
+# The inference CLI's decoding: greedy, this many new tokens. An export's generation_config.json
+# says the same, so generate(**inputs) and pipeline() without arguments answer as the CLI does.
+DEFAULT_MAX_NEW_TOKENS = 256
+# The base LM's own sampling settings (an `-it` model ships do_sample=true, top_k=64,
+# top_p=0.95), kept beside the greedy default: GenerationConfig.from_pretrained(folder, SAMPLING_CONFIG).
+SAMPLING_CONFIG = "sampling_generation_config.json"
 # How many non-patch tokens lead a tower's output: LLaVA's "default" strategy drops exactly one.
 _CLS_TOWERS = {"dinov2", "clip_vision_model", "vit"}
 _NO_CLS_TOWERS = {"siglip_vision_model", "siglip2_vision_model"}
@@ -318,7 +324,12 @@ def build_vlm(vision_model_name, llm_name, *, projector_depth: int = 2, torch_dt
     if getattr(config.text_config, "final_logit_softcapping", None):
         warnings.warn("the LM sets final_logit_softcapping; LlavaForConditionalGeneration does not "
                       "apply it, so exported logits differ from the LM's own")
-    projector = MLPProjector(tower.config.hidden_size, config.text_config.hidden_size, depth=projector_depth)
+    # The projector reads the tower's features and LLaVA casts its output to the LM's dtype, so
+    # it is created in the tower's stored dtype: a model built from bf16 checkpoints then runs
+    # without autocast. Training upcasts it (with everything else that trains) to fp32 master
+    # weights (accelerator_setup.master_weights).
+    projector = MLPProjector(tower.config.hidden_size, config.text_config.hidden_size,
+                             depth=projector_depth).to(next(tower.parameters()).dtype)
     with _empty_weights():
         model = LlavaForConditionalGeneration(config)
     if projector_depth != 2:
@@ -403,7 +414,10 @@ def save_vlm(model, tokenizer, image_processor, out_dir) -> Path:
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     if eot is not None and eot not in eos:
         gen.eos_token_id = [e for e in eos if e is not None] + [eot]
+    sampling = greedy_generation_config(model)
     model.save_pretrained(out, safe_serialization=True)
+    if sampling is not None:
+        sampling.save_pretrained(out, config_file_name=SAMPLING_CONFIG)
     # The folder's tokenizer carries the VLM's template too (a `-it` tokenizer's own one
     # would emit <start_of_image>); the caller's tokenizer object is left as it was.
     own = getattr(tokenizer, "chat_template", None)
@@ -424,6 +438,21 @@ def save_vlm(model, tokenizer, image_processor, out_dir) -> Path:
     save_file(state, str(pdir / PROJECTOR_WEIGHTS))
     (pdir / "config.json").write_text(json.dumps(proj_cfg, indent=2))
     return out
+
+
+def greedy_generation_config(model):
+    """Make the model's generation config the inference CLI's decoding (greedy, no sampling
+    knobs, DEFAULT_MAX_NEW_TOKENS); return the sampling config it replaced, if any. An `-it`
+    LM's config samples, so the README's `model.generate(**inputs)` and `pipeline(...)` gave a
+    different answer on every call instead of the CLI's."""
+    import copy
+    gen = model.generation_config
+    sampling = copy.deepcopy(gen) if gen.do_sample else None
+    gen.do_sample, gen.num_beams = False, 1
+    gen.temperature = gen.top_p = gen.top_k = None
+    gen.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    gen.max_length = None
+    return sampling
 
 
 def load_vlm(path, *, torch_dtype=None):

@@ -212,6 +212,7 @@ class ContrastiveModel(nn.Module):
         self._siglip = [siglip]  # a list, so the module is not registered twice
         self.spec = spec or {}
         self.lora = None  # {"config": LoraConfig, "source": checkpoint} once apply_lora ran
+        self.text_lora = None  # {"config": LoraConfig, "source": checkpoint} once apply_text_lora ran
 
     @property
     def siglip(self):
@@ -225,12 +226,19 @@ class ContrastiveModel(nn.Module):
     def text_model(self):
         return self.text
 
-    def save_pretrained(self, out_dir, tokenizer=None, image_processor=None) -> None:
+    def save_pretrained(self, out_dir, tokenizer=None, image_processor=None, skip=()) -> None:
+        """`skip`: parts (IMAGE_DIR, TEXT_DIR, VISION_ENCODER_FILE) already in place, linked
+        unchanged from an earlier export of the run (accelerator_setup.ExportCopies)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         backbone = self.image.backbone
-        torch.save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, out / VISION_ENCODER_FILE)
+        if VISION_ENCODER_FILE not in skip:
+            torch.save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, out / VISION_ENCODER_FILE)
         if self.siglip is not None:
+            # Not deduplicated across exports: one model.safetensors holds both towers, so a frozen
+            # text half shares its file with the trained vision half. Per-tower shards plus an index
+            # would keep from_pretrained working but break every reader of model.safetensors
+            # itself (safetensors.load_file, conversion scripts).
             if self.lora is not None:
                 save_lora_siglip(self, out)
             else:
@@ -240,20 +248,25 @@ class ContrastiveModel(nn.Module):
                     obj.save_pretrained(out)
             return
         from safetensors.torch import save_file
-        if self.image.kind == "merlin":
-            (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-            c = backbone.config
-            (out / IMAGE_DIR / "merlin_config.json").write_text(json.dumps(
-                {"layers": c.layers, "width": c.width, "num_classes": c.num_classes}, indent=2))
-            save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
-                      str(out / IMAGE_DIR / "model.safetensors"))
-        else:
-            backbone.save_pretrained(out / IMAGE_DIR, safe_serialization=True)
-        self.text.backbone.save_pretrained(out / TEXT_DIR, safe_serialization=True)
-        if image_processor is not None:
-            image_processor.save_pretrained(out / IMAGE_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out / TEXT_DIR)
+        if IMAGE_DIR not in skip:
+            if self.image.kind == "merlin":
+                (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+                c = backbone.config
+                (out / IMAGE_DIR / "merlin_config.json").write_text(json.dumps(
+                    {"layers": c.layers, "width": c.width, "num_classes": c.num_classes}, indent=2))
+                save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
+                          str(out / IMAGE_DIR / "model.safetensors"))
+            else:
+                backbone.save_pretrained(out / IMAGE_DIR, safe_serialization=True)
+            if image_processor is not None:
+                image_processor.save_pretrained(out / IMAGE_DIR)
+        if TEXT_DIR not in skip:
+            if self.text_lora is not None:
+                save_lora_text(self, out / TEXT_DIR)
+            else:
+                self.text.backbone.save_pretrained(out / TEXT_DIR, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out / TEXT_DIR)
         heads = {f"image.{k}": v for k, v in self.image.head.state_dict().items()}
         heads.update({f"text.{k}": v for k, v in self.text.head.state_dict().items()})
         heads.update(logit_scale=self.logit_scale.detach().reshape(1), logit_bias=self.logit_bias.detach().reshape(1))
@@ -375,20 +388,33 @@ def _text_backbone(name):
     """(backbone, kind, tokenizer) of a text tower: a SigLIP's text half, a decoder LLM used the
     LLM2Vec way, or a BERT-style encoder. An LLM2Vec checkpoint whose folder is a PEFT adapter
     (the MNTP adapter) is merged into the base model it names."""
+    from transformers.utils import find_adapter_config_file
     path = Path(str(name))
     base_name = name
-    if (path / "adapter_config.json").is_file():
-        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    # By folder or by hub id (`McGill-NLP/LLM2Vec-*-mntp`): given an adapter's id, AutoModel
+    # would load the base with the LoRA injected unmerged, and save_pretrained would then
+    # write the adapter alone as the text tower.
+    try:
+        adapter_config = find_adapter_config_file(str(name))
+    except (OSError, ValueError):  # neither a folder nor a hub id: AutoConfig below says so
+        adapter_config = None
+    if adapter_config:
+        base_name = json.loads(Path(adapter_config).read_text())["base_model_name_or_path"]
     config = AutoConfig.from_pretrained(base_name)
     tokenizer = AutoTokenizer.from_pretrained(name if (path / "tokenizer_config.json").is_file() else base_name)
     if _is_siglip(config):
         return _siglip_text(name), "siglip", tokenizer
     arch = (getattr(config, "architectures", None) or [""])[0]
     if config.model_type in _DECODER_TYPES or arch.endswith("ForCausalLM"):
-        backbone = AutoModel.from_pretrained(base_name, dtype=torch.float32)
+        # The checkpoint's own dtype (bf16 on the hub: 16 GB instead of 32 for an 8B tower);
+        # the trainer makes whatever trains fp32 (accelerator_setup.master_weights).
+        backbone = AutoModel.from_pretrained(base_name)
         if base_name != name:
+            # The MNTP adapter is merged in fp32, then stored back in the base's dtype: adding
+            # B·A into bf16 weights rounds the delta away where it is small against W.
             from peft import PeftModel
-            backbone = PeftModel.from_pretrained(backbone, name).merge_and_unload()
+            stored = backbone.dtype
+            backbone = PeftModel.from_pretrained(backbone.float(), name).merge_and_unload().to(stored)
         # LLM2Vec's first step: every token attends to every other. transformers 5 builds a
         # bidirectional mask from this flag (the llm2vec package pins transformers <= 4.44).
         backbone.config.is_causal = False
@@ -448,8 +474,56 @@ def save_lora_siglip(model: "ContrastiveModel", out: Path) -> None:
     merged.save_pretrained(out, safe_serialization=True)
 
 
+# LoRA on a decoder LLM used as text tower: its attention and MLP projections, the modules
+# LLM2Vec's own supervised stage adapts (r 16, alpha 2r, dropout 0.05 on its 8B towers).
+DECODER_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def apply_text_lora(model: "ContrastiveModel", source, *, r: int, alpha: float | None = None, dropout: float = 0.05,
+                    target_modules: str = DECODER_LORA_TARGETS) -> None:
+    """Inject LoRA adapters (peft) in place into a decoder text tower: its backbone trains only
+    through them (an 8B full fine-tune needs its weights, gradients and AdamW state on the GPUs);
+    the text head, the image side and the logit scale/bias train as their own flags say.
+    `source`: the text tower the export merges the adapters into."""
+    from peft import LoraConfig, inject_adapter_in_model
+    if model.text.kind != "llm2vec":
+        raise ValueError(f"--text_lora_r applies to a decoder LLM text tower (--text_model_path); this text tower "
+                         f"is {model.text.kind!r} (LoRA on a pretrained SigLIP pair: --lora_r)")
+    mods = [m.strip() for m in target_modules.split(",") if m.strip()]
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout, bias="none",
+                        target_modules=mods)
+    inject_adapter_in_model(config, model.text.backbone)
+    for name, p in model.text.backbone.named_parameters():
+        p.requires_grad_("lora_" in name)
+    model.text_lora = {"config": config, "source": str(source)}
+    n = sum(p.numel() for n_, p in model.text.backbone.named_parameters() if "lora_" in n_)
+    logger.info("text LoRA r=%d alpha=%g on %s: %s adapter parameters", r, config.lora_alpha, ",".join(mods), f"{n:,}")
+
+
+def save_lora_text(model: "ContrastiveModel", out: Path) -> None:
+    """`out/lora_adapter/` (peft format) and, at `out`, the text backbone with its adapters
+    merged, a plain text tower: B·A·alpha/r computed in fp32 on CPU and added to the frozen
+    weights the run loaded (never merged into a reduced-precision copy), each stored in its
+    own dtype."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    backbone, lora = model.text.backbone, model.text_lora
+    (out / "lora_adapter").mkdir(parents=True, exist_ok=True)
+    adapter = get_peft_model_state_dict(backbone)
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()},
+              str(out / "lora_adapter" / "adapter_model.safetensors"))
+    cfg = lora["config"].to_dict()
+    cfg["target_modules"] = sorted(lora["config"].target_modules)
+    cfg["base_model_name_or_path"] = lora["source"]
+    (out / "lora_adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    state = {k.replace(".base_layer", ""): v.detach().to("cpu") for k, v in backbone.state_dict().items()
+             if "lora_" not in k}
+    add_lora_deltas(state, backbone)
+    backbone.save_pretrained(out, state_dict=state, safe_serialization=True)
+
+
 def _plain_siglip(args):
-    model = AutoModel.from_pretrained(args.model_name, dtype=torch.float32)
+    model = AutoModel.from_pretrained(args.model_name)  # stored dtype; trained parts become fp32 in the trainer
     for attr in ("vision_model", "text_model", "logit_scale", "logit_bias"):
         if not hasattr(model, attr):
             raise ValueError(f"{args.model_name}: {type(model).__name__} is not a SigLIP dual encoder "

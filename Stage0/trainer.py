@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from accelerator_setup import (OptimizerStep, StepLogger, accumulation_windows, count_parameters,
-                               epoch_batches, log_metrics, make_scheduler,
-                               resume_from, save_checkpoint, steps_per_epoch, unwrap,
+from accelerator_setup import (ExportCopies, OptimizerStep, StepLogger, TrainableOnlyCheckpoints,
+                               accumulation_windows, count_parameters, epoch_batches, loader_kwargs,
+                               log_metrics, make_scheduler, master_weights, plan_steps, resume_from,
+                               save_checkpoint, speed_options, steps_per_epoch, unwrap,
                                warn_if_nothing_to_train)
-from accelerator_setup import speed_options
-from accelerator_setup import loader_kwargs
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
 from metrics import image_text_retrieval
 from Stage0.dataset import collate_fn
-from Stage0.towers import ContrastiveModel
+from Stage0.labels import write_prompt_record
+from Stage0.towers import IMAGE_DIR, TEXT_DIR, VISION_ENCODER_FILE, ContrastiveModel
 
 logger = logging.getLogger("siglip_med")
 
@@ -59,22 +59,37 @@ class DualEncoder(torch.nn.Module):
 
 @torch.no_grad()
 def embed_captions(encoder: DualEncoder, input_ids, attention_mask, batch_size, device, autocast,
-                   features_only: bool = False):
+                   features_only: bool = False, keep_dtype: bool = False):
     """Every caption's L2-normalised embedding, or (features_only) its text-backbone features,
-    which a frozen backbone gives once for the whole run."""
+    which a frozen backbone gives once for the whole run (in float32, or as autocast computed
+    them with keep_dtype)."""
     out, text = [], encoder.model.text
     for s in range(0, input_ids.shape[0], batch_size):
         ids, mask = input_ids[s:s + batch_size].to(device), attention_mask[s:s + batch_size].to(device)
         with autocast():
             t = text.features(ids, mask) if features_only else encoder(input_ids=ids, attention_mask=mask)[1]
-        out.append(t.float())
+        out.append(t if keep_dtype else t.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_cached(encoder: DualEncoder, features, batch_size, autocast) -> torch.Tensor:
+    """Every caption's L2-normalised embedding from its cached backbone features (kept in the
+    dtype autocast gave them) through the text head alone, batch by batch: the numbers
+    embed_captions computes from the tokens."""
+    out = []
+    for s in range(0, features.shape[0], batch_size):
+        with autocast():
+            out.append(encoder(text_features=features[s:s + batch_size])[1].float())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, autocast=contextlib.nullcontext,
-                         num_workers=0, duplicates_positive: bool = True) -> dict[str, float]:
+                         num_workers=0, duplicates_positive: bool = True, text_features=None) -> dict[str, float]:
     """Val SigLIP loss (mean over batches of `batch_size` in file order) and R@1/R@5 both ways.
+    `text_features`: the captions' cached features of a frozen text backbone (embed_captions
+    with features_only, in batches of `batch_size`), which then need not be run.
 
     Under several processes every process must call this: each embeds its share of the
     batches (batch k on process k mod P), and the image embeddings and loss sums are gathered,
@@ -82,7 +97,10 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
     rank, ws = world()
     was_training = encoder.training
     encoder.eval()
-    txt = embed_captions(encoder, dataset.input_ids, dataset.attention_mask, batch_size, device, autocast)
+    if text_features is not None:
+        txt = embed_cached(encoder, text_features, batch_size, autocast)
+    else:
+        txt = embed_captions(encoder, dataset.input_ids, dataset.attention_mask, batch_size, device, autocast)
     n = len(dataset)
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     dl = DataLoader(dataset, batch_sampler=batches[rank::ws], collate_fn=collate_fn, **loader_kwargs(num_workers))
@@ -113,7 +131,7 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
             **metrics}
 
 
-def freeze_unreached(model: ContrastiveModel, dataset, device) -> list[str]:
+def freeze_unreached(model: ContrastiveModel, dataset, device, autocast=contextlib.nullcontext) -> list[str]:
     """Freeze the trainable parameters no forward pass reaches, naming them.
 
     A backbone loaded with AutoModel can hold parameters the contrastive forward never uses:
@@ -121,15 +139,38 @@ def freeze_unreached(model: ContrastiveModel, dataset, device) -> list[str]:
     own way. They never get a gradient, and DDP, which waits for every trainable parameter's
     gradient, fails on the second step. One forward and backward on two training samples finds
     them for whatever towers are plugged in (a list per model family would miss the next one);
-    a frozen parameter trains exactly as before: it never received a gradient."""
-    batch = collate_fn([dataset[0], dataset[min(1, len(dataset) - 1)]])
+    a frozen parameter trains exactly as before: it never received a gradient.
+
+    The pass leaves no trace, so N processes train what one process trains: it runs in eval mode
+    (no dropout draw; BatchNorm does not fold two samples into its running statistics, which
+    moved a frozen Merlin backbone's statistics by 19% through the checkpoint recompute), every
+    buffer is restored, and the RNG states (torch, CUDA, numpy, random) are put back."""
+    import random
+
+    import numpy as np
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    was_training = {m: m.training for m in model.modules()}
     model.to(device)
-    total = model.logit_scale * 0
-    if any(p.requires_grad for p in model.image.parameters()):
-        total = total + model.image(batch["pixel_values"].to(device)).float().sum()
-    if any(p.requires_grad for p in model.text.parameters()):
-        total = total + model.text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().sum()
-    total.backward()
+    model.eval()
+    with torch.random.fork_rng(devices=devices):
+        batch = collate_fn([dataset[0], dataset[min(1, len(dataset) - 1)]])
+        total = model.logit_scale * 0
+        with autocast():
+            if any(p.requires_grad for p in model.image.parameters()):
+                total = total + model.image(batch["pixel_values"].to(device)).float().sum()
+            if any(p.requires_grad for p in model.text.parameters()):
+                total = total + model.text(batch["input_ids"].to(device),
+                                           batch["attention_mask"].to(device)).float().sum()
+        total.backward()
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    for m, mode in was_training.items():
+        m.training = mode
     unreached = [n for n, p in model.named_parameters()
                  if p.requires_grad and p.grad is None and not n.startswith("logit_")]
     for n, p in model.named_parameters():
@@ -144,10 +185,13 @@ def freeze_unreached(model: ContrastiveModel, dataset, device) -> list[str]:
 
 class VisionEncoderTrainerStage0:
     def __init__(self, args, accelerator, model, tokenizer, image_processor, train_dataset, val_dataset=None,
-                 objective=None, class_prompts=None):
+                 objective=None, class_prompts=None, prompt_record=None):
         """objective: a losses.LabelAwareObjective for labelled data (class_prompts: the class
-        texts' token ids and mask, for its ICD term); default: the SigLIP loss on captions."""
+        texts' token ids and mask, for its ICD term); default: the SigLIP loss on captions.
+        prompt_record: the classes and template of a labelled run, written into every export
+        (Stage0/labels.py PROMPTS_FILE) so evaluation and inference score the texts it trained on."""
         self.args, self.accelerator = args, accelerator
+        self.prompt_record = prompt_record
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.freeze_text = args.freeze_text_encoder
@@ -156,15 +200,17 @@ class VisionEncoderTrainerStage0:
         # normal caption (at equilibrium p(match) = 1/(1+d) for d duplicates).
         self.duplicates_positive = getattr(args, "duplicate_captions", "positive") == "positive"
         if model.lora is None:  # with LoRA only the adapters train (set by apply_lora)
-            model.text.backbone.requires_grad_(not args.freeze_text_encoder)
+            if model.text_lora is None:  # text LoRA: only its adapters train (set by apply_text_lora)
+                model.text.backbone.requires_grad_(not args.freeze_text_encoder)
             model.text.head.requires_grad_(True)  # a new projection head always learns
             model.image.requires_grad_(not args.freeze_vision_encoder)
         model.logit_scale.requires_grad_(not args.freeze_logit_scale)
         model.logit_bias.requires_grad_(not args.freeze_logit_scale)
         if getattr(args, "freeze_image_backbone", False):  # phase 1: the heads learn on fixed features
             model.image.backbone.requires_grad_(False)
+        self.stored_dtypes = master_weights(model, args.mixed_precision)
         if accelerator.num_processes > 1:
-            freeze_unreached(model, train_dataset, accelerator.device)
+            freeze_unreached(model, train_dataset, accelerator.device, accelerator.autocast)
         total, trainable = count_parameters(model)
         logger.info("parameters: %s total, %s trainable (text tower %s, logit scale/bias %s)",
                     f"{total:,}", f"{trainable:,}", "frozen" if args.freeze_text_encoder else "trained",
@@ -176,6 +222,10 @@ class VisionEncoderTrainerStage0:
         trains = [t for t in (model.image, model.text) if any(p.requires_grad for p in t.parameters())]
         speed_options(args, model, grad_flow=trains, hot=[model.image] + ([model.text] if text_every_step else []))
         self.encoder = DualEncoder(model)
+        # Resume checkpoints hold the trained tensors; the frozen ones are fingerprinted once, here.
+        self.checkpoints = TrainableOnlyCheckpoints(
+            accelerator, self.encoder, stored_dtypes={f"model.{k}": v for k, v in self.stored_dtypes.items()})
+        self.exports = ExportCopies(args.output_dir)
 
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -194,29 +244,61 @@ class VisionEncoderTrainerStage0:
                                      [p for p in self.encoder.parameters() if p.requires_grad], args.max_grad_norm,
                                      patience=args.max_nonfinite_steps, dataset=train_dataset)
         self.steps_per_epoch = steps_per_epoch(len(self.train_dl), args.gradient_accumulation_steps)
-        self.total_steps = self.steps_per_epoch * args.num_epochs
-        if args.max_steps:
-            self.total_steps = min(self.total_steps, args.max_steps)
+        self.total_steps, self.num_epochs = plan_steps(args, self.steps_per_epoch)
         # Stepped by hand (accelerate would step it once per process), checkpointed with the rest.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
-        self.text_cache = None
+        self.text_cache = self.val_text_cache = None
+        self.text_backbone_offloaded = False
         self.objective = objective
         if objective is not None:
             self.freeze_text = False  # the label-aware terms embed the texts every step
             self.class_prompts = tuple(t.to(accelerator.device) for t in class_prompts)
         if self.freeze_text:
             t0 = time.time()
-            self.text_cache = embed_captions(unwrap(accelerator, self.encoder), train_dataset.input_ids,
-                                             train_dataset.attention_mask, args.batch_size, accelerator.device,
-                                             accelerator.autocast, features_only=True)
+            plain = unwrap(accelerator, self.encoder)
+            backbone_mode = plain.model.text.backbone.training
+            plain.model.text.backbone.eval()  # as in training (_set_modes) and validation: no dropout
+            self.text_cache = embed_captions(plain, train_dataset.input_ids, train_dataset.attention_mask,
+                                             args.batch_size, accelerator.device, accelerator.autocast,
+                                             features_only=True)
+            if val_dataset is not None:
+                # In validation's own batches and dtype: its metrics are those of embedding the
+                # captions every epoch.
+                self.val_text_cache = embed_captions(plain, val_dataset.input_ids, val_dataset.attention_mask,
+                                                     self._val_batch_size(), accelerator.device,
+                                                     accelerator.autocast, features_only=True, keep_dtype=True)
+            plain.model.text.backbone.train(backbone_mode)
             logger.info("embedded %d distinct captions once with the frozen text tower (%.1fs)",
-                        len(self.text_cache), time.time() - t0)
+                        len(self.text_cache) + (len(self.val_text_cache) if val_dataset is not None else 0),
+                        time.time() - t0)
+            self._offload_text_backbone()
         elif args.gradient_accumulation_steps > 1:
             logger.warning("trainable text tower with --gradient_accumulation_steps %d: each micro-batch's "
                            "negatives are that micro-batch on every process (%d), not the whole step's "
                            "batch. Raise --batch_size for more negatives.",
                            args.gradient_accumulation_steps, args.batch_size * accelerator.num_processes)
+
+    def _val_batch_size(self) -> int:
+        # The global batch, what the training loss sees: the same val loss for 1 x 16 and 2 x 8.
+        return self.args.batch_size * self.accelerator.num_processes
+
+    def _offload_text_backbone(self):
+        """Once its caption features are cached, the frozen text backbone is not run again:
+        its weights leave the accelerator (an 8B LLM2Vec tower frees 16 GB) for CPU memory,
+        where the exports read them. Parameters only: the buffers (rotary frequencies, position
+        ids: kilobytes) stay, since DDP broadcasts every buffer of the model at each forward and
+        NCCL cannot send CPU tensors. Not under DeepSpeed, whose engine owns the parameters."""
+        from accelerate.utils import DistributedType
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return
+        backbone = unwrap(self.accelerator, self.encoder).model.text.backbone
+        with torch.no_grad():
+            for p in backbone.parameters():
+                p.data = p.data.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.text_backbone_offloaded = True
 
     # -------------------------------------------------------------- one optimizer step
     def _set_modes(self):
@@ -294,7 +376,7 @@ class VisionEncoderTrainerStage0:
         if self.val_dataset is not None and step == 0:
             self.validate(0, 0)  # the untrained model's numbers, for comparison (step 0 in metrics.jsonl)
         log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage0")
-        for epoch in range(start_epoch, args.num_epochs):
+        for epoch in range(start_epoch, self.num_epochs):
             batches_done = skip
             for window in accumulation_windows(epoch_batches(acc, self.train_dl, epoch, skip), k):
                 if step >= self.total_steps:
@@ -311,7 +393,7 @@ class VisionEncoderTrainerStage0:
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     save_checkpoint(acc, args.output_dir, step, {"epoch": epoch, "batches_done": batches_done},
                                     args.checkpoints_total_limit)
-                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": batches_done}, args)
+                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": batches_done}, args, log.divergence)
             skip = 0
             if step >= self.total_steps and batches_done < len(self.train_dl):
                 break  # --max_steps reached mid-epoch
@@ -325,11 +407,9 @@ class VisionEncoderTrainerStage0:
 
     def validate(self, epoch: int, step: int) -> dict:
         """Val metrics on every process (each on its share), logged by the main one."""
-        # Val loss batches are the global batch, what the training loss sees: the same for 1 x 16 and 2 x 8.
-        m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset,
-                                 self.args.batch_size * self.accelerator.num_processes,
+        m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset, self._val_batch_size(),
                                  self.accelerator.device, self.accelerator.autocast,
-                                 duplicates_positive=self.duplicates_positive)
+                                 duplicates_positive=self.duplicates_positive, text_features=self.val_text_cache)
         logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
         log_metrics(self.accelerator, {f"val/{k}": v for k, v in m.items()}, step)
         self._set_modes()
@@ -358,13 +438,32 @@ class VisionEncoderTrainerStage0:
             if self.accelerator.is_main_process:
                 record.write_text(json.dumps({**metrics, "epoch": epoch, "step": step}, indent=2))
 
+    def _unchanged_parts(self, model) -> list[str]:
+        """The parts of a towers folder no step can change (a frozen backbone, its BatchNorm
+        statistics included: no tensor of it is trained state): linked from the run's first copy."""
+        if model.siglip is not None:
+            return []
+        parts = []
+        if not self.checkpoints.trains("model.image.backbone."):
+            parts += [IMAGE_DIR, VISION_ENCODER_FILE]
+        if not self.checkpoints.trains("model.text.backbone."):
+            parts.append(TEXT_DIR)
+        return parts
+
     def save_model(self, out_dir: Path):
         """vision_encoder.bin (the seed's file) and the model in Hugging Face format: the whole
         SiglipModel for one pretrained SigLIP, else a towers folder (see Stage0/towers.py);
-        processor and tokenizer files with it."""
+        processor and tokenizer files with it. What an earlier export of the run holds
+        unchanged (a frozen tower, tokenizer files) is a hard link to that copy."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model = unwrap(self.accelerator, self.encoder).model
-            model.save_pretrained(out_dir, self.tokenizer, self.image_processor)
+            parts = self._unchanged_parts(model)
+            self.exports.before_write(out_dir)
+            linked = self.exports.link_parts(out_dir, parts)
+            model.save_pretrained(out_dir, self.tokenizer, self.image_processor, skip=linked)
+            self.exports.after_write(out_dir, parts)
+            if self.prompt_record is not None:
+                write_prompt_record(out_dir, self.prompt_record)
             logger.info("saved %s", out_dir)
         self.accelerator.wait_for_everyone()

@@ -13,19 +13,22 @@ import torch
 
 from accelerator_setup import (
     EvalShard,
+    ExportCopies,
     OptimizerStep,
     StepLogger,
+    TrainableOnlyCheckpoints,
     accumulation_windows,
     count_parameters,
     epoch_batches,
     log_metrics,
     make_scheduler,
+    plan_steps,
     resume_from,
     save_checkpoint,
     steps_per_epoch,
     warn_if_nothing_to_train,
 )
-from accelerator_setup import speed_options
+from accelerator_setup import frozen_in_stored_dtypes, master_weights, speed_options
 from projectors import lm_loss_on_supervised, projector_of, save_vlm
 
 logger = logging.getLogger("siglip_med")
@@ -37,19 +40,23 @@ class ProjectionTrainerStage1:
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         model.requires_grad_(False)
         model.eval()
+        projector_of(model).requires_grad_(True)
+        self.stored_dtypes = master_weights(model, args.mixed_precision)
+        # Resume checkpoints hold the projector; the frozen tower and LM are fingerprinted (on CPU, before
+        # they move to the device) so a resume onto other ones is refused.
+        self.checkpoints = TrainableOnlyCheckpoints(accelerator, model, stored_dtypes=self.stored_dtypes)
         # The LM is frozen, but the projector's gradient flows back through all of it.
         speed_options(args, model, hot=[model.model.vision_tower, model.model.language_model],
                       grad_flow=[model.model.language_model])
         model.to(accelerator.device)
-        # Frozen parts may be stored in bf16; the trained weights stay fp32 (autocast computes in bf16).
-        projector = projector_of(model).float().requires_grad_(True)
+        projector = projector_of(model)
         self.params = list(projector.parameters())
         optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.projector, self.optimizer, self.train_loader = accelerator.prepare(projector, optimizer, train_loader)
         model.model.multi_modal_projector = self.projector
         self.val_loader = EvalShard(accelerator, val_loader) if val_loader is not None else None
         self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
-        self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
+        self.total_steps, self.num_epochs = plan_steps(args, self.steps_per_epoch)
         # Not prepared: accelerate would step it once per process, but total_steps is already
         # counted on the per-process loader. Registered so resume restores it.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
@@ -57,6 +64,7 @@ class ProjectionTrainerStage1:
         self.stepper = OptimizerStep(accelerator, self.optimizer, self.projector, self.params, args.max_grad_norm,
                                      patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
         self.out = Path(args.output_dir)
+        self.exports = ExportCopies(self.out)
         self.results: dict = {}
         self._evaluated = (None, None)
         total, trainable = count_parameters(model)
@@ -92,7 +100,7 @@ class ProjectionTrainerStage1:
         if self.val_loader is not None and step == 0:
             self.results["val_loss_before"] = self.evaluate(step)
         log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage1")
-        for epoch in range(state["epoch"], args.num_epochs):
+        for epoch in range(state["epoch"], self.num_epochs):
             done = state["batches_done"] if epoch == state["epoch"] else 0
             batches = epoch_batches(acc, self.train_loader, epoch, skip_batches=done)
             for window in accumulation_windows(batches, args.gradient_accumulation_steps):
@@ -103,7 +111,7 @@ class ProjectionTrainerStage1:
                 log.step(step, epoch, loss, grad_norm, sum(len(b["input_ids"]) for b in window))
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     self._checkpoint(step, epoch, done)
-                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args)
+                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args, log.divergence)
                 if step >= self.total_steps:
                     break
             if done >= len(self.train_loader):
@@ -155,19 +163,25 @@ class ProjectionTrainerStage1:
         return val
 
     def save(self, name) -> Path:
-        """save_vlm with the plain projector (no DDP wrapper) cast to the LM's dtype."""
+        """save_vlm with the plain projector (no DDP wrapper) cast to the LM's dtype, and the
+        frozen parts in the dtypes their checkpoints were stored in. The VLM's one weights file
+        holds the trained projector, so it differs per export; files an earlier export holds
+        byte for byte (the tokenizer's) are hard links to it."""
         acc, out = self.accelerator, self.out / name
         acc.wait_for_everyone()
         if acc.is_main_process:
-            dtype = self.model.model.language_model.embed_tokens.weight.dtype
-            plain = acc.unwrap_model(self.projector)
-            if plain.linear_1.weight.dtype != dtype:
-                plain = copy.deepcopy(plain).to(dtype)
-            self.model.model.multi_modal_projector = plain
-            try:
-                save_vlm(self.model, self.tokenizer, self.image_processor, out)
-            finally:
-                self.model.model.multi_modal_projector = self.projector
+            self.exports.before_write(out)
+            with frozen_in_stored_dtypes(self.model, self.stored_dtypes):
+                dtype = self.model.model.language_model.embed_tokens.weight.dtype
+                plain = acc.unwrap_model(self.projector)
+                if plain.linear_1.weight.dtype != dtype:
+                    plain = copy.deepcopy(plain).to(dtype)
+                self.model.model.multi_modal_projector = plain
+                try:
+                    save_vlm(self.model, self.tokenizer, self.image_processor, out)
+                finally:
+                    self.model.model.multi_modal_projector = self.projector
+            self.exports.after_write(out)
             logger.info("saved %s", out)
         acc.wait_for_everyone()
         return out

@@ -31,7 +31,7 @@ import torch
 
 import cli
 from image_loader import ImageLoadError, load_image
-from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, load_vlm, projector_of, recorded_tower
+from projectors import DEFAULT_MAX_NEW_TOKENS, PROJECTOR_DIR, build_vlm, check_tower, load_projector, load_vlm, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, build_prompt, chat_token_ids, pad_token_id
 from Stage2.trainer import VISION_TOWER_DIR
 
@@ -77,6 +77,7 @@ def load_model(model_path=None, *, llm_path=None, projector_path=None, vision_mo
             trained_tower = llm.parent / VISION_TOWER_DIR
             vision_model_name = ((record or {}).get("source")
                                  or (str(trained_tower) if trained_tower.is_dir() else DEFAULT_VISION))
+        cli.require_model(vision_model_name, "--vision_model_name")
         projector = load_projector(pdir)
         model, tokenizer, image_processor = build_vlm(vision_model_name, llm, projector_depth=projector.depth)
         check_tower(model, record, vision_model_name, what=f"--projector_path {pdir}",
@@ -90,8 +91,8 @@ def load_model(model_path=None, *, llm_path=None, projector_path=None, vision_mo
 
 # ---------------------------------------------------------------- generation
 
-def generation_kwargs(tokenizer, *, max_new_tokens=256, num_beams=1, do_sample=False, temperature=1.0,
-                      top_p=1.0) -> dict:
+def generation_kwargs(tokenizer, *, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, num_beams=1, do_sample=False,
+                      temperature=1.0, top_p=1.0) -> dict:
     _, eot = chat_token_ids(tokenizer)
     kw = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample,
           # The answer ends at <end_of_turn> (what Stage 2 supervised), or at <eos>.
@@ -152,7 +153,7 @@ def parse_args(argv=None):
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bf16 on a GPU that supports it, else fp32")
-    g.add_argument("--max_new_tokens", type=int, default=256)
+    g.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     g.add_argument("--num_beams", type=int, default=1, help="> 1: beam search")
     g.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
     g.add_argument("--temperature", type=float, default=1.0, help="with --do_sample; must be > 0")

@@ -21,25 +21,28 @@ from torch import nn
 
 from accelerator_setup import (
     EvalShard,
+    ExportCopies,
     OptimizerStep,
     StepLogger,
+    TrainableOnlyCheckpoints,
     accumulation_windows,
     count_parameters,
     epoch_batches,
     log_metrics,
     make_scheduler,
+    plan_steps,
     resume_from,
     save_checkpoint,
     steps_per_epoch,
     warn_if_nothing_to_train,
 )
-from accelerator_setup import speed_options
+from accelerator_setup import master_weights, speed_options
 from projectors import add_lora_deltas, lm_loss_on_supervised, save_vlm
 
 logger = logging.getLogger("siglip_med")
 
 LANGUAGE_MODEL_DIR, VISION_TOWER_DIR, LORA_DIR = "language_model", "vision_tower", "lora_adapter"
-TRAINABLE_FILE = "trainable_weights.safetensors"  # in resume checkpoints, instead of the whole VLM
+TRAINABLE_FILE = "trainable_weights.safetensors"  # in resume checkpoints, instead of the whole VLM (its name since the first)
 
 
 class SupervisedLM(nn.Module):
@@ -137,21 +140,22 @@ class VQATrainerStage2:
             # parameters it was built with may go unused, or it waits for them forever.
             from accelerate.utils import DistributedDataParallelKwargs
             accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.module, self.optimizer, self.train_loader = accelerator.prepare(SupervisedLM(model), optimizer,
-                                                                             train_loader)
+        plain = SupervisedLM(model)
+        # Resume checkpoints hold what trains (plus the optimizer state), not the frozen VLM:
+        # megabytes for LoRA or a projector instead of gigabytes at 1B parameters.
+        self.checkpoints = TrainableOnlyCheckpoints(accelerator, plain, keeps=self._keeps, filename=TRAINABLE_FILE,
+                                                    stored_dtypes={f"vlm.{k}": v for k, v in self.stored_dtypes.items()})
+        self.module, self.optimizer, self.train_loader = accelerator.prepare(plain, optimizer, train_loader)
         self.val_loader = EvalShard(accelerator, val_loader) if val_loader is not None else None
-        from accelerate.utils import DistributedType
-        if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed writes its own
-            accelerator.register_save_state_pre_hook(self._save_trainable)
-            accelerator.register_load_state_pre_hook(self._load_trainable)
         self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
-        self.total_steps = args.max_steps or self.steps_per_epoch * args.num_epochs
+        self.total_steps, self.num_epochs = plan_steps(args, self.steps_per_epoch)
         # Stepped by hand (accelerate would step it once per process); registered for resume.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
         self.stepper = OptimizerStep(accelerator, self.optimizer, self.module, self.params, args.max_grad_norm,
                                      patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
         self.out = Path(args.output_dir)
+        self.exports = ExportCopies(self.out)
         self.results: dict = {}
         self._evaluated = (None, None)
         total, trainable = count_parameters(model)
@@ -171,33 +175,6 @@ class VQATrainerStage2:
         key = vlm_name(name.removeprefix("vlm."))
         return p.requires_grad or (key is not None and part_of(key) in self.trained_parts)
 
-    def _save_trainable(self, models, weights, output_dir):
-        """Resume checkpoints hold what trains (plus the optimizer state), not the frozen VLM:
-        megabytes for LoRA or a projector instead of gigabytes at 1B parameters."""
-        if self.accelerator.is_main_process:
-            from safetensors.torch import save_file
-            plain = self.accelerator.unwrap_model(self.module)
-            state = {n: p.detach().to("cpu").contiguous() for n, p in plain.named_parameters() if self._keeps(n, p)}
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
-        weights.clear()
-
-    def _load_trainable(self, models, input_dir):
-        path = Path(input_dir) / TRAINABLE_FILE
-        if not path.is_file():
-            return  # a full-model checkpoint: accelerate loads it
-        from safetensors.torch import load_file
-        plain = self.accelerator.unwrap_model(self.module)
-        result = plain.load_state_dict(load_file(str(path), device=str(self.accelerator.device)), strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{path}: holds weights this model does not have ({result.unexpected_keys[:3]}...); "
-                             "it was written by a run with another model or LoRA setup")
-        missing = [n for n, p in plain.named_parameters() if self._keeps(n, p) and n in result.missing_keys]
-        if missing:
-            raise ValueError(f"{path}: lacks trained weights {missing[:3]}...; it was written by a run that "
-                             "trained other parts (--unfreeze_*/--lora_r/--train_ve_first_epoch differ)")
-        models.clear()
-
     # ------------------------------------------------------------ what trains
 
     def _configure_trainable(self, model):
@@ -210,8 +187,8 @@ class VQATrainerStage2:
         model.model.vision_tower.requires_grad_(self.train_vision)
         from accelerate.utils import DistributedType
         if args.mixed_precision == "bf16" and self.accelerator.distributed_type != DistributedType.FSDP:
-            # Weights that never train are stored in bf16 (half the memory); trained ones stay
-            # fp32 for the optimizer and autocast computes in bf16. fp16 storage overflows in Gemma.
+            # Weights that never train are stored in bf16 (half the memory); trained ones are
+            # fp32 (master_weights below) and autocast computes in bf16. fp16 storage overflows in Gemma.
             # Not under FSDP: a shard unit needs one dtype, and FSDP already splits the memory.
             for part, trained in ((model.model.vision_tower, self.train_vision),
                                   (model.model.multi_modal_projector, args.unfreeze_projection_layer),
@@ -226,6 +203,7 @@ class VQATrainerStage2:
             # so the adapter folder alone restores the whole fine-tune.
             self.peft = get_peft_model(model, lora_config(args, save))
             assert self.peft.base_model.model is model  # LoRA is injected in place
+        self.stored_dtypes = master_weights(model, args.mixed_precision)
 
     def _set_modes(self):
         """train() only where something trains: dropout stays off in frozen parts."""
@@ -281,7 +259,7 @@ class VQATrainerStage2:
         if self.val_loader is not None and step == 0:
             self.results["val_loss_before"] = self.evaluate(step)
         log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage2")
-        for epoch in range(state["epoch"], args.num_epochs):
+        for epoch in range(state["epoch"], self.num_epochs):
             if self.train_vision and epoch >= 1:
                 self._freeze_vision_tower()
             self._set_modes()
@@ -295,7 +273,7 @@ class VQATrainerStage2:
                 log.step(step, epoch, loss, grad_norm, sum(len(b["input_ids"]) for b in window))
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     self._checkpoint(step, epoch, done)
-                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args)
+                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args, log.divergence)
                 if step >= self.total_steps:
                     break
             if done >= len(self.train_loader):
@@ -357,8 +335,8 @@ class VQATrainerStage2:
         - trained weights are cast once, to the checkpoint's dtype;
         - LoRA is merged in fp32 on CPU into the checkpoint's weights: W + B·A·alpha/r. Merging
           into bf16 copies (merge_and_unload) applies the delta off by 3-30% at real magnitudes.
-        Without LoRA and without bf16 storage the live model is already exactly that."""
-        downcast = any(p.dtype != torch.float32 for p in self.vlm.parameters())
+        Without LoRA, with everything stored and trained in fp32, the live model is already exactly that."""
+        downcast = any(p.dtype != torch.float32 for p in self.vlm.parameters()) or bool(self.stored_dtypes)
         if self.base_loader is None or (self.peft is None and not downcast):
             model = self.vlm
             dtype = model.model.language_model.embed_tokens.weight.dtype
@@ -381,10 +359,13 @@ class VQATrainerStage2:
     def save(self, name) -> Path:
         """OUTPUT_DIR/name/: the VLM in Hugging Face format (+ `projection_layer/`), the LM alone
         in `language_model/`, the vision tower in `vision_tower/` when it was trained, and the
-        LoRA adapter in `lora_adapter/` when LoRA is on."""
+        LoRA adapter in `lora_adapter/` when LoRA is on. A file an earlier export of the run
+        holds unchanged (a frozen LM's `language_model/`, the vision tower after epoch 1) is a
+        hard link to that copy."""
         acc, out = self.accelerator, self.out / name
         acc.wait_for_everyone()
         if acc.is_main_process:
+            self.exports.before_write(out)
             model = self.export_model()
             if "vision" in self.trained_parts:  # the projector now reads the fine-tuned tower
                 model.vision_tower_source = str(out / VISION_TOWER_DIR)
@@ -399,6 +380,7 @@ class VQATrainerStage2:
                 self.image_processor.save_pretrained(out / VISION_TOWER_DIR)
             if self.peft is not None:
                 self.peft.save_pretrained(out / LORA_DIR)
+            self.exports.after_write(out)
             logger.info("saved %s", out)
         acc.wait_for_everyone()
         return out

@@ -2,8 +2,10 @@
 # Chest CT CLIP recipe (seed 002): Merlin's 3D CT encoder + a decoder LLM used the LLM2Vec way
 # as text encoder, trained with the SigLIP loss from a CSV of NPZ volumes (img_path, findings,
 # split). Two phases, as the seed: PHASE=1 trains the heads on a frozen 3D backbone, PHASE=2
-# continues from phase 1's output with everything training. Edit the block below, or override
-# any VAR from the environment:
+# continues from phase 1's output with everything training, the text LLM through LoRA adapters
+# as LLM2Vec's own supervised stage (TEXT_LORA_R=0: a full fine-tune, which needs ZeRO-2 or
+# more GPUs for an 8B tower). Step-based, as the seed: MAX_STEPS optimizer steps, repeating
+# epochs as needed. Edit the block below, or override any VAR from the environment:
 #   PHASE=1 CSV_FILE=data/ct/ct.csv ./scripts/run_ct_clip.sh
 #   PHASE=2 ./scripts/run_ct_clip.sh
 set -euo pipefail
@@ -21,8 +23,13 @@ cd "$(dirname "$0")/.."
 : "${GRAD_ACCUM:=1}"
 : "${LEARNING_RATE:=$([ "$PHASE" = 1 ] && echo 1e-3 || echo 1e-5)}"
 : "${WEIGHT_DECAY:=1e-4}"
-: "${MAX_STEPS:=$([ "$PHASE" = 1 ] && echo 20000 || echo 50000)}"
+: "${MAX_STEPS:=$([ "$PHASE" = 1 ] && echo 20000 || echo 50000)}"  # the whole run, epochs repeat as needed
 : "${WARMUP_STEPS:=1000}"
+: "${SAVE_INTERVAL:=5000}"                           # resume checkpoint every N steps (the seed's)
+: "${LOG_INTERVAL:=100}"                             # the seed's
+: "${TEXT_LORA_R:=16}"                               # phase 2: LoRA rank on the text LLM; 0: full fine-tune
+: "${TEXT_LORA_ALPHA:=$((2 * TEXT_LORA_R))}"           # LLM2Vec's 2 x r
+: "${TEXT_LORA_DROPOUT:=0.05}"
 : "${MAX_TEXT_LENGTH:=512}"
 : "${MIXED_PRECISION:=bf16}"
 : "${OUTPUT_DIR:=runs/ct_clip_phase${PHASE}}"
@@ -38,12 +45,13 @@ if [ "$PHASE" = 1 ]; then
     MODEL_FLAGS=(--image_model_name merlin --image_model_path "$MERLIN_CHECKPOINT"
                  --text_model_path "$TEXT_MODEL_PATH" --projection_dim "$PROJECTION_DIM" --freeze_image_backbone)
 else  # phase 1's output: towers, heads, temperature and bias; everything trains
-    MODEL_FLAGS=(--model_name "$PHASE1_DIR/final_model" --no_freeze_text_encoder)
+    MODEL_FLAGS=(--model_name "$PHASE1_DIR/final_model" --no_freeze_text_encoder
+                 --text_lora_r "$TEXT_LORA_R" --text_lora_alpha "$TEXT_LORA_ALPHA" --text_lora_dropout "$TEXT_LORA_DROPOUT")
 fi
 
-source scripts/launch_env.sh  # preemption signals relayed to the training processes
+source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 # shellcheck disable=SC2086  # VOLUME_SIZE / VOLUME_CLIP are lists of numbers
-exec accelerate launch --quiet \
+launch --quiet \
     --config_file "$ACCELERATE_CONFIG" \
     --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
@@ -58,7 +66,6 @@ exec accelerate launch --quiet \
     --learning_rate "$LEARNING_RATE" \
     --weight_decay "$WEIGHT_DECAY" \
     --max_steps "$MAX_STEPS" \
-    --num_epochs 1000 \
     --warmup_steps "$WARMUP_STEPS" \
     --max_text_length "$MAX_TEXT_LENGTH" \
     --mixed_precision "$MIXED_PRECISION" \
@@ -67,6 +74,7 @@ exec accelerate launch --quiet \
     --report_to "$REPORT_TO" \
     --project_name "$WANDB_PROJECT" \
     --experiment_name "$RUN_NAME" \
-    --checkpointing_steps 5000 \
+    --save_interval "$SAVE_INTERVAL" \
+    --log_interval "$LOG_INTERVAL" \
     --resume_from_checkpoint latest \
     "$@"

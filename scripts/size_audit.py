@@ -585,12 +585,15 @@ def audit(num_gpus=8, gpu_gb=80.0, headroom=0.10, root=ROOT) -> dict:
 
     import transformers
     level = transformers.logging.get_verbosity()
+    ours = logging.getLogger("siglip_med")
+    our_level = ours.level
     transformers.logging.set_verbosity_error()  # config validation chatter about token ids
-    logging.getLogger("siglip_med").setLevel(logging.WARNING)
+    ours.setLevel(logging.WARNING)
     try:
         rows = build_rows(root)
     finally:
         transformers.logging.set_verbosity(level)
+        ours.setLevel(our_level)
     gpu_bytes = gpu_gb * GIB * (1 - headroom)
     out = [account(r, num_gpus, gpu_bytes) for r in rows]
     verdicts(out, num_gpus)

@@ -131,3 +131,79 @@ def test_an_explicit_checkpoint_of_another_configuration_is_refused_before_loadi
     (tmp_path / "a" / "args.json").write_text(json.dumps(saved))
     main(base + train + ["--output_dir", str(tmp_path / "d"), "--resume_from_checkpoint", str(ckpt)])
     assert (tmp_path / "d" / "final_model").is_dir()
+
+
+def test_overwrite_output_dir_moves_the_old_run_aside_whole(tiny_siglip, demo_dir, tmp_path):
+    """Deleting only checkpoints/ left the old run's best_model/ (and its val loss, which the
+    new run then had to beat) and appended to its metrics.jsonl; and it deleted them before the
+    new run's data check, so a typo in the new command lost the old run."""
+    from Stage0.train_vision_encoder_stage0 import main
+    out = tmp_path / "run"
+    base = ["--model_name", str(tiny_siglip), "--image_root", str(demo_dir), "--output_dir", str(out),
+            "--batch_size", "16", "--num_workers", "0", "--report_to", "none", "--no-save_epoch_models",
+            "--checkpointing_steps", "1", "--val_json", str(demo_dir / "stage0_val.json")]
+    main(base + ["--train_json", str(demo_dir / "stage0_train.json"), "--num_epochs", "1"])
+    assert (out / "best_model").is_dir()
+    old_files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "missing.png", "caption": "x"}] * 20))
+    from data_check import BadDataError
+    with pytest.raises(BadDataError, match="20 bad rows"):  # every row bad: listed, not an IndexError
+        main(base + ["--train_json", str(bad), "--overwrite_output_dir", "--max_steps", "1"])
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]
+    assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*") if p.is_file()) == old_files  # all kept
+    main(base + ["--train_json", str(demo_dir / "stage0_train.json"), "--overwrite_output_dir", "--max_steps", "1"])
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in logged) == 1  # none of the old run's 15 steps
+    assert not (out / "best_model").exists()  # nor its best model, which the new run would have had to beat
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_1"]
+
+
+def test_a_step_is_saved_once_and_accelerate_lists_no_files(tiny_siglip, demo_dir, tmp_path, capfd):
+    """A periodic save that meets the epoch end used to write the same step twice, and
+    accelerate's line per saved file made up most of a run's log (72 of 121 lines)."""
+    import accelerator_setup
+    from Stage0.train_vision_encoder_stage0 import main
+    rows = json.loads((demo_dir / "stage0_train.json").read_text())[:32]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    saves = []
+    real = accelerator_setup.Accelerator.save_state
+
+    def counted(self, *a, **k):
+        saves.append(a[0] if a else k.get("output_dir"))
+        return real(self, *a, **k)
+    accelerator_setup.Accelerator.save_state = counted
+    try:
+        main(["--model_name", str(tiny_siglip), "--train_json", str(tmp_path / "train.json"), "--image_root",
+              str(demo_dir), "--output_dir", str(tmp_path / "out"), "--batch_size", "8", "--num_workers", "0",
+              "--report_to", "none", "--no-save_epoch_models", "--num_epochs", "2", "--checkpointing_steps", "4"])
+    finally:
+        accelerator_setup.Accelerator.save_state = real
+    assert len(saves) == 2, saves  # steps 4 and 8: each an epoch end as well
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state == {"step": 4, "epoch": 1, "batches_done": 0}  # the position after the epoch's end
+    err = capfd.readouterr().err
+    assert "Saving current state" not in err and "saved resume checkpoint" in err
+
+
+@pytest.mark.parametrize("total,warmup", [(2, 1), (10, 1), (10, 0), (10, 3), (3, 3), (1, 0)])
+def test_one_cycle_schedule_takes_any_warmup_and_peaks_after_it(total, warmup):
+    """One warm-up step made OneCycleLR's first phase zero steps long: a ZeroDivisionError at
+    the first step of any short knee run whose warm-up ratio rounded to one step."""
+    import math
+    from types import SimpleNamespace
+    from accelerator_setup import make_scheduler
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = make_scheduler(opt, SimpleNamespace(warmup_steps=warmup, warmup_ratio=0.0, lr_scheduler="one_cycle"),
+                           total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert all(math.isfinite(lr) for lr in lrs)
+    if total >= 3:
+        assert max(lrs) == pytest.approx(1.0) and lrs[0] < 0.1  # warms up from max_lr / 25
+        assert lrs.index(max(lrs)) == min(max(warmup, 2), total - 1) - 1       # OneCycleLR's peak: the last warm-up step
+        assert lrs[-1] < lrs[lrs.index(max(lrs))]               # and anneals after it

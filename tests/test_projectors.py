@@ -203,3 +203,30 @@ def test_deeper_projector_warns_at_export_and_reloads(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=input_ids, pixel_values=pixels).logits,
                                    model(input_ids=input_ids, pixel_values=pixels).logits, rtol=0, atol=0)
+
+
+def test_export_decodes_greedily_like_the_cli_and_keeps_the_base_sampling_settings(tiny, tmp_path):
+    """An `-it` LM ships a sampling generation config (do_sample, top_k 64, top_p 0.95). The
+    export's default must be the CLI's decoding, so that `model.generate(**inputs)` with no
+    decoding arguments answers as the CLI does; the base's settings stay under a known name."""
+    from transformers import GenerationConfig
+
+    from projectors import DEFAULT_MAX_NEW_TOKENS, SAMPLING_CONFIG
+    lm_dir = tmp_path / "gemma3_it"
+    shutil.copytree(tiny["gemma3"], lm_dir)
+    GenerationConfig(do_sample=True, top_k=64, top_p=0.95, bos_token_id=2, eos_token_id=[1, 106],
+                     pad_token_id=0).save_pretrained(lm_dir)
+    torch.manual_seed(0)
+    model, tok, ip = build_vlm(tiny["siglip"], lm_dir)
+    out = save_vlm(model, tok, ip, tmp_path / "vlm")
+    gen = GenerationConfig.from_pretrained(out)
+    assert gen.do_sample is False and gen.num_beams == 1 and gen.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    base = GenerationConfig.from_pretrained(out, SAMPLING_CONFIG)
+    assert base.do_sample is True and base.top_k == 64 and base.top_p == 0.95
+    loaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    ids, pixels = _inputs(loaded, tok, batch=1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    with torch.no_grad():
+        runs = [loaded.generate(**inputs, max_new_tokens=8) for _ in range(3)]
+        greedy = loaded.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1)
+    assert all(torch.equal(r, greedy) for r in runs)

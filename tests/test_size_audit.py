@@ -29,10 +29,15 @@ LLAMA3_8B_CAUSAL, LLAMA3_8B_BASE = 8_030_261_248, 7_504_924_672
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One audit at the defaults through the entry point: (returned, stdout, JSON file)."""
+    import logging
     path = tmp_path_factory.mktemp("audit") / "sizes.json"
     out = io.StringIO()
+    before = logging.getLogger("siglip_med").level
     with contextlib.redirect_stdout(out):
         result = size_audit.main(["--json", str(path)])
+    # Run in-process (as here) it must leave the project's log level alone: it once hid every
+    # later INFO line of the test session.
+    assert logging.getLogger("siglip_med").level == before
     return result, out.getvalue(), json.loads(path.read_text())
 
 

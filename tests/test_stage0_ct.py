@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scripts.make_demo_data import main as make_demo
-from scripts.make_tiny_models import build_tiny_bert, build_tiny_gemma3
+from scripts.make_tiny_models import build_tiny_bert
 from Stage0.inference_stage0 import main as infer
 from Stage0.towers import MerlinBackbone, TextTower, _text_backbone, load_merlin_weights, load_model
 from Stage0.train_vision_encoder_stage0 import main
@@ -18,17 +18,13 @@ TINY_MERLIN = ["--merlin_layers", "1", "1", "1", "1", "--merlin_width", "8", "--
 
 
 @pytest.fixture(scope="module")
-def ct(tmp_path_factory):
+def ct(tmp_path_factory, hub_merlin_ckpt):
     root = tmp_path_factory.mktemp("ct")
     csv_path = make_demo(["--recipe", "ct", "--out_dir", str(root / "data"), "--num_images", "300",
                           "--image_size", "32", "--seed", "1"])
     texts = [r["findings"] for r in csv.DictReader(open(csv_path))]
-    torch.manual_seed(0)
-    merlin = root / "merlin_tiny.pt"  # a state dict of the architecture, as --image_model_path takes
-    torch.save(MerlinBackbone(layers=(1, 1, 1, 1), width=8).state_dict(), merlin)
-    return {"csv": csv_path, "merlin": merlin, "bert": build_tiny_bert(root / "bert", texts),
-            "gemma": build_tiny_gemma3(root / "gemma", texts, hidden_size=64, num_layers=2, num_heads=2,
-                                       vocab_size=400)}
+    # --image_model_path: a checkpoint with the official release's keys (encode_image.i3_resnet.*)
+    return {"csv": csv_path, "merlin": hub_merlin_ckpt, "bert": build_tiny_bert(root / "bert", texts)}
 
 
 def _argv(ct, out, *extra):
@@ -39,8 +35,9 @@ def _argv(ct, out, *extra):
 
 
 @pytest.mark.parametrize("text", ["bert", "llm2vec"])
-def test_each_pairing_learns_on_the_ct_phantoms(text, ct, tmp_path):
-    flag = ["--text_model_name", str(ct["bert"])] if text == "bert" else ["--text_model_path", str(ct["gemma"])]
+def test_each_pairing_learns_on_the_ct_phantoms(text, ct, hub_cache, tmp_path):
+    # llm2vec: the seed's LLM2Vec checkpoint by hub id, an MNTP adapter on a bf16 Llama 3-shaped base
+    flag = ["--text_model_name", str(ct["bert"])] if text == "bert" else ["--text_model_path", hub_cache["adapter_id"]]
     trainer = main(_argv(ct, tmp_path / text, *flag))
     assert trainer.encoder.model.text.kind == ("bert" if text == "bert" else "llm2vec")
     rows = [json.loads(line) for line in (tmp_path / text / "metrics.jsonl").read_text().splitlines() if "val/loss" in line]
@@ -52,8 +49,8 @@ def test_each_pairing_learns_on_the_ct_phantoms(text, ct, tmp_path):
     assert model.image.kind == "merlin" and proc.size == (16, 32, 32)
 
 
-def test_llm2vec_tower_is_bidirectional_and_pools_only_the_text(ct):
-    backbone, kind, tok = _text_backbone(ct["gemma"])
+def test_llm2vec_tower_is_bidirectional_and_pools_only_the_text(hub_cache):
+    backbone, kind, tok = _text_backbone(hub_cache["adapter_id"])
     tower = TextTower(backbone, kind).eval()
     assert kind == "llm2vec" and backbone.config.is_causal is False
     a, b = "Right pleural effusion in the right lung.", "Right pleural effusion in the left lung."
@@ -146,7 +143,8 @@ def test_create_example_csv_lists_the_volumes(ct, tmp_path, capsys):
 def test_two_phase_training(ct, tmp_path):
     """Phase 1 (--freeze_image_backbone) trains the heads only: the 3D backbone, BatchNorm
     statistics included, stays bit-identical. Phase 2 from its output trains the backbone."""
-    start = {k: v.clone() for k, v in torch.load(ct["merlin"]).items()}
+    prefix = "encode_image.i3_resnet."
+    start = {k[len(prefix):]: v.clone() for k, v in torch.load(ct["merlin"]).items() if k.startswith(prefix)}
     common = ["--max_steps", "3", "--text_model_name", str(ct["bert"])]
     main(_argv(ct, tmp_path / "p1", *common, "--freeze_image_backbone"))
     p1 = load_model(tmp_path / "p1" / "final_model")[0]
@@ -275,3 +273,41 @@ def test_ct_recipe_resumes_exactly(ct, tmp_path):
     resumed = main(_argv(ct, tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
     for (n, a), b in zip(full.encoder.model.named_parameters(), resumed.encoder.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_setup_pass_leaves_batchnorm_statistics_and_rng_untouched(ct):
+    """The N-process setup pass (which finds parameters no forward reaches) must leave no trace:
+    a 1-process run never makes it, so any buffer it moves or random number it draws makes
+    1-GPU and N-GPU runs differ. Merlin with a frozen backbone in train mode is the case that
+    moved every BatchNorm statistic by 19%."""
+    import random
+
+    from Stage0.towers import ContrastiveModel, ImageTower
+    from Stage0.trainer import freeze_unreached
+    torch.manual_seed(0)
+    backbone, kind, _ = _text_backbone(str(ct["bert"]))
+    image = ImageTower(MerlinBackbone(layers=(1, 1, 1, 1), width=8), "merlin", out_dim=16)
+    text = TextTower(backbone, kind, out_dim=16)
+    text.backbone.embeddings.dropout.p = 0.1  # a dropout that would draw random numbers in train mode
+    model = ContrastiveModel(image, text, torch.nn.Parameter(torch.tensor(2.3)), torch.nn.Parameter(torch.tensor(-10.0)),
+                             spec={})
+    image.backbone.requires_grad_(False)
+    model.train()
+
+    class Rows:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"pixel_values": torch.rand(1, 32, 32, 16), "input_ids": torch.tensor([2, 7 + i, 9, 3]),
+                    "attention_mask": torch.ones(4, dtype=torch.long), "caption_id": i, "index": i}
+
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    unreached = freeze_unreached(model, Rows(), "cpu")
+    assert "text.backbone.pooler.dense.weight" in unreached  # it still finds what no forward reaches
+    moved = [n for n, b in model.named_buffers() if not torch.equal(b, before[n])]
+    assert not moved, moved[:5]
+    assert torch.equal(torch.get_rng_state(), rng[0])
+    assert np.array_equal(np.random.get_state()[1], rng[1]) and random.getstate() == rng[2]
+    assert all(m.training for m in model.modules())  # modes as they were
