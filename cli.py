@@ -123,6 +123,24 @@ def run(main, argv=None):
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
+def help_requested(argv=None) -> bool:
+    """Whether the command line asks for --help. An entry point defines its parser above its
+    heavy imports and, when this is true, parses before them: torch, transformers and
+    accelerate take seconds to import, and help should not wait for them.
+
+        if __name__ == "__main__" and cli.help_requested():
+            parse_args()  # prints the help and exits
+        import torch  # the heavy imports after it"""
+    args = sys.argv[1:] if argv is None else argv
+    return any(a in ("-h", "--help") for a in args)
+
+
+def default_device() -> str:
+    """--device when not given: the GPU when one is visible."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's error format: one `error:` line and exit status 2, without
     the usage block argparse prints first (--help shows it)."""
@@ -131,11 +149,87 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, one_line(message) + "\n")
 
 
+# ---------------------------------------------------------------- the training CLIs' shared flags
+
+# Answer length of the VQA CLIs, and of the exported generation config (projectors.py).
+DEFAULT_MAX_NEW_TOKENS = 256
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags every stage shares; each stage adds its own model/data flags."""
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", "--save_dir", dest="output_dir", required=True)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "auto"], default="no", nargs="?",
+                   const="auto", help="autocast precision; given alone: bf16 where supported, else fp16")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="<=0 disables clipping")
+    g.add_argument("--warmup_ratio", type=float, default=0.05)
+    g.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
+    g.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant", "one_cycle"], default="cosine",
+                   help="after the warmup; one_cycle: torch's OneCycleLR (cosine up over the warmup, then down)")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="the total number of optimizer steps, repeating epochs as needed; wins over "
+                        "--num_epochs, and the LR schedule spans exactly these steps (default: --num_epochs epochs)")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="Stage1/Stage2: batch samples of similar token length together (less padding)")
+    # Reliability: non-finite steps (SIGTERM/SIGUSR1 preemption needs no flag).
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="stop, with a resume checkpoint and exit status 1, after this many optimizer steps in a "
+                        "row were skipped for a NaN/inf loss or gradient norm (fp16 loss scaling skips a few "
+                        "while it calibrates)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--report_to", choices=["wandb", "tensorboard", "none"], default="wandb",
+                   help="falls back to tensorboard, then none, if the tracker cannot start")
+    g.add_argument("--wandb_project", "--project_name", dest="wandb_project", default="siglip-med")
+    g.add_argument("--run_name", "--experiment_name", dest="run_name", default=None)
+    g.add_argument("--logging_steps", "--log_interval", dest="logging_steps", type=int, default=10)
+    g.add_argument("--log_level", choices=["debug", "info", "warning"], default="info",
+                   help="the console log of the main process; debug also shows accelerate's line per file saved")
+    g.add_argument("--checkpointing_steps", "--save_interval", dest="checkpointing_steps", type=int, default=0,
+                   help="save resumable state every N optimizer steps (0: only at epoch ends)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2,
+                   help="keep the newest N resume checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' or a path to OUTPUT_DIR/checkpoints/step_N")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an output folder that holds another run: the old run is moved to a dated "
+                        "sibling folder, OUTPUT_DIR.previous-YYYYmmdd-HHMMSS (nothing is deleted)")
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
+                   help="attention kernel of every Hugging Face tower (flash_attention_2 needs flash-attn)")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute the activations of every block gradients flow through (trained or "
+                        "frozen) in backward: much less memory, ~30%% slower")
+    g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help=argparse.SUPPRESS)
+    g.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the towers and the LM (the first steps compile; weights and "
+                        "checkpoints are unchanged)")
+    g.add_argument("--torch_compile_backend", default="inductor", help=argparse.SUPPRESS)
+    g.add_argument("--torch_compile_mode", default=None,
+                   choices=[None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    g = p.add_argument_group("bad data (checked before the first step: see data_check.py)")
+    g.add_argument("--on_bad_sample", choices=["error", "skip"], default="error",
+                   help="rows whose image is missing or unreadable, or whose text is empty: error stops before "
+                        "training and lists them all; skip drops them (OUTPUT_DIR/dropped_rows.json) and replaces "
+                        "a sample that stops loading mid-run with the next readable row")
+    g.add_argument("--full_decode_check", action="store_true",
+                   help="check by decoding every image and reading every volume (finds e.g. a truncated DICOM "
+                        "frame or a NaN in a CT volume); default: headers only")
+    return p
+
+
 # ---------------------------------------------------------------- checks before anything loads
 
-def check_device(parser: argparse.ArgumentParser, device: str) -> str:
-    """Refuse (via parser.error) a --device this machine does not have, before a model loads."""
+def check_device(parser: argparse.ArgumentParser, device: str | None) -> str:
+    """Refuse (via parser.error) a --device this machine does not have, before a model loads.
+    None (not given): the GPU when one is visible, else the CPU."""
     import torch
+    if device is None:
+        return default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):

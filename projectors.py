@@ -28,15 +28,16 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+# The inference CLI's decoding: greedy, this many new tokens. An export's generation_config.json
+# says the same, so generate(**inputs) and pipeline() without arguments answer as the CLI does.
+from cli import DEFAULT_MAX_NEW_TOKENS
+
 logger = logging.getLogger("siglip_med")
 
 PROJECTOR_DIR = "projection_layer"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 VISION_ENCODER_FILE = "vision_encoder.bin"  # Stage0's torch.save of the vision tower state dict
 IMAGE_TOKEN_CANDIDATES = ("<image_soft_token>", "<image>")
-# The inference CLI's decoding: greedy, this many new tokens. An export's generation_config.json
-# says the same, so generate(**inputs) and pipeline() without arguments answer as the CLI does.
-DEFAULT_MAX_NEW_TOKENS = 256
 # The base LM's own sampling settings (an `-it` model ships do_sample=true, top_k=64,
 # top_p=0.95), kept beside the greedy default: GenerationConfig.from_pretrained(folder, SAMPLING_CONFIG).
 SAMPLING_CONFIG = "sampling_generation_config.json"

@@ -21,18 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 import cli
-from data_check import check_rows
-from metrics import auc
-from Stage0.dataset import ImageTextContrastiveDataset, collate_fn, data_keys
-from Stage0.towers import load_model, text_length
-from Stage0.train_vision_encoder_stage0 import reinit_image_backbone
-from Stage0.trainer import DualEncoder, evaluate_contrastive
-
-logger = logging.getLogger("siglip_med")
-
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--findings_json", default=None,
                    help='list of {"name", "positive_prompt", "negative_prompt"}; rows need "labels"')
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None)
     p.add_argument("--force", action="store_true", help="replace an existing --output_json (and its .md table)")
@@ -66,7 +55,7 @@ def parse_args(argv=None):
                    help="rows whose image is missing or unreadable, or whose text is empty: error lists them all "
                         "and stops before a model loads; skip evaluates without them (counted as skipped_rows)")
     args = p.parse_args(argv)
-    cli.check_device(p, args.device)
+    args.device = cli.check_device(p, args.device)
     cli.check_output_file(args.output_json, "--output_json", args.force)
     if args.output_json and args.label_column:
         cli.check_output_file(Path(args.output_json).with_suffix(".md"), "--output_json", args.force)
@@ -77,6 +66,21 @@ def parse_args(argv=None):
         except ValueError as e:
             p.error(str(e))
     return args
+
+
+if __name__ == "__main__" and cli.help_requested():
+    parse_args()  # the help, without waiting seconds for the imports below
+
+import torch
+
+from data_check import check_rows
+from metrics import auc
+from Stage0.dataset import ImageTextContrastiveDataset, collate_fn, data_keys
+from Stage0.towers import load_model, text_length
+from Stage0.train_vision_encoder_stage0 import reinit_image_backbone
+from Stage0.trainer import DualEncoder, evaluate_contrastive
+
+logger = logging.getLogger("siglip_med")
 
 
 @torch.no_grad()

@@ -33,18 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-
 import cli
-from image_cache import load_cached, open_cache
-from data_check import BadDataError, check_rows, position
-from image_loader import ImageLoadError, load_input, load_table
-from Stage0.dataset import data_keys
-from Stage0.towers import embed, load_model, text_length
-
-logger = logging.getLogger("siglip_med")
-
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +62,7 @@ def parse_args(argv=None):
                    help="{condition}/{description} wording of the class prompts (default: the training one, "
                         "from the model's class_prompts.json; else the seed's)")
     p.add_argument("--image_size", type=int, default=None, help=argparse.SUPPRESS)  # the seed's; the model fixes it
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when a GPU is visible, else cpu")
     args = p.parse_args(argv)
     if bool(args.image_path) == bool(args.csv_path):
         p.error("pass --image_path (one image) or --csv_path (a data file), not both")
@@ -87,8 +76,23 @@ def parse_args(argv=None):
         p.error("--queries must not be empty")
     if args.split and not args.split_column:
         args.split_column = "split"
-    cli.check_device(p, args.device)
+    args.device = cli.check_device(p, args.device)
     return p, args
+
+
+if __name__ == "__main__" and cli.help_requested():
+    parse_args()  # the help, without waiting seconds for the imports below
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from image_cache import load_cached, open_cache
+from data_check import BadDataError, check_rows, position
+from image_loader import ImageLoadError, load_input, load_table
+from Stage0.dataset import data_keys
+from Stage0.towers import embed, load_model, text_length
+
+logger = logging.getLogger("siglip_med")
 
 
 class ImageFiles(Dataset):

@@ -26,14 +26,6 @@ if __package__ in (None, ""):  # `python Stage0/train_vision_encoder_stage0.py` 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
-import data_check
-from accelerator_setup import add_common_args, setup_accelerator_and_logging
-from Stage0.dataset import ImageTextContrastiveDataset
-from Stage0.towers import build_model, text_length
-from Stage0.trainer import VisionEncoderTrainerStage0
-
-logger = logging.getLogger("siglip_med")
-
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +151,7 @@ def parse_args(argv=None):
     g.add_argument("--num_epochs", "--epochs", dest="num_epochs", type=int, default=3)
     g.add_argument("--save_epoch_models", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT_DIR/epoch_N/ after every epoch")
-    add_common_args(p)
+    cli.add_common_args(p)
     p.set_defaults(wandb_project="stage0_vision_encoder")
     tools = argparse.ArgumentParser(add_help=False)
     for flag in ("--validate_csv", "--create_example_csv"):
@@ -187,6 +179,18 @@ def parse_args(argv=None):
                           f"sets the initial t = {1 / args.temperature:.1f} next to a bias b = -10, and both are "
                           "learnt. The SigLIP paper starts at t = 10 (--temperature 0.1, the default).")
     return args
+
+
+if __name__ == "__main__" and cli.help_requested():
+    parse_args()  # the help, without waiting seconds for the imports below
+
+import data_check
+from accelerator_setup import setup_accelerator_and_logging
+from Stage0.dataset import ImageTextContrastiveDataset
+from Stage0.towers import build_model, text_length
+from Stage0.trainer import VisionEncoderTrainerStage0
+
+logger = logging.getLogger("siglip_med")
 
 
 def check_data(args) -> None:

@@ -20,16 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch Stage1/...): import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from torch.utils.data import DataLoader
-
 import cli
-import data_check
-from accelerator_setup import LengthGroupedSampler, add_common_args, setup_accelerator_and_logging
-from accelerator_setup import loader_kwargs
-from projectors import build_vlm
-from Stage1.dataset import CaptionCollator, ImageCaptionDataset
-from Stage1.projector_trainer import ProjectionTrainerStage1
 
 DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
 DEFAULT_LLM = "google/gemma-3-1b-it"
@@ -56,11 +47,25 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--save_every_epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT_DIR/epoch_N/ (a full VLM folder) after every epoch")
-    add_common_args(p)
+    cli.add_common_args(p)
     args = p.parse_args(argv)
     if args.num_epochs < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
         p.error("--num_epochs, --batch_size and --gradient_accumulation_steps must be >= 1")
     return args
+
+
+if __name__ == "__main__" and cli.help_requested():
+    parse_args()  # the help, without waiting seconds for the imports below
+
+import torch
+from torch.utils.data import DataLoader
+
+import data_check
+from accelerator_setup import LengthGroupedSampler, setup_accelerator_and_logging
+from accelerator_setup import loader_kwargs
+from projectors import build_vlm
+from Stage1.dataset import CaptionCollator, ImageCaptionDataset
+from Stage1.projector_trainer import ProjectionTrainerStage1
 
 
 def make_dataset(json_path, args, model, tokenizer, image_processor):

@@ -33,11 +33,57 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
+    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
+    g.add_argument("--llm_path", default=None)
+    g.add_argument("--projector_path", default=None)
+    g.add_argument("--vision_model_name", default=None)
+    g = p.add_argument_group("data")
+    g.add_argument("--test_json", required=True, help="Stage 2 format, optionally with question_type/finding")
+    g.add_argument("--image_root", required=True)
+    g.add_argument("--output_json", default=None,
+                   help="summary + predictions (default: MODEL/eval_<test json name>.json); a .md table beside it")
+    g.add_argument("--force", action="store_true", help="replace an existing OUTPUT_JSON (and its .md table)")
+    g.add_argument("--on_bad_sample", choices=["error", "skip"], default="error",
+                   help="rows whose image is missing or unreadable, or whose question or answer is empty: error "
+                        "lists them all and stops before the model loads; skip evaluates without them")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    g.add_argument("--max_q_len", type=int, default=None, help="truncate questions as in training")
+    g = p.add_argument_group("generation")
+    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--max_new_tokens", type=int, default=128)
+    g.add_argument("--num_beams", type=int, default=1)
+    g.add_argument("--device", default=None, help="default: cuda if available")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    g.add_argument("--num_workers", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.model_path and not (args.llm_path and args.projector_path):
+        p.error("pass --model_path, or both --llm_path and --projector_path")
+    for flag in ("num_beams", "max_new_tokens", "batch_size", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if args.num_workers < 0:
+        p.error("--num_workers must be >= 0")
+    args.device = cli.check_device(p, args.device)
+    if args.output_json is None:
+        base = Path(args.model_path) if args.model_path else Path(args.llm_path).parent
+        args.output_json = str(base / f"eval_{Path(args.test_json).stem}.json")
+    for path in (args.output_json, Path(args.output_json).with_suffix(".md")):
+        cli.check_output_file(path, "--output_json", args.force)
+    return args
+
+
+if __name__ == "__main__" and cli.help_requested():
+    parse_args()  # the help, without waiting seconds for the imports below
+
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import cli
 from metrics import normalize_answer, token_f1, yes_no
 from data_check import check_rows
 from Stage2.dataset import ANSWER_KEY, QUESTION_KEY, VQACollator, VQADataset, pad_token_id
@@ -116,48 +162,6 @@ def format_table(summary: dict, markdown: bool = False) -> str:
                       f"{c['majority_accuracy']:.3f}; model {c['accuracy']:.3f}; "
                       f"{c['answered']:.3f} of answers hold a yes/no verdict"]
     return "\n".join(lines)
-
-
-def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
-    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
-    g.add_argument("--llm_path", default=None)
-    g.add_argument("--projector_path", default=None)
-    g.add_argument("--vision_model_name", default=None)
-    g = p.add_argument_group("data")
-    g.add_argument("--test_json", required=True, help="Stage 2 format, optionally with question_type/finding")
-    g.add_argument("--image_root", required=True)
-    g.add_argument("--output_json", default=None,
-                   help="summary + predictions (default: MODEL/eval_<test json name>.json); a .md table beside it")
-    g.add_argument("--force", action="store_true", help="replace an existing OUTPUT_JSON (and its .md table)")
-    g.add_argument("--on_bad_sample", choices=["error", "skip"], default="error",
-                   help="rows whose image is missing or unreadable, or whose question or answer is empty: error "
-                        "lists them all and stops before the model loads; skip evaluates without them")
-    g.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-    g.add_argument("--max_q_len", type=int, default=None, help="truncate questions as in training")
-    g = p.add_argument_group("generation")
-    g.add_argument("--batch_size", type=int, default=16)
-    g.add_argument("--max_new_tokens", type=int, default=128)
-    g.add_argument("--num_beams", type=int, default=1)
-    g.add_argument("--device", default=None, help="default: cuda if available")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    g.add_argument("--num_workers", type=int, default=0)
-    args = p.parse_args(argv)
-    if not args.model_path and not (args.llm_path and args.projector_path):
-        p.error("pass --model_path, or both --llm_path and --projector_path")
-    for flag in ("num_beams", "max_new_tokens", "batch_size", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    if args.num_workers < 0:
-        p.error("--num_workers must be >= 0")
-    args.device = cli.check_device(p, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.output_json is None:
-        base = Path(args.model_path) if args.model_path else Path(args.llm_path).parent
-        args.output_json = str(base / f"eval_{Path(args.test_json).stem}.json")
-    for path in (args.output_json, Path(args.output_json).with_suffix(".md")):
-        cli.check_output_file(path, "--output_json", args.force)
-    return args
 
 
 def main(argv=None) -> dict:

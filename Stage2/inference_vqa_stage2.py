@@ -27,17 +27,67 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli
+from cli import DEFAULT_MAX_NEW_TOKENS
+
+DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
+    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
+    g.add_argument("--llm_path", default=None, help="Stage 2's final_model/language_model")
+    g.add_argument("--projector_path", default=None, help="Stage 2's final_model/projection_layer")
+    g.add_argument("--vision_model_name", default=None,
+                   help=f"vision tower for the triple (default: the one the projector recorded, else a "
+                        f"vision_tower/ next to --llm_path, else {DEFAULT_VISION}); another tower than the "
+                        "projector's is refused")
+    g.add_argument("--allow_vision_tower_mismatch", action="store_true",
+                   help="pair --projector_path with a different tower than it was trained on")
+    g = p.add_argument_group("input")
+    g.add_argument("--image_path", required=True, help="PNG, JPEG or DICOM")
+    g.add_argument("--question", required=True)
+    g.add_argument("--max_q_len", type=int, default=None, help="truncate the question as in training")
+    g = p.add_argument_group("generation")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bf16 on a GPU that supports it, else fp32")
+    g.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    g.add_argument("--num_beams", type=int, default=1, help="> 1: beam search")
+    g.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="with --do_sample; must be > 0")
+    g.add_argument("--top_p", type=float, default=1.0, help="with --do_sample: nucleus sampling")
+    g.add_argument("--seed", type=int, default=0, help="with --do_sample: makes sampling repeatable")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of the bare answer")
+    args = p.parse_args(argv)
+    if not args.model_path and not (args.llm_path and args.projector_path):
+        p.error("pass --model_path, or both --llm_path and --projector_path")
+    if args.model_path and (args.llm_path or args.projector_path):
+        p.error("--model_path and --llm_path/--projector_path are alternatives; pass one")
+    if args.num_beams < 1 or args.max_new_tokens < 1:
+        p.error("--num_beams and --max_new_tokens must be >= 1")
+    if args.do_sample and args.temperature <= 0:
+        p.error("--do_sample needs --temperature > 0")
+    if not 0 < args.top_p <= 1:
+        p.error("--top_p must be in (0, 1]")
+    if not args.question.strip():
+        p.error("--question is empty; pass the question to ask, e.g. --question \"Is there a pleural effusion?\"")
+    args.device = cli.check_device(p, args.device)
+    return p, args
+
+
+if __name__ == "__main__" and cli.help_requested():
+    parse_args()  # the help, without waiting seconds for the imports below
+
 import torch
 
-import cli
 from image_loader import ImageLoadError, load_image
-from projectors import DEFAULT_MAX_NEW_TOKENS, PROJECTOR_DIR, build_vlm, check_tower, load_projector, load_vlm, projector_of, recorded_tower
+from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, load_vlm, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, build_prompt, chat_token_ids, pad_token_id
 from Stage2.trainer import VISION_TOWER_DIR
 
 logger = logging.getLogger("siglip_med")
-
-DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
 
 
 # ---------------------------------------------------------------- loading
@@ -132,49 +182,6 @@ def answer_questions(model, tokenizer, image_processor, images, questions, *, ma
 
 
 # ---------------------------------------------------------------- CLI
-
-def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
-    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
-    g.add_argument("--llm_path", default=None, help="Stage 2's final_model/language_model")
-    g.add_argument("--projector_path", default=None, help="Stage 2's final_model/projection_layer")
-    g.add_argument("--vision_model_name", default=None,
-                   help=f"vision tower for the triple (default: the one the projector recorded, else a "
-                        f"vision_tower/ next to --llm_path, else {DEFAULT_VISION}); another tower than the "
-                        "projector's is refused")
-    g.add_argument("--allow_vision_tower_mismatch", action="store_true",
-                   help="pair --projector_path with a different tower than it was trained on")
-    g = p.add_argument_group("input")
-    g.add_argument("--image_path", required=True, help="PNG, JPEG or DICOM")
-    g.add_argument("--question", required=True)
-    g.add_argument("--max_q_len", type=int, default=None, help="truncate the question as in training")
-    g = p.add_argument_group("generation")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto: bf16 on a GPU that supports it, else fp32")
-    g.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    g.add_argument("--num_beams", type=int, default=1, help="> 1: beam search")
-    g.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="with --do_sample; must be > 0")
-    g.add_argument("--top_p", type=float, default=1.0, help="with --do_sample: nucleus sampling")
-    g.add_argument("--seed", type=int, default=0, help="with --do_sample: makes sampling repeatable")
-    g.add_argument("--json", action="store_true", help="print one JSON object instead of the bare answer")
-    args = p.parse_args(argv)
-    if not args.model_path and not (args.llm_path and args.projector_path):
-        p.error("pass --model_path, or both --llm_path and --projector_path")
-    if args.model_path and (args.llm_path or args.projector_path):
-        p.error("--model_path and --llm_path/--projector_path are alternatives; pass one")
-    if args.num_beams < 1 or args.max_new_tokens < 1:
-        p.error("--num_beams and --max_new_tokens must be >= 1")
-    if args.do_sample and args.temperature <= 0:
-        p.error("--do_sample needs --temperature > 0")
-    if not 0 < args.top_p <= 1:
-        p.error("--top_p must be in (0, 1]")
-    if not args.question.strip():
-        p.error("--question is empty; pass the question to ask, e.g. --question \"Is there a pleural effusion?\"")
-    args.device = cli.check_device(p, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return p, args
 
 
 def main(argv=None) -> str:

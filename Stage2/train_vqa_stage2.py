@@ -24,18 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch Stage2/...): import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from torch.utils.data import DataLoader
-
 import cli
-import data_check
-from accelerator_setup import LengthGroupedSampler, add_common_args, setup_accelerator_and_logging
-from accelerator_setup import loader_kwargs
-from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, projector_of, recorded_tower
-from Stage2.dataset import VQACollator, VQADataset, pad_token_id
-from Stage2.trainer import VQATrainerStage2
-
-logger = logging.getLogger("siglip_med")
 
 DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
 DEFAULT_LLM = "google/gemma-3-1b-it"
@@ -87,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--num_epochs", type=int, default=3)
     g.add_argument("--weight_decay", type=float, default=0.0, help="not applied to norms and biases")
     add_bool(g, "save_every_epoch", True, "write OUTPUT_DIR/epoch_N/ (a full export) after every epoch")
-    add_common_args(p)
+    cli.add_common_args(p)
     p.set_defaults(wandb_project="stage2_vqa_training")
     args = p.parse_args(argv)
     if args.num_epochs < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -99,6 +88,22 @@ def parse_args(argv=None):
     if args.lora_r and not args.unfreeze_llm:
         p.error("--lora_r trains LoRA adapters on the LM; it contradicts --no_unfreeze_llm")
     return args
+
+
+if __name__ == "__main__" and cli.help_requested():
+    parse_args()  # the help, without waiting seconds for the imports below
+
+import torch
+from torch.utils.data import DataLoader
+
+import data_check
+from accelerator_setup import LengthGroupedSampler, setup_accelerator_and_logging
+from accelerator_setup import loader_kwargs
+from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, projector_of, recorded_tower
+from Stage2.dataset import VQACollator, VQADataset, pad_token_id
+from Stage2.trainer import VQATrainerStage2
+
+logger = logging.getLogger("siglip_med")
 
 
 # ---------------------------------------------------------------- Stage 1 hand-off

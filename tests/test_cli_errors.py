@@ -433,3 +433,30 @@ def test_evaluations_skip_bad_rows_and_say_so(fx, tmp_path, capsys):
     assert summary["n"] == 5 and len(saved["predictions"]) == 5
     assert [s["row"] for s in saved["summary"]["skipped"]] == [5, 6]
     assert "--on_bad_sample skip: 2 bad rows" in capsys.readouterr().err
+
+
+ENTRY_POINTS = ["Stage0/train_vision_encoder_stage0.py", "Stage1/train_projection_stage1.py",
+                "Stage2/train_vqa_stage2.py", "Stage0/evaluate_stage0.py", "Stage0/inference_stage0.py",
+                "Stage2/evaluate.py", "Stage2/inference_vqa_stage2.py", "scripts/preprocess_images.py",
+                "scripts/validate_data.py", "scripts/size_audit.py"]
+HELP_PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+heavy = sorted(m for m in ("torch", "transformers", "accelerate", "peft") if m in sys.modules)
+print("HEAVY", ",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_help_comes_before_the_heavy_imports(script):
+    """--help took 7-11 s on every training, evaluation and inference CLI: argparse ran after
+    torch, transformers and accelerate were imported. It now runs before them."""
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, str(ROOT / script)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout and "--help" in out.stdout
+    assert out.stdout.splitlines()[-1] == "HEAVY ", out.stdout.splitlines()[-1]  # none of them
