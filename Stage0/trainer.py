@@ -19,11 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from accelerator_setup import (ExportCopies, OptimizerStep, StepLogger, TrainableOnlyCheckpoints,
-                               accumulation_windows, count_parameters, epoch_batches, loader_kwargs,
-                               log_metrics, make_scheduler, master_weights, plan_steps, resume_from,
-                               save_checkpoint, speed_options, steps_per_epoch, unwrap,
-                               warn_if_nothing_to_train)
+from accelerator_setup import count_parameters, unwrap
+from training.checkpoints import TrainableOnlyCheckpoints, resume_from, save_checkpoint
+from training.data import accumulation_windows, epoch_batches, loader_kwargs
+from training.exports import ExportCopies
+from training.precision import master_weights
+from training.speed import speed_options
+from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
+from training.watch import StepLogger, log_metrics, warn_if_nothing_to_train
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
 from metrics import image_text_retrieval
 from Stage0.dataset import collate_fn

@@ -11,24 +11,14 @@ from pathlib import Path
 
 import torch
 
-from accelerator_setup import (
-    EvalShard,
-    ExportCopies,
-    OptimizerStep,
-    StepLogger,
-    TrainableOnlyCheckpoints,
-    accumulation_windows,
-    count_parameters,
-    epoch_batches,
-    log_metrics,
-    make_scheduler,
-    plan_steps,
-    resume_from,
-    save_checkpoint,
-    steps_per_epoch,
-    warn_if_nothing_to_train,
-)
-from accelerator_setup import frozen_in_stored_dtypes, master_weights, speed_options
+from accelerator_setup import count_parameters
+from training.checkpoints import TrainableOnlyCheckpoints, resume_from, save_checkpoint
+from training.data import EvalShard, accumulation_windows, epoch_batches
+from training.exports import ExportCopies
+from training.precision import frozen_in_stored_dtypes, master_weights
+from training.speed import speed_options
+from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
+from training.watch import StepLogger, log_metrics, warn_if_nothing_to_train
 from projectors import lm_loss_on_supervised, projector_of, save_vlm
 
 logger = logging.getLogger("siglip_med")

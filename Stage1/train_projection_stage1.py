@@ -61,8 +61,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import data_check
-from accelerator_setup import LengthGroupedSampler, setup_accelerator_and_logging
-from accelerator_setup import loader_kwargs
+from accelerator_setup import setup_accelerator_and_logging
+from training.data import LengthGroupedSampler, loader_kwargs
 from projectors import build_vlm
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.projector_trainer import ProjectionTrainerStage1

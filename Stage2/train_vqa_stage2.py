@@ -93,12 +93,11 @@ def parse_args(argv=None):
 if __name__ == "__main__" and cli.help_requested():
     parse_args()  # the help, without waiting seconds for the imports below
 
-import torch
 from torch.utils.data import DataLoader
 
 import data_check
-from accelerator_setup import LengthGroupedSampler, setup_accelerator_and_logging
-from accelerator_setup import loader_kwargs
+from accelerator_setup import setup_accelerator_and_logging
+from training.data import LengthGroupedSampler, loader_kwargs
 from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, VQADataset, pad_token_id
 from Stage2.trainer import VQATrainerStage2

@@ -376,20 +376,21 @@ def test_sigterm_stops_stage2_with_a_checkpoint_that_resumes_exactly(vlm_parts, 
                 "--num_workers", "0", "--report_to", "none", "--max_a_len", "12", "--warmup_steps", "1",
                 "--logging_steps", "1", "--no-save_every_epoch", "--lora_r", "4", "--train_ve_first_epoch", *extra]
     main(argv(tmp_path / "ref"))
-    real = accelerator_setup.log_metrics
+    import training.watch
+    real = training.watch.log_metrics
 
     def signal_at_step_6(acc, metrics, step):
         real(acc, metrics, step)
         if "train/loss" in metrics and step == 6:  # in epoch 2 (4 steps an epoch)
             os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(accelerator_setup, "log_metrics", signal_at_step_6)
+    monkeypatch.setattr(training.watch, "log_metrics", signal_at_step_6)
     with pytest.raises(SystemExit) as stop:
         main(argv(tmp_path / "run"))
     assert stop.value.code == 0
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_4", "step_7"]  # epoch 1's, and the stop's
     assert not (tmp_path / "run" / "final_model").exists()
     assert signal.getsignal(signal.SIGTERM) is handler  # the handlers are put back
-    monkeypatch.setattr(accelerator_setup, "log_metrics", real)
+    monkeypatch.setattr(training.watch, "log_metrics", real)
     resumed = main(argv(tmp_path / "run", "--resume_from_checkpoint", "latest"))
     assert resumed.results["step"] == 8
     for f in ("model.safetensors", "vision_tower/model.safetensors", "lora_adapter/adapter_model.safetensors"):

@@ -1,0 +1,1 @@
+"""The training machinery every stage shares, one file per job (see README, Layout)."""
