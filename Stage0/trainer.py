@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from accelerator_setup import count_parameters, unwrap
-from training.checkpoints import TrainableOnlyCheckpoints, resume_from, save_checkpoint
-from training.data import accumulation_windows, epoch_batches, loader_kwargs
+from training.checkpoints import TrainableOnlyCheckpoints
+from training.data import loader_kwargs
 from training.exports import ExportCopies
+from training.loop import run_training
 from training.precision import master_weights
 from training.speed import speed_options
 from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
-from training.watch import StepLogger, log_metrics, warn_if_nothing_to_train
+from training.watch import log_metrics
 from losses import gather_with_grad, siglip_loss, siglip_loss_global, world
 from metrics import image_text_retrieval
 from Stage0.dataset import collate_fn
@@ -367,46 +368,36 @@ class VisionEncoderTrainerStage0:
 
     # -------------------------------------------------------------- loop
     def train(self):
-        args, acc = self.args, self.accelerator
-        step, start_epoch, skip = 0, 0, 0
-        self.stepper.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
-        state = resume_from(acc, args.output_dir, args.resume_from_checkpoint)
-        if state is not None:
-            step, start_epoch, skip = state["step"], state["epoch"], state["batches_done"]
-        k = args.gradient_accumulation_steps
-        warn_if_nothing_to_train(step, self.total_steps, args.output_dir)
+        run_training(self, "stage0")  # training/loop.py: resume, epochs, checkpoints, stops
+
+    # ------------------------------------------------------------ what the loop calls
+
+    def train_step(self, window, step):
+        if self.objective is not None:
+            loss = self._step_label_aware(window, step)
+        else:
+            loss = (self._step_frozen_text if self.freeze_text else self._step_trained_text)(window)
+        grad_norm, _ = self.stepper.finish(step, loss, window)
+        self.scheduler.step()
+        return loss, grad_norm
+
+    @staticmethod
+    def window_samples(window) -> int:
+        return sum(b["pixel_values"].shape[0] for b in window)
+
+    @property
+    def train_loader(self):
+        return self.train_dl
+
+    def start_epoch(self, epoch):
         self._set_modes()
-        if self.val_dataset is not None and step == 0:
+
+    def validate_first(self):
+        if self.val_dataset is not None:
             self.validate(0, 0)  # the untrained model's numbers, for comparison (step 0 in metrics.jsonl)
-        log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage0")
-        for epoch in range(start_epoch, self.num_epochs):
-            batches_done = skip
-            for window in accumulation_windows(epoch_batches(acc, self.train_dl, epoch, skip), k):
-                if step >= self.total_steps:
-                    break
-                if self.objective is not None:
-                    loss = self._step_label_aware(window, step)
-                else:
-                    loss = (self._step_frozen_text if self.freeze_text else self._step_trained_text)(window)
-                grad_norm, _ = self.stepper.finish(step, loss, window)
-                self.scheduler.step()
-                step += 1
-                batches_done += len(window)
-                log.step(step, epoch, loss, grad_norm, sum(b["pixel_values"].shape[0] for b in window))
-                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    save_checkpoint(acc, args.output_dir, step, {"epoch": epoch, "batches_done": batches_done},
-                                    args.checkpoints_total_limit)
-                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": batches_done}, args, log.divergence)
-            skip = 0
-            if step >= self.total_steps and batches_done < len(self.train_dl):
-                break  # --max_steps reached mid-epoch
-            save_checkpoint(acc, args.output_dir, step, {"epoch": epoch + 1, "batches_done": 0},
-                            args.checkpoints_total_limit)
-            self.end_of_epoch(epoch + 1, step)
-        log.close()
-        self.stepper.close()
-        self.save_model(Path(args.output_dir) / "final_model")
-        acc.end_training()
+
+    def finish(self, step):
+        self.save_model(Path(self.args.output_dir) / "final_model")
 
     def validate(self, epoch: int, step: int) -> dict:
         """Val metrics on every process (each on its share), logged by the main one."""
@@ -419,6 +410,7 @@ class VisionEncoderTrainerStage0:
         return m
 
     def end_of_epoch(self, epoch: int, step: int):
+        epoch += 1  # the epoch just finished, counted from 1
         if self.val_dataset is not None:  # on every process, each on its share
             self._keep_best(self.validate(epoch, step), epoch, step)
         if self.args.save_epoch_models:

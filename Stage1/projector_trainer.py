@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from accelerator_setup import count_parameters
-from training.checkpoints import TrainableOnlyCheckpoints, resume_from, save_checkpoint
-from training.data import EvalShard, accumulation_windows, epoch_batches
+from training.checkpoints import TrainableOnlyCheckpoints
+from training.data import EvalShard
 from training.exports import ExportCopies
+from training.loop import run_training
 from training.precision import frozen_in_stored_dtypes, master_weights
 from training.speed import speed_options
 from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
-from training.watch import StepLogger, log_metrics, warn_if_nothing_to_train
+from training.watch import log_metrics
 from projectors import lm_loss_on_supervised, projector_of, save_vlm
 
 logger = logging.getLogger("siglip_med")
@@ -81,54 +82,36 @@ class ProjectionTrainerStage1:
     # ------------------------------------------------------------ the loop
 
     def train(self):
-        args, acc = self.args, self.accelerator
-        state = {"step": 0, "epoch": 0, "batches_done": 0}
-        self.stepper.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
-        state = resume_from(acc, args.output_dir, args.resume_from_checkpoint) or state
-        warn_if_nothing_to_train(state["step"], self.total_steps, args.output_dir)
-        step = state["step"]
-        if self.val_loader is not None and step == 0:
-            self.results["val_loss_before"] = self.evaluate(step)
-        log = StepLogger(acc, self.scheduler, args.logging_steps, self.total_steps, step, "stage1")
-        for epoch in range(state["epoch"], self.num_epochs):
-            done = state["batches_done"] if epoch == state["epoch"] else 0
-            batches = epoch_batches(acc, self.train_loader, epoch, skip_batches=done)
-            for window in accumulation_windows(batches, args.gradient_accumulation_steps):
-                if step >= self.total_steps:  # resumed from a checkpoint written at the last step
-                    break
-                loss, grad_norm = self._optimizer_step(window, step)
-                step, done = step + 1, done + len(window)
-                log.step(step, epoch, loss, grad_norm, sum(len(b["input_ids"]) for b in window))
-                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    self._checkpoint(step, epoch, done)
-                self.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args, log.divergence)
-                if step >= self.total_steps:
-                    break
-            if done >= len(self.train_loader):
-                self._end_of_epoch(epoch, step)
-            elif step >= self.total_steps:  # a --max_steps stop inside an epoch stays resumable
-                self._checkpoint(step, epoch, done)
-            if step >= self.total_steps:
-                break
-        log.close()
-        self.stepper.close()
-        if self.val_loader is not None:
-            self.results["val_loss"] = self.evaluate(step)
-        self.results.update(step=step, final_model=str(self.save("final_model")))
-        self.model.model.multi_modal_projector = acc.unwrap_model(self.projector)
-        acc.end_training()
+        run_training(self, "stage1")  # training/loop.py: resume, epochs, checkpoints, stops
         return self.results
 
-    def _checkpoint(self, step, epoch, done):
-        save_checkpoint(self.accelerator, self.args.output_dir, step,
-                        {"epoch": epoch, "batches_done": done}, self.args.checkpoints_total_limit)
+    # ------------------------------------------------------------ what the loop calls
 
-    def _end_of_epoch(self, epoch, step):
+    def train_step(self, window, step):
+        return self._optimizer_step(window, step)
+
+    @staticmethod
+    def window_samples(window) -> int:
+        return sum(len(b["input_ids"]) for b in window)
+
+    def start_epoch(self, epoch):
+        pass
+
+    def validate_first(self):
+        if self.val_loader is not None:
+            self.results["val_loss_before"] = self.evaluate(0)
+
+    def end_of_epoch(self, epoch, step):
         if self.val_loader is not None:
             self.results["val_loss"] = self.evaluate(step)
         if self.args.save_every_epoch:
             self.save(f"epoch_{epoch + 1}")
-        self._checkpoint(step, epoch + 1, 0)
+
+    def finish(self, step):
+        if self.val_loader is not None:
+            self.results["val_loss"] = self.evaluate(step)
+        self.results.update(step=step, final_model=str(self.save("final_model")))
+        self.model.model.multi_modal_projector = self.accelerator.unwrap_model(self.projector)
 
     # ------------------------------------------------------------ eval and export
 

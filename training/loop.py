@@ -1,0 +1,66 @@
+"""The training loop every stage runs. A stage's trainer supplies what is its own:
+
+    trainer.train_step(window, step) -> (loss, grad_norm)  one optimizer step over an accumulation window
+    trainer.window_samples(window) -> int                 samples in it, for the throughput line
+    trainer.start_epoch(epoch)                            what changes per epoch (modes, a tower frozen)
+    trainer.validate_first()                              the untrained model's validation, step 0
+    trainer.end_of_epoch(epoch, step)                     validation and the epoch's export
+    trainer.finish(step)                                  the final validation and export
+
+and the attributes args, accelerator, stepper (training.step.OptimizerStep), scheduler,
+train_loader, total_steps and num_epochs (training.step.plan_steps). The loop owns the rest,
+the same in every stage: resume, what --max_steps and --num_epochs mean, step counting,
+accumulation windows, logging, the checkpoint cadence and the preemption stop.
+"""
+from __future__ import annotations
+
+from training.checkpoints import resume_from, save_checkpoint
+from training.data import accumulation_windows, epoch_batches
+from training.watch import StepLogger, warn_if_nothing_to_train
+
+
+def run_training(trainer, name: str) -> int:
+    """Train from the start or from the checkpoint --resume_from_checkpoint names; return the
+    last step. A checkpoint is written every --checkpointing_steps, at each epoch's end (after
+    its validation and export, so a resume continues exactly there) and where --max_steps stops
+    inside an epoch, so every stop is resumable."""
+    args, acc = trainer.args, trainer.accelerator
+    trainer.stepper.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
+    state = resume_from(acc, args.output_dir, args.resume_from_checkpoint) or {"step": 0, "epoch": 0,
+                                                                                "batches_done": 0}
+    step, total = state["step"], trainer.total_steps
+    warn_if_nothing_to_train(step, total, args.output_dir)
+
+    def checkpoint(epoch, done):
+        save_checkpoint(acc, args.output_dir, step, {"epoch": epoch, "batches_done": done}, args.checkpoints_total_limit)
+
+    if step == 0:
+        trainer.validate_first()
+    log = StepLogger(acc, trainer.scheduler, args.logging_steps, total, step, name)
+    for epoch in range(state["epoch"], trainer.num_epochs):
+        trainer.start_epoch(epoch)
+        done = state["batches_done"] if epoch == state["epoch"] else 0
+        batches = epoch_batches(acc, trainer.train_loader, epoch, skip_batches=done)
+        for window in accumulation_windows(batches, args.gradient_accumulation_steps):
+            if step >= total:  # resumed from a checkpoint written at the last step
+                break
+            loss, grad_norm = trainer.train_step(window, step)
+            step, done = step + 1, done + len(window)
+            log.step(step, epoch, loss, grad_norm, trainer.window_samples(window))
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                checkpoint(epoch, done)
+            trainer.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args, log.divergence)
+            if step >= total:
+                break
+        if done >= len(trainer.train_loader):
+            trainer.end_of_epoch(epoch, step)
+            checkpoint(epoch + 1, 0)
+        elif step >= total:  # a --max_steps stop inside an epoch stays resumable
+            checkpoint(epoch, done)
+        if step >= total:
+            break
+    log.close()
+    trainer.stepper.close()
+    trainer.finish(step)
+    acc.end_training()
+    return step
