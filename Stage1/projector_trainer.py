@@ -15,7 +15,7 @@ from accelerator_setup import count_parameters
 from training.checkpoints import TrainableOnlyCheckpoints
 from training.data import EvalShard
 from training.exports import ExportCopies
-from training.loop import run_training
+from training.loop import OneLossTrainer
 from training.precision import frozen_in_stored_dtypes, master_weights
 from training.speed import speed_options
 from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
@@ -25,7 +25,10 @@ from projectors import lm_loss_on_supervised, projector_of, save_vlm
 logger = logging.getLogger("siglip_med")
 
 
-class ProjectionTrainerStage1:
+class ProjectionTrainerStage1(OneLossTrainer):
+    """The loop (training/loop.py) with Stage1's step, validation and export."""
+    loop_name = "stage1"
+
     def __init__(self, args, accelerator, model, tokenizer, image_processor, train_loader, val_loader=None):
         self.args, self.accelerator = args, accelerator
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
@@ -81,36 +84,8 @@ class ProjectionTrainerStage1:
 
     # ------------------------------------------------------------ the loop
 
-    def train(self):
-        run_training(self, "stage1")  # training/loop.py: resume, epochs, checkpoints, stops
-        return self.results
-
-    # ------------------------------------------------------------ what the loop calls
-
-    def train_step(self, window, step):
-        return self._optimizer_step(window, step)
-
-    @staticmethod
-    def window_samples(window) -> int:
-        return sum(len(b["input_ids"]) for b in window)
-
-    def start_epoch(self, epoch):
-        pass
-
-    def validate_first(self):
-        if self.val_loader is not None:
-            self.results["val_loss_before"] = self.evaluate(0)
-
-    def end_of_epoch(self, epoch, step):
-        if self.val_loader is not None:
-            self.results["val_loss"] = self.evaluate(step)
-        if self.args.save_every_epoch:
-            self.save(f"epoch_{epoch + 1}")
-
     def finish(self, step):
-        if self.val_loader is not None:
-            self.results["val_loss"] = self.evaluate(step)
-        self.results.update(step=step, final_model=str(self.save("final_model")))
+        super().finish(step)
         self.model.model.multi_modal_projector = self.accelerator.unwrap_model(self.projector)
 
     # ------------------------------------------------------------ eval and export

@@ -23,7 +23,7 @@ from accelerator_setup import count_parameters
 from training.checkpoints import TrainableOnlyCheckpoints
 from training.data import EvalShard
 from training.exports import ExportCopies
-from training.loop import run_training
+from training.loop import OneLossTrainer
 from training.precision import master_weights
 from training.speed import speed_options
 from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
@@ -102,7 +102,10 @@ def vlm_name(peft_name: str) -> str | None:
     return name.replace(".modules_to_save.default", "").replace(".base_layer", "")
 
 
-class VQATrainerStage2:
+class VQATrainerStage2(OneLossTrainer):
+    """The loop (training/loop.py) with Stage2's step, validation and export."""
+    loop_name = "stage2"
+
     def __init__(self, args, accelerator, model, tokenizer, image_processor, train_loader, val_loader=None,
                  base_loader=None):
         """base_loader(): the VLM this run started from, built again on CPU in the checkpoints'
@@ -240,39 +243,13 @@ class VQATrainerStage2:
 
     # ------------------------------------------------------------ the loop
 
-    def train(self):
-        run_training(self, "stage2")  # training/loop.py: resume, epochs, checkpoints, stops
-        return self.results
-
-    # ------------------------------------------------------------ what the loop calls
-
-    def train_step(self, window, step):
-        return self._optimizer_step(window, step)
-
-    @staticmethod
-    def window_samples(window) -> int:
-        return sum(len(b["input_ids"]) for b in window)
-
     def start_epoch(self, epoch):
         if self.train_vision and epoch >= 1:
             self._freeze_vision_tower()
         self._set_modes()
 
-    def validate_first(self):
-        if self.val_loader is not None:
-            self.results["val_loss_before"] = self.evaluate(0)
-
-    def end_of_epoch(self, epoch, step):
-        if self.val_loader is not None:
-            self.results["val_loss"] = self.evaluate(step)
-            logger.info("epoch %d: val answer loss %.4f", epoch + 1, self.results["val_loss"])
-        if self.args.save_every_epoch:
-            self.save(f"epoch_{epoch + 1}")
-
     def finish(self, step):
-        if self.val_loader is not None:
-            self.results["val_loss"] = self.evaluate(step)
-        self.results.update(step=step, final_model=str(self.save("final_model")))
+        super().finish(step)
         self.vlm.eval()
 
     # ------------------------------------------------------------ eval and export
@@ -298,6 +275,7 @@ class VQATrainerStage2:
                                          torch.as_tensor(count, device=acc.device, dtype=torch.float)]), "sum")
         val = (totals[0] / totals[1].clamp(min=1)).item()
         log_metrics(acc, {"val/loss": val}, step)
+        logger.info("step %d: val answer loss %.4f", step, val)
         self._evaluated = (step, val)
         return val
 

@@ -64,3 +64,40 @@ def run_training(trainer, name: str) -> int:
     trainer.finish(step)
     acc.end_training()
     return step
+
+
+class OneLossTrainer:
+    """The loop's calls for a trainer whose validation is one loss, `evaluate(step)`, and whose
+    export is one folder, `save(name)` (Stage1 and Stage2): its results dict records the loss
+    before and after. The trainer gives `_optimizer_step(window, step)` and `loop_name`."""
+    loop_name = "train"
+    results: dict
+
+    def train(self) -> dict:
+        run_training(self, self.loop_name)
+        return self.results
+
+    def train_step(self, window, step):
+        return self._optimizer_step(window, step)
+
+    @staticmethod
+    def window_samples(window) -> int:
+        return sum(len(b["input_ids"]) for b in window)
+
+    def start_epoch(self, epoch):
+        pass
+
+    def validate_first(self):
+        if self.val_loader is not None:
+            self.results["val_loss_before"] = self.evaluate(0)
+
+    def end_of_epoch(self, epoch, step):
+        if self.val_loader is not None:
+            self.results["val_loss"] = self.evaluate(step)
+        if self.args.save_every_epoch:
+            self.save(f"epoch_{epoch + 1}")
+
+    def finish(self, step):
+        if self.val_loader is not None:
+            self.results["val_loss"] = self.evaluate(step)
+        self.results.update(step=step, final_model=str(self.save("final_model")))
