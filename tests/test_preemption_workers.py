@@ -3,7 +3,6 @@ workers run (the trainers' and launchers' default). The workers used to die of t
 first, torch's child-death handler raised `DataLoader worker ... killed by signal` in the
 trainer mid-step, and the run exited 1 with no checkpoint. Each run here must stop with a
 checkpoint, exit 0, and resume to the weights of a run never stopped."""
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 
 from accelerator_setup import ignore_stop_signals, list_checkpoints
 from test_reliability_loop import (ENV, ROOT, _exit_statuses, _launch, _same_safetensors, _stage0_argv,
-                                   _wait_for_step)
+                                   _wait_for_step, tiny_vlm_parts)
 
 STAGE0 = str(ROOT / "Stage0" / "train_vision_encoder_stage0.py")
 STAGE2 = str(ROOT / "Stage2" / "train_vqa_stage2.py")
@@ -86,16 +85,7 @@ def test_process_group_sigterm_with_workers_two_processes_stage0(tiny_siglip, de
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory, demo_dir):
-    from projectors import build_vlm, save_vlm
-    from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
-    root = tmp_path_factory.mktemp("vlm_workers")
-    rows = json.loads((demo_dir / "stage2_train.json").read_text())[:32]
-    (root / "train.json").write_text(json.dumps(rows))
-    texts = _texts_from_files([root / "train.json"])
-    siglip = build_tiny_siglip(root / "siglip", texts, image_size=32, patch_size=16, hidden_size=32, num_layers=1,
-                               num_heads=2, vocab_size=300)
-    gemma = build_tiny_gemma3(root / "gemma3", texts, hidden_size=32, num_layers=1, num_heads=2, vocab_size=300)
-    return {"root": root, "siglip": siglip, "gemma3": gemma}
+    return tiny_vlm_parts(tmp_path_factory.mktemp("vlm_workers"), demo_dir, 32)
 
 
 def test_process_group_sigterm_with_workers_one_process_stage2(vlm, demo_dir, tmp_path):

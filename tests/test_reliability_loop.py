@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import accelerator_setup
 from accelerator_setup import (DivergenceWatch, add_common_args, list_checkpoints, resume_from, save_checkpoint,
                                setup_accelerator_and_logging)
 
@@ -344,21 +343,27 @@ def test_sigterm_to_the_one_process_launcher_alone_stops_its_trainer_with_a_chec
     assert f"SIGTERM received: stopped after step {steps[-1]} " in text
 
 
-@pytest.fixture(scope="module")
-def vlm_parts(tmp_path_factory, demo_dir):
-    """Config-built towers (no download, no pretraining) and a Stage 1 folder to start from."""
-    from projectors import build_vlm, save_vlm
+def tiny_vlm_parts(root, demo_dir, n_rows) -> dict:
+    """Config-built towers (no download, no pretraining) over the first n_rows Stage 2 rows:
+    {"root", "siglip", "gemma3"}, the rows in root/train.json."""
     from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
-    root = tmp_path_factory.mktemp("vlm")
-    rows = json.loads((demo_dir / "stage2_train.json").read_text())[:16]
+    rows = json.loads((demo_dir / "stage2_train.json").read_text())[:n_rows]
     (root / "train.json").write_text(json.dumps(rows))
     texts = _texts_from_files([root / "train.json"])
     siglip = build_tiny_siglip(root / "siglip", texts, image_size=32, patch_size=16, hidden_size=32, num_layers=1,
                                num_heads=2, vocab_size=300)
     gemma = build_tiny_gemma3(root / "gemma3", texts, hidden_size=32, num_layers=1, num_heads=2, vocab_size=300)
+    return {"root": root, "siglip": siglip, "gemma3": gemma}
+
+
+@pytest.fixture(scope="module")
+def vlm_parts(tmp_path_factory, demo_dir):
+    """tiny_vlm_parts and a Stage 1 folder to start from."""
+    from projectors import build_vlm, save_vlm
+    parts = tiny_vlm_parts(tmp_path_factory.mktemp("vlm"), demo_dir, 16)
     torch.manual_seed(1)
-    stage1 = save_vlm(*build_vlm(siglip, gemma), root / "stage1" / "final_model")
-    return {"root": root, "siglip": siglip, "gemma3": gemma, "stage1": stage1}
+    stage1 = save_vlm(*build_vlm(parts["siglip"], parts["gemma3"]), parts["root"] / "stage1" / "final_model")
+    return {**parts, "stage1": stage1}
 
 
 def test_sigterm_stops_stage2_with_a_checkpoint_that_resumes_exactly(vlm_parts, demo_dir, tmp_path, monkeypatch,
