@@ -151,7 +151,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- the training CLIs' shared flags
 
-# Answer length of the VQA CLIs, and of the exported generation config (projectors.py).
+# Answer length of the VQA CLIs, and of the exported generation config (vlm.py).
 DEFAULT_MAX_NEW_TOKENS = 256
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 

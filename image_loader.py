@@ -565,41 +565,6 @@ def check_volume(path, full: bool = False, *, row=None, source=None, key: str = 
               "re-export the volume")
 
 
-class VolumeProcessor:
-    """A CT volume (C, D, H, W) -> pixel_values (1, D', H', W') for a 3D tower, in the image
-    processors' call style. Intensities are clipped to [clip_min, clip_max] and scaled to [0, 1]
-    (defaults: Hounsfield units -1000..1000, Merlin's range; already-scaled volumes pass
-    0..1), channels are averaged (Merlin reads one channel: a 2-channel NPZ, e.g. two windows
-    of one scan, becomes their mean), and the volume is resized trilinearly to `size` (D, H, W)."""
-
-    def __init__(self, size=(160, 224, 224), clip_min: float = -1000.0, clip_max: float = 1000.0):
-        self.size, self.clip_min, self.clip_max = tuple(int(v) for v in size), float(clip_min), float(clip_max)
-
-    def to_dict(self) -> dict:
-        return {"size": list(self.size), "clip_min": self.clip_min, "clip_max": self.clip_max}
-
-    def save_pretrained(self, out_dir) -> None:
-        out = pathlib.Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "volume_processor.json").write_text(json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def from_pretrained(cls, path):
-        return cls(**json.loads((pathlib.Path(path) / "volume_processor.json").read_text()))
-
-    def __call__(self, images, return_tensors="pt"):
-        import torch
-        import torch.nn.functional as F
-        vols = images if isinstance(images, (list, tuple)) else [images]
-        out = []
-        for v in vols:
-            v = np.clip(np.asarray(v, dtype=np.float32), self.clip_min, self.clip_max)
-            v = (v - self.clip_min) / (self.clip_max - self.clip_min)
-            t = torch.from_numpy(v).mean(0, keepdim=True)[None]  # (1, 1, D, H, W)
-            out.append(F.interpolate(t, size=self.size, mode="trilinear", align_corners=False)[0])
-        return {"pixel_values": torch.stack(out)}
-
-
 def load_input(path, *, row=None, source=None):
     """An image (PNG/JPEG/DICOM) or, for .npz, a CT volume: whatever the tower's processor takes."""
     if str(path).lower().endswith(".npz"):

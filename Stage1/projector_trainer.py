@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from accelerator_setup import count_parameters
+from projectors import projector_of
 from training.checkpoints import TrainableOnlyCheckpoints
 from training.data import EvalShard
 from training.exports import ExportCopies
@@ -20,7 +21,7 @@ from training.precision import frozen_in_stored_dtypes, master_weights
 from training.speed import speed_options
 from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
 from training.watch import log_metrics
-from projectors import lm_loss_on_supervised, projector_of, save_vlm
+from vlm import lm_loss_on_supervised, save_vlm
 
 logger = logging.getLogger("siglip_med")
 

@@ -62,10 +62,10 @@ from torch.utils.data import DataLoader
 
 import data_check
 from accelerator_setup import setup_accelerator_and_logging
-from training.data import LengthGroupedSampler, loader_kwargs
-from projectors import build_vlm
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.projector_trainer import ProjectionTrainerStage1
+from training.data import LengthGroupedSampler, loader_kwargs
+from vlm import build_vlm
 
 
 def make_dataset(json_path, args, model, tokenizer, image_processor):

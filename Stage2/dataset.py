@@ -13,14 +13,13 @@ re-rendered template string can. `build_prompt` is the one place that builds the
 """
 from __future__ import annotations
 
-
 import torch
 from torch.utils.data import Dataset
 
 from data_check import load_item
 from image_cache import load_cached, open_cache
 from image_loader import read_json_rows
-from projectors import special_token_id
+from vlm import special_token_id
 
 IGNORE_INDEX = -100
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"

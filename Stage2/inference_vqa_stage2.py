@@ -83,9 +83,10 @@ if __name__ == "__main__" and cli.help_requested():
 import torch
 
 from image_loader import ImageLoadError, load_image
-from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, load_vlm, projector_of, recorded_tower
+from projectors import PROJECTOR_DIR, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, build_prompt, chat_token_ids, pad_token_id
 from Stage2.trainer import VISION_TOWER_DIR
+from vlm import build_vlm, load_vlm
 
 logger = logging.getLogger("siglip_med")
 

@@ -97,10 +97,11 @@ from torch.utils.data import DataLoader
 
 import data_check
 from accelerator_setup import setup_accelerator_and_logging
-from training.data import LengthGroupedSampler, loader_kwargs
-from projectors import PROJECTOR_DIR, build_vlm, check_tower, load_projector, projector_of, recorded_tower
+from projectors import PROJECTOR_DIR, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, VQADataset, pad_token_id
 from Stage2.trainer import VQATrainerStage2
+from training.data import LengthGroupedSampler, loader_kwargs
+from vlm import build_vlm
 
 logger = logging.getLogger("siglip_med")
 

@@ -22,13 +22,13 @@ from torch import nn
 from accelerator_setup import count_parameters
 from training.checkpoints import TrainableOnlyCheckpoints
 from training.data import EvalShard
-from training.exports import ExportCopies
+from training.exports import ExportCopies, add_lora_deltas
 from training.loop import OneLossTrainer
 from training.precision import master_weights
 from training.speed import speed_options
 from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
 from training.watch import log_metrics
-from projectors import add_lora_deltas, lm_loss_on_supervised, save_vlm
+from vlm import lm_loss_on_supervised, save_vlm
 
 logger = logging.getLogger("siglip_med")
 

@@ -3,7 +3,7 @@
 Every "ours" path is the project's own step: the Stage trainers are built from their own
 argument parsers and the step is their method (`_step_frozen_text` / `_step_trained_text`
 plus `OptimizerStep.finish` for Stage0, `_optimizer_step` for Stage1 and Stage2), on models
-assembled by `Stage0.towers.build_model` and `projectors.build_vlm` from folders written by
+assembled by `Stage0.towers.build_model` and `vlm.build_vlm` from folders written by
 scripts/make_tiny_models.py (real architectures from configs, random weights: speed and memory
 do not depend on the weights). The peers are the plain loops people write:
 
@@ -32,9 +32,23 @@ import torch
 import torch.nn.functional as F
 
 from accelerator_setup import trained_dtypes
-from scripts.bench_core import (LivePeak, attempt, free, frozen_flops, grad_through_flops, is_cuda, lm_body_params,
-                                lm_head_flops, measure, measure_interleaved, memory_ratio, n_params, sync,
-                                tower_flops, trained_flops)
+from scripts.bench_core import (
+    LivePeak,
+    attempt,
+    free,
+    frozen_flops,
+    grad_through_flops,
+    is_cuda,
+    lm_body_params,
+    lm_head_flops,
+    measure,
+    measure_interleaved,
+    memory_ratio,
+    n_params,
+    sync,
+    tower_flops,
+    trained_flops,
+)
 from scripts.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS, build_tiny_gemma3, build_tiny_siglip
 
 TEXTS = ["No acute cardiopulmonary process.", "Small left pleural effusion with adjacent atelectasis.",
@@ -399,7 +413,7 @@ def bench_siglip_loss(args) -> dict:
 # ---------------------------------------------------------------- stage1_step / stage2_step
 
 def _vlm(args, dtype=None):
-    from projectors import build_vlm
+    from vlm import build_vlm
     return build_vlm(str(args.models.siglip(args.vlm_preset)), str(args.models.gemma(args.lm_preset)),
                      torch_dtype=dtype)
 
@@ -483,9 +497,10 @@ def _vlm_flops(vlm, batch, *, projector: str, lm: str, head: str, every_position
 
 
 def _stage1_run(args, flags, with_peer: bool) -> list[dict]:
-    from Stage1.train_projection_stage1 import parse_args
-    from Stage1.projector_trainer import ProjectionTrainerStage1
     from torch.utils.data import DataLoader
+
+    from Stage1.projector_trainer import ProjectionTrainerStage1
+    from Stage1.train_projection_stage1 import parse_args
     b = args.stage1_batch_size or VLM_BATCH[torch.device(args.device).type][0]
     with tempfile.TemporaryDirectory() as out:
         sargs = parse_args(["--image_root", ".", "--train_json", "unused.json", *_stage_flags(args, out, b, flags)])
@@ -548,9 +563,10 @@ def bench_stage1_step(args) -> dict:
 
 
 def _stage2_run(args, flags, with_peer: bool) -> list[dict]:
+    from torch.utils.data import DataLoader
+
     from Stage2.train_vqa_stage2 import parse_args
     from Stage2.trainer import VQATrainerStage2
-    from torch.utils.data import DataLoader
     b = args.stage2_batch_size or VLM_BATCH[torch.device(args.device).type][1]
     with tempfile.TemporaryDirectory() as out:
         sargs = parse_args(["--image_root", ".", "--train_json", "unused.json", *_stage_flags(args, out, b, flags)])

@@ -402,7 +402,7 @@ def build_merlin_checkpoint(path, *, layers=(1, 1, 1, 1), width=8, seed=0) -> Pa
     the whole CLIP model, the 3D image encoder under `encode_image.i3_resnet.` (its classifier
     and contrastive heads included) and the Clinical-Longformer text encoder under
     `encode_text.`. `layers`/`width` give a small I3ResNet of the same structure."""
-    from Stage0.towers import MerlinBackbone
+    from Stage0.merlin import MerlinBackbone
     torch.manual_seed(seed)
     path = Path(path)
     state = {f"encode_image.i3_resnet.{k}": v for k, v in

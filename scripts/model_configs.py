@@ -94,7 +94,7 @@ RAD_DINO = {
     "torch_dtype": "float32",
 }
 
-# Merlin's I3ResNet-152 (Stage0.towers.MerlinBackbone's defaults are this architecture); the
+# Merlin's I3ResNet-152 (Stage0.merlin.MerlinBackbone's defaults are this architecture); the
 # release is a torch state dict in float32.
 MERLIN_I3RESNET152 = {
     "model_type": "merlin",

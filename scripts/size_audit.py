@@ -143,7 +143,7 @@ def build_hf(name: str, kind: str = "base"):
 
 def build_vlm(vision_name: str, llm_name: str):
     """LlavaForConditionalGeneration(SigLIP vision tower, 2-layer MLP projector, Gemma 3), as
-    projectors.build_vlm assembles it, on the meta device."""
+    vlm.build_vlm assembles it, on the meta device."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from scripts.model_configs import config_for
@@ -429,7 +429,8 @@ def ct_row(v, phase: int, lora: dict | None = None, default: bool = True) -> Row
     from torch import nn
 
     from scripts.model_configs import config_for
-    from Stage0.towers import ContrastiveModel, ImageTower, MerlinBackbone, TextTower
+    from Stage0.merlin import MerlinBackbone
+    from Stage0.towers import ContrastiveModel, ImageTower, TextTower
     text_id, _ = config_for(v["TEXT_MODEL_PATH"])
     merlin_cfg = config_for("merlin")[1]
     with torch.device("meta"):

@@ -22,10 +22,11 @@ from pydicom.data import get_testdata_file
 import cli
 import data_check
 from data_check import BadDataError, DataFileError, check_datasets
-from image_loader import ImageLoadError, VolumeProcessor, check_input, load_input
+from image_loader import ImageLoadError, check_input, load_input
 from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3
 from scripts.validate_data import main as validate_main
 from Stage0.dataset import ImageTextContrastiveDataset
+from Stage0.merlin import VolumeProcessor
 from Stage2.dataset import VQADataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +236,7 @@ def test_a_file_unusable_as_a_whole_stops_even_under_skip(files, parts, tmp_path
 
 
 def test_stage2_rows_with_an_empty_question_or_answer(files, tiny_siglip, gemma, tmp_path):
-    from projectors import build_vlm
+    from vlm import build_vlm
     model, tok, ip = build_vlm(tiny_siglip, gemma)
     good = [{k: r[k] for k in ("image", "problem", "normal_caption")} for r in files["stage2"][:3]]
     img = good[0]["image"]

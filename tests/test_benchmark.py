@@ -151,8 +151,8 @@ def test_the_llava_peer_optimises_the_same_loss_as_the_project(tmp_path):
     # cross-entropy over the answer tokens, only with logits at every position.
     from types import SimpleNamespace
 
-    from projectors import lm_loss_on_supervised
     from scripts.bench_peers import ModelFolders, _stage2_batch, _vlm, llava_concat_loss
+    from vlm import lm_loss_on_supervised
     args = SimpleNamespace(models=ModelFolders(tmp_path), vlm_preset="tiny", lm_preset="tiny")
     model, tokenizer, _ = _vlm(args)
     batch = _stage2_batch(model, tokenizer, 2, 12)

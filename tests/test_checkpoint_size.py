@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from scripts.make_demo_data import main as make_demo
 from scripts.make_tiny_models import build_tiny_dinov2, build_tiny_gemma3
-from Stage0.towers import MerlinBackbone, load_model
+from Stage0.merlin import MerlinBackbone
+from Stage0.towers import load_model
 from Stage0.train_vision_encoder_stage0 import main
 
 TINY_MERLIN = ["--merlin_layers", "1", "1", "1", "1", "--merlin_width", "8", "--volume_size", "16", "32", "32"]

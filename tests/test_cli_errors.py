@@ -20,8 +20,8 @@ import torch
 
 import cli
 from image_loader import read_json_rows
-from projectors import build_vlm, save_vlm
 from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3
+from vlm import build_vlm, save_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

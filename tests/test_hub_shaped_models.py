@@ -123,7 +123,7 @@ def test_text_backbone_merges_the_mntp_adapter_named_by_hub_id(hub_cache):
 
 
 def test_merlin_official_checkpoint_loads_through_load_merlin_weights(hub_merlin_ckpt):
-    from Stage0.towers import MerlinBackbone, load_merlin_weights
+    from Stage0.merlin import MerlinBackbone, load_merlin_weights
     official = torch.load(hub_merlin_ckpt, weights_only=True)
     assert all(k.startswith(("encode_image.i3_resnet.", "encode_text.")) for k in official)
     backbone = MerlinBackbone(layers=(1, 1, 1, 1), width=8)
@@ -140,7 +140,7 @@ def _vlm_inputs(model, tok, proc):
 
 def test_build_vlm_from_a_bf16_siglip_and_gemma3_it(hub_siglip, hub_gemma3_it):
     """Assembled as the trainers use it: pretrained parts in their stored bf16, run under autocast."""
-    from projectors import build_vlm
+    from vlm import build_vlm
     model, tok, proc = build_vlm(hub_siglip, hub_gemma3_it)
     assert model.model.vision_tower.dtype == model.model.language_model.dtype == torch.bfloat16
     assert tok.chat_template and "<start_of_turn>" in tok.chat_template  # the -it tokenizer's own
@@ -151,7 +151,7 @@ def test_build_vlm_from_a_bf16_siglip_and_gemma3_it(hub_siglip, hub_gemma3_it):
 
 
 def test_a_vlm_built_from_bf16_parts_runs_without_autocast(hub_siglip, hub_gemma3_it):
-    from projectors import build_vlm
+    from vlm import build_vlm
     model, tok, proc = build_vlm(hub_siglip, hub_gemma3_it)
     ids, pixels = _vlm_inputs(model, tok, proc)
     with torch.no_grad():

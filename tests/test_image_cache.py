@@ -215,7 +215,7 @@ def test_changed_source_is_decoded_and_rebuilt_alone(data, tokenizer, decodes, c
 
 
 def test_volumes_and_unresizing_processors_pass_through(tmp_path):
-    from image_loader import VolumeProcessor
+    from Stage0.merlin import VolumeProcessor
     vol = tmp_path / "ct.npz"
     np.savez(vol, image=np.zeros((1, 4, 8, 8), np.float32))
     assert target_from_processor(VolumeProcessor(size=(4, 8, 8))) is None
@@ -271,8 +271,7 @@ def test_script_help_and_errors_name_the_fix(tmp_path, capsys):
 
 
 def test_loader_kwargs_pin_on_cuda_and_keep_workers():
-    from accelerator_setup import loader_kwargs
-    from accelerator_setup import ignore_stop_signals
+    from accelerator_setup import ignore_stop_signals, loader_kwargs
     assert loader_kwargs(0) == {"num_workers": 0, "pin_memory": torch.cuda.is_available(),
                                 "persistent_workers": False, "worker_init_fn": None}
     workers = loader_kwargs(3)

@@ -1,4 +1,4 @@
-"""projectors.py: VLM assembly, image-token counts, export round trip, supervised-only LM loss.
+"""projectors.py and vlm.py: VLM assembly, image-token counts, export round trip, supervised-only LM loss.
 
 All towers are tiny config-built models with random weights (no download)."""
 import json
@@ -23,16 +23,10 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from projectors import (
-    MLPProjector,
-    build_vlm,
-    lm_loss_on_supervised,
-    load_projector,
-    load_vision_tower,
-    load_vlm,
-    save_vlm,
-)
+from projectors import MLPProjector, load_projector
 from scripts.make_tiny_models import build_tiny_gemma3, build_tiny_siglip
+from vision_tower import load_vision_tower
+from vlm import build_vlm, lm_loss_on_supervised, load_vlm, save_vlm
 
 TEXTS = ["FINDINGS: The heart is normal in size. No pleural effusion. IMPRESSION: Normal chest.",
          "FINDINGS: Cardiomegaly. Small left pleural effusion. IMPRESSION: Cardiomegaly with effusion."] * 10
@@ -211,7 +205,8 @@ def test_export_decodes_greedily_like_the_cli_and_keeps_the_base_sampling_settin
     decoding arguments answers as the CLI does; the base's settings stay under a known name."""
     from transformers import GenerationConfig
 
-    from projectors import DEFAULT_MAX_NEW_TOKENS, SAMPLING_CONFIG
+    from cli import DEFAULT_MAX_NEW_TOKENS
+    from vlm import SAMPLING_CONFIG
     lm_dir = tmp_path / "gemma3_it"
     shutil.copytree(tiny["gemma3"], lm_dir)
     GenerationConfig(do_sample=True, top_k=64, top_p=0.95, bos_token_id=2, eos_token_id=[1, 106],

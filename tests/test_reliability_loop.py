@@ -22,8 +22,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accelerator_setup import (DivergenceWatch, add_common_args, list_checkpoints, resume_from, save_checkpoint,
-                               setup_accelerator_and_logging)
+from accelerator_setup import (
+    DivergenceWatch,
+    add_common_args,
+    list_checkpoints,
+    resume_from,
+    save_checkpoint,
+    setup_accelerator_and_logging,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -359,7 +365,7 @@ def tiny_vlm_parts(root, demo_dir, n_rows) -> dict:
 @pytest.fixture(scope="module")
 def vlm_parts(tmp_path_factory, demo_dir):
     """tiny_vlm_parts and a Stage 1 folder to start from."""
-    from projectors import build_vlm, save_vlm
+    from vlm import build_vlm, save_vlm
     parts = tiny_vlm_parts(tmp_path_factory.mktemp("vlm"), demo_dir, 16)
     torch.manual_seed(1)
     stage1 = save_vlm(*build_vlm(parts["siglip"], parts["gemma3"]), parts["root"] / "stage1" / "final_model")

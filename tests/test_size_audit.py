@@ -75,7 +75,7 @@ def test_known_parameter_counts_from_the_embedded_configs():
 
 
 def test_rows_count_what_the_launchers_build_and_train(run):
-    from Stage0.towers import MerlinBackbone
+    from Stage0.merlin import MerlinBackbone
     rows = rows_by_name(run[0])
     with torch.device("meta"):
         merlin = sum(p.numel() for p in MerlinBackbone().parameters())

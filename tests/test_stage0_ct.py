@@ -11,7 +11,8 @@ import torch
 from scripts.make_demo_data import main as make_demo
 from scripts.make_tiny_models import build_tiny_bert
 from Stage0.inference_stage0 import main as infer
-from Stage0.towers import MerlinBackbone, TextTower, _text_backbone, load_merlin_weights, load_model
+from Stage0.merlin import MerlinBackbone, load_merlin_weights
+from Stage0.towers import TextTower, _text_backbone, load_model
 from Stage0.train_vision_encoder_stage0 import main
 
 TINY_MERLIN = ["--merlin_layers", "1", "1", "1", "1", "--merlin_width", "8", "--volume_size", "16", "32", "32"]

@@ -90,8 +90,8 @@ def test_outputs_reload_with_towers_heads_and_preprocessing(runs):
 def test_stage1_takes_a_towers_folder_as_its_vision_tower(runs, knee, tmp_path):
     """A DINOv2 tower trained here feeds the VLM: its CLS token is dropped ("default"), its own
     processor preprocesses."""
-    from projectors import build_vlm
     from scripts.make_tiny_models import build_tiny_gemma3
+    from vlm import build_vlm
     _, out = runs["dinov2/bert"]
     gemma = build_tiny_gemma3(tmp_path / "gemma", ["mild oa of the knee"], hidden_size=32, vocab_size=300)
     vlm, _, proc = build_vlm(out / "final_model", gemma)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_clients import assert_standard_clients_match
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -28,9 +29,8 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from hf_clients import assert_standard_clients_match
 from image_loader import ImageLoadError
-from projectors import build_vlm, load_projector, projector_of, save_vlm
+from projectors import load_projector, projector_of
 from scripts.make_demo_data import main as make_demo_data
 from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage2.dataset import VQACollator, VQADataset, build_example, build_prompt
@@ -38,6 +38,7 @@ from Stage2.evaluate import main as evaluate_main
 from Stage2.inference_vqa_stage2 import main as infer_main
 from Stage2.train_vqa_stage2 import load_stage1_projector, main, parse_args
 from Stage2.trainer import part_of
+from vlm import build_vlm, save_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

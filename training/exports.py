@@ -1,9 +1,12 @@
-"""Exports: one copy of what did not change between a run's exported folders."""
+"""Exports: one copy of what did not change between a run's exported folders, and LoRA
+adapters merged into the exported weights."""
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+
+import torch
 
 
 def same_bytes(a, b, chunk: int = 1 << 20) -> bool:
@@ -117,3 +120,19 @@ class ExportCopies:
         for part in parts:
             if (out / part).exists():
                 self.written.setdefault(part, []).append(out)
+
+
+def add_lora_deltas(state: dict, peft_module, key_of=lambda name: name) -> dict:
+    """Merge every LoRA adapter of `peft_module` into `state` (a state dict of the weights as
+    loaded from the checkpoint): W + B·A·alpha/r computed in fp32 on CPU and stored in W's own
+    dtype. `key_of` maps a LoRA module's name to its key prefix in `state`. merge_and_unload
+    would add the delta into whatever copy the model trains (bf16), misplacing it by 3-30%."""
+    from peft.tuners.lora import LoraLayer
+    with torch.no_grad():
+        for name, module in peft_module.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                key = key_of(name) + ".weight"
+                a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
+                b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
+                state[key] = (state[key].float() + (b @ a) * module.scaling["default"]).to(state[key].dtype)
+    return state
