@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 : "${MODEL_NAME:=StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli}"
 : "${TRAIN_JSON:=data/cxr/train.json}"
-: "${VAL_JSON:=data/cxr/val.json}"
+: "${VAL_JSON=data/cxr/val.json}"     # VAL_JSON= (empty): no validation
 : "${IMAGE_ROOT:=data/cxr}"
 : "${BATCH_SIZE:=64}"                 # per GPU; the SigLIP loss sees all GPUs' captions
 : "${GRAD_ACCUM:=1}"                  # exact with a frozen text tower (negatives span the step)
@@ -32,7 +32,7 @@ launch --quiet \
     Stage0/train_vision_encoder_stage0.py \
     --model_name "$MODEL_NAME" \
     --train_json "$TRAIN_JSON" \
-    --val_json "$VAL_JSON" \
+    ${VAL_JSON:+--val_json "$VAL_JSON"} \
     --image_root "$IMAGE_ROOT" \
     --batch_size "$BATCH_SIZE" \
     --gradient_accumulation_steps "$GRAD_ACCUM" \

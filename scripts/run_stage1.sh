@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 : "${IMAGE_ROOT:=data/cxr}"
 : "${TRAIN_JSON:=data/cxr/stage1_train.json}"
-: "${VAL_JSON:=data/cxr/stage1_val.json}"
+: "${VAL_JSON=data/cxr/stage1_val.json}" # VAL_JSON= (empty): no validation
 : "${OUTPUT_DIR:=runs/stage1}"
 : "${VISION_MODEL_NAME:=StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli}"
 : "${LLM_NAME:=google/gemma-3-1b-it}"
@@ -35,7 +35,7 @@ launch --quiet \
     Stage1/train_projection_stage1.py \
     --image_root "$IMAGE_ROOT" \
     --train_json "$TRAIN_JSON" \
-    --val_json "$VAL_JSON" \
+    ${VAL_JSON:+--val_json "$VAL_JSON"} \
     --output_dir "$OUTPUT_DIR" \
     --vision_model_name "$VISION_MODEL_NAME" \
     --llm_name "$LLM_NAME" \

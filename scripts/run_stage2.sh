@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 : "${IMAGE_ROOT:=data/cxr}"
 : "${TRAIN_JSON:=data/cxr/stage2_train.json}"
-: "${VAL_JSON:=data/cxr/stage2_val.json}"
+: "${VAL_JSON=data/cxr/stage2_val.json}" # VAL_JSON= (empty): no validation
 : "${STAGE1_PROJECTOR_PATH:=runs/stage1/final_model}"   # or runs/stage1/final_model/projection_layer
 : "${OUTPUT_DIR:=runs/stage2}"
 : "${VISION_MODEL_NAME:=}"                # empty: the tower Stage 1 recorded
@@ -44,7 +44,7 @@ launch --quiet \
     Stage2/train_vqa_stage2.py \
     --image_root "$IMAGE_ROOT" \
     --train_json "$TRAIN_JSON" \
-    --val_json "$VAL_JSON" \
+    ${VAL_JSON:+--val_json "$VAL_JSON"} \
     --stage1_projector_path "$STAGE1_PROJECTOR_PATH" \
     --output_dir "$OUTPUT_DIR" \
     ${VISION_MODEL_NAME:+--vision_model_name "$VISION_MODEL_NAME"} \

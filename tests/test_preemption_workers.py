@@ -10,10 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_reliability_loop import (
+    ENV,
+    ROOT,
+    _exit_statuses,
+    _launch,
+    _same_safetensors,
+    _stage0_argv,
+    _wait_for_step,
+    tiny_vlm_parts,
+)
 
 from accelerator_setup import ignore_stop_signals, list_checkpoints
-from test_reliability_loop import (ENV, ROOT, _exit_statuses, _launch, _same_safetensors, _stage0_argv,
-                                   _wait_for_step, tiny_vlm_parts)
 
 STAGE0 = str(ROOT / "Stage0" / "train_vision_encoder_stage0.py")
 STAGE2 = str(ROOT / "Stage2" / "train_vqa_stage2.py")
@@ -138,34 +146,66 @@ def _descendants(pid) -> list[int]:
     return found
 
 
-def _run_launcher(tmp_path, name, env_extra, *argv):
+def _run_launcher(tmp_path, launcher, name, env_extra, *argv):
     (tmp_path / "site").mkdir(exist_ok=True)
     (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_STOP)
     env = {**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "PATH": f"{Path(sys.executable).parent}:"
            f"{os.environ['PATH']}", **env_extra}
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(["bash", "Stage0/run_train_vision_encoder_stage0.sh", *map(str, argv)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True), tmp_path / f"{name}.log"
+    return subprocess.Popen(["bash", launcher, *map(str, argv)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True), tmp_path / f"{name}.log"
 
 
-def _launcher_env(model, data, out, num_gpus):
-    return {"MODEL_NAME": str(model), "TRAIN_JSON": str(data / "stage0_train.json"), "VAL_JSON": str(data / "stage0_val.json"),
-            "IMAGE_ROOT": str(data), "BATCH_SIZE": "8", "LEARNING_RATE": "1e-3", "MIXED_PRECISION": "no",
-            "OUTPUT_DIR": str(out), "REPORT_TO": "none", "NUM_GPUS": str(num_gpus)}
+def _stage0_launch(tiny_siglip, demo_dir, num_gpus):
+    flags = ["--max_steps", "30", "--seed", "3", "--num_workers", "2", "--warmup_steps", "2", "--logging_steps", "1",
+             "--no-save_epoch_models"]
+
+    def env(out):
+        return {"MODEL_NAME": str(tiny_siglip), "TRAIN_JSON": str(demo_dir / "stage0_train.json"),
+                "VAL_JSON": str(demo_dir / "stage0_val.json"), "IMAGE_ROOT": str(demo_dir), "BATCH_SIZE": "8",
+                "LEARNING_RATE": "1e-3", "MIXED_PRECISION": "no", "OUTPUT_DIR": str(out), "REPORT_TO": "none",
+                "NUM_GPUS": str(num_gpus)}
+    return "Stage0/run_train_vision_encoder_stage0.sh", env, flags, ["model.safetensors"]
+
+
+def _stage2_launch(vlm_stage1, demo_dir, num_gpus):
+    flags = ["--max_steps", "24", "--seed", "3", "--warmup_steps", "1", "--logging_steps", "1", "--no-save_every_epoch"]
+
+    def env(out):  # VAL_JSON empty: no validation
+        return {"IMAGE_ROOT": str(demo_dir), "TRAIN_JSON": str(vlm_stage1["root"] / "train.json"), "VAL_JSON": "",
+                "STAGE1_PROJECTOR_PATH": str(vlm_stage1["stage1"]), "VISION_MODEL_NAME": str(vlm_stage1["siglip"]),
+                "LLM_NAME": str(vlm_stage1["gemma3"]), "BATCH_SIZE": "2", "GRAD_ACCUM": "1", "LEARNING_RATE": "2e-3",
+                "MAX_A_LEN": "12", "LORA_R": "4", "MIXED_PRECISION": "no", "NUM_WORKERS": "2",
+                "OUTPUT_DIR": str(out), "REPORT_TO": "none", "NUM_GPUS": str(num_gpus)}
+    return "scripts/run_stage2.sh", env, flags, ["model.safetensors", "lora_adapter/adapter_model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def vlm_stage1(vlm):
+    """The tiny towers and a Stage 1 folder, as the Stage 2 launcher starts from one."""
+    import torch
+
+    from vlm import build_vlm, save_vlm
+    torch.manual_seed(1)
+    return {**vlm, "stage1": save_vlm(*build_vlm(vlm["siglip"], vlm["gemma3"]), vlm["root"] / "stage1" / "final_model")}
 
 
 @pytest.mark.parametrize("num_gpus", [1, 2])
-def test_process_group_sigterm_through_the_launcher_stops_with_a_checkpoint_and_exit_0(tiny_siglip, demo_dir,
-                                                                                       tmp_path, num_gpus):
+@pytest.mark.parametrize("stage", ["stage0", "stage2"])
+def test_process_group_sigterm_through_the_launcher_stops_with_a_checkpoint_and_resumes_exactly(
+        request, demo_dir, tmp_path, stage, num_gpus):
     """SLURM's SIGTERM to the launcher's process group, with 2 DataLoader workers per trainer
     and a trainer that needs 8 s to stop: `accelerate launch` used to SIGKILL it after 5 s (one
     process) and torch's launcher to exit 143 (several). The launcher relays the signal to the
-    trainers alone; they checkpoint, and the launcher exits 0. Rerun, it resumes to the
-    weights of a run never stopped."""
+    trainers alone; they checkpoint, and the launcher exits 0. Rerun through the launcher (it
+    passes --resume_from_checkpoint latest), the run ends with the weights of a run never
+    stopped."""
+    if stage == "stage0":
+        launcher, env, flags, files = _stage0_launch(request.getfixturevalue("tiny_siglip"), demo_dir, num_gpus)
+    else:
+        launcher, env, flags, files = _stage2_launch(request.getfixturevalue("vlm_stage1"), demo_dir, num_gpus)
     run, ref = tmp_path / "run", tmp_path / "ref"
-    flags = ["--max_steps", "30", "--seed", "3", "--num_workers", "2", "--warmup_steps", "2", "--logging_steps", "1",
-             "--no-save_epoch_models"]
-    proc, log = _run_launcher(tmp_path, "run", _launcher_env(tiny_siglip, demo_dir, run, num_gpus), *flags)
+    proc, log = _run_launcher(tmp_path, launcher, "run", env(run), *flags)
     _wait_for_step(proc, run, log, 3)
     assert len(_descendants(proc.pid)) >= num_gpus * 3, "the DataLoader workers this test is about are not running"
     os.killpg(proc.pid, signal.SIGTERM)
@@ -173,14 +213,16 @@ def test_process_group_sigterm_through_the_launcher_stops_with_a_checkpoint_and_
     text = log.read_text()
     assert "killed by signal" not in text and "Traceback" not in text, text[-3000:]
     step = int(list_checkpoints(run)[-1].name[5:])
-    assert 3 <= step < 30 and f"SIGTERM received: stopped after step {step} " in text
+    last = int(flags[flags.index("--max_steps") + 1])
+    assert 3 <= step < last and f"SIGTERM received: stopped after step {step} " in text
     assert not (run / "final_model").exists()
-    if num_gpus == 1:  # resumed through the launcher (it passes --resume_from_checkpoint latest)
-        proc, log = _run_launcher(tmp_path, "resume", _launcher_env(tiny_siglip, demo_dir, run, 1), *flags)
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-        proc, log = _run_launcher(tmp_path, "ref", _launcher_env(tiny_siglip, demo_dir, ref, 1), *flags)
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-        _same_safetensors(run / "final_model" / "model.safetensors", ref / "final_model" / "model.safetensors")
+    proc, log = _run_launcher(tmp_path, launcher, "resume", env(run), *flags)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{step}'} (step {step})" in log.read_text()
+    proc, log = _run_launcher(tmp_path, launcher, "ref", env(ref), *flags)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    for f in files:
+        _same_safetensors(run / "final_model" / f, ref / "final_model" / f)
 
 
 def test_a_launcher_finds_the_project_venv_or_says_how_to_get_one(tmp_path):
