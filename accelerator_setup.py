@@ -2,10 +2,9 @@
 seeding and logging, which every stage calls first. Only the main process prints, logs and
 writes files.
 
-The rest of the machinery the stages share lives in training/, one file per job: the step
-(step.py), checkpoints and resume (checkpoints.py), preemption, logging and watchers (watch.py),
-speed options, precision, data helpers and exports. Its names are re-exported here for the
-code written against this module.
+The rest of the machinery the stages share lives in training/, one file per job: the loop
+(loop.py), the step (step.py), checkpoints and resume (checkpoints.py), preemption, logging and
+watchers (watch.py), speed options, precision, data helpers and exports.
 """
 from __future__ import annotations
 
@@ -19,23 +18,9 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-# The flags every training CLI shares are defined in cli.py, which argparse reads before torch loads.
-from cli import ATTN_IMPLEMENTATIONS, add_common_args  # noqa: F401
-from training.checkpoints import (  # noqa: F401
-    ACCELERATE_MODEL_FILE, CHECKPOINT_DIR, FROZEN_FINGERPRINT_FILE, TrainableOnlyCheckpoints, _move_previous_run_aside,
-    check_output_dir, list_checkpoints, load_checkpoint, resolve_resume, resume_from, save_checkpoint,
-    weights_fingerprint)
-from training.data import (  # noqa: F401
-    EvalShard, LengthGroupedSampler, accumulation_windows, epoch_batches, ignore_stop_signals, loader_kwargs)
-from training.exports import ExportCopies, link_or_copy_unchanged, same_bytes  # noqa: F401
-from training.precision import (  # noqa: F401
-    frozen_in_stored_dtypes, master_weights, resolve_mixed_precision, trained_dtypes)
-from training.preemption import Preemption  # noqa: F401
-from training.speed import (  # noqa: F401
-    CompileWatch, check_attn_implementation, compile_modules, enable_gradient_checkpointing, hf_models, set_attention,
-    speed_options)
-from training.step import NonFiniteGuard, OptimizerStep, make_scheduler, plan_steps, steps_per_epoch  # noqa: F401
-from training.watch import DivergenceWatch, StepLogger, log_metrics, warn_if_nothing_to_train  # noqa: F401
+from training.checkpoints import _move_previous_run_aside, check_output_dir
+from training.precision import resolve_mixed_precision
+from training.speed import check_attn_implementation
 
 logger = logging.getLogger("siglip_med")
 

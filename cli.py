@@ -489,7 +489,7 @@ def check_run_start(args, models: dict) -> None:
     given = getattr(args, "resume_from_checkpoint", None)
     if not given or given == "latest":
         return
-    from accelerator_setup import list_checkpoints, resolve_resume
+    from training.checkpoints import list_checkpoints, resolve_resume
     if not Path(given).is_dir():
         found = [str(p) for p in list_checkpoints(out)] if out.is_dir() else []
         raise FileNotFoundError(f"--resume_from_checkpoint {given}: no such checkpoint folder; pass an existing "

@@ -157,7 +157,7 @@ def check_datasets(accelerator, args, **datasets) -> list[BadRow]:
     and gets the same answer."""
     from accelerate.utils import gather_object
 
-    from accelerator_setup import log_metrics
+    from training.watch import log_metrics
 
     mode = getattr(args, "on_bad_sample", "error") or "error"
     if mode not in ON_BAD_SAMPLE:

@@ -163,7 +163,7 @@ class ContrastiveModel(nn.Module):
 
     def save_pretrained(self, out_dir, tokenizer=None, image_processor=None, skip=()) -> None:
         """`skip`: parts (IMAGE_DIR, TEXT_DIR, VISION_ENCODER_FILE) already in place, linked
-        unchanged from an earlier export of the run (accelerator_setup.ExportCopies)."""
+        unchanged from an earlier export of the run (training.exports.ExportCopies)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         backbone = self.image.backbone
@@ -341,7 +341,7 @@ def _text_backbone(name):
     arch = (getattr(config, "architectures", None) or [""])[0]
     if config.model_type in _DECODER_TYPES or arch.endswith("ForCausalLM"):
         # The checkpoint's own dtype (bf16 on the hub: 16 GB instead of 32 for an 8B tower);
-        # the trainer makes whatever trains fp32 (accelerator_setup.master_weights).
+        # the trainer makes whatever trains fp32 (training.precision.master_weights).
         backbone = AutoModel.from_pretrained(base_name)
         if base_name != name:
             # The MNTP adapter is merged in fp32, then stored back in the base's dtype: adding

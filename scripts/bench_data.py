@@ -117,7 +117,7 @@ class _Pixels(Dataset):
 def _loader_rate(paths, processor, cache, num_workers: int, repeats: int, batch_size: int) -> float:
     """Seconds per image for one pass over `paths` (median of passes after a warm-up pass that
     also starts the persistent workers)."""
-    from accelerator_setup import loader_kwargs
+    from training.data import loader_kwargs
     dl = DataLoader(_Pixels(paths, processor, cache), batch_size=batch_size, **loader_kwargs(num_workers))
 
     def one_pass():

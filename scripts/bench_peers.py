@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from accelerator_setup import trained_dtypes
 from scripts.bench_core import (
     LivePeak,
     attempt,
@@ -50,6 +49,7 @@ from scripts.bench_core import (
     trained_flops,
 )
 from scripts.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS, build_tiny_gemma3, build_tiny_siglip
+from training.precision import trained_dtypes
 
 TEXTS = ["No acute cardiopulmonary process.", "Small left pleural effusion with adjacent atelectasis.",
          "Cardiomegaly without pulmonary edema.", "Is there a pneumothorax on the right side?",

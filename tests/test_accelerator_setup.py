@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import accelerator_setup as acc_setup
-from accelerator_setup import (add_common_args, list_checkpoints, load_checkpoint, resolve_resume,
-                               save_checkpoint, setup_accelerator_and_logging)
+from accelerator_setup import setup_accelerator_and_logging
+from cli import add_common_args
+from training.checkpoints import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from training.watch import log_metrics
 
 
 def _args(tmp_path, *extra):
@@ -62,12 +64,12 @@ def test_tracker_that_fails_to_start_falls_back(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         acc = setup_accelerator_and_logging(_args(tmp_path))
     assert any("could not start tensorboard" in str(x.message) for x in w)
-    acc_setup.log_metrics(acc, {"loss": 1.5}, step=3)  # still logs to metrics.jsonl
+    log_metrics(acc, {"loss": 1.5}, step=3)  # still logs to metrics.jsonl
     assert '"loss": 1.5' in (tmp_path / "metrics.jsonl").read_text()
 
 
 def test_length_grouped_sampler_keeps_every_sample_once_and_is_deterministic():
-    from accelerator_setup import LengthGroupedSampler
+    from training.data import LengthGroupedSampler
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 500, (1003,), generator=g).tolist()
     s = LengthGroupedSampler(lengths, batch_size=8, seed=3, group=10)
@@ -192,7 +194,8 @@ def test_one_cycle_schedule_takes_any_warmup_and_peaks_after_it(total, warmup):
     the first step of any short knee run whose warm-up ratio rounded to one step."""
     import math
     from types import SimpleNamespace
-    from accelerator_setup import make_scheduler
+
+    from training.step import make_scheduler
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([param], lr=1.0)
     sched = make_scheduler(opt, SimpleNamespace(warmup_steps=warmup, warmup_ratio=0.0, lr_scheduler="one_cycle"),

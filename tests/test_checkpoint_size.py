@@ -240,7 +240,7 @@ def test_export_copies_link_what_is_unchanged_and_never_write_through_a_link(tmp
     (also one written before a resume), a folder written again first drops its links (the new
     content must not reach the other folders), parts known unchanged are linked without being
     written, and where links fail (another file system) a copy keeps each folder whole."""
-    from accelerator_setup import ExportCopies
+    from training.exports import ExportCopies
     run = tmp_path / "run"
 
     def export(name, **files):

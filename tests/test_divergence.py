@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from accelerator_setup import DivergenceWatch, list_checkpoints
 from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3
+from training.checkpoints import list_checkpoints
+from training.watch import DivergenceWatch
 
 
 @pytest.fixture(scope="module", autouse=True)

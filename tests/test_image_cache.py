@@ -271,7 +271,7 @@ def test_script_help_and_errors_name_the_fix(tmp_path, capsys):
 
 
 def test_loader_kwargs_pin_on_cuda_and_keep_workers():
-    from accelerator_setup import ignore_stop_signals, loader_kwargs
+    from training.data import ignore_stop_signals, loader_kwargs
     assert loader_kwargs(0) == {"num_workers": 0, "pin_memory": torch.cuda.is_available(),
                                 "persistent_workers": False, "worker_init_fn": None}
     workers = loader_kwargs(3)

@@ -16,7 +16,9 @@ import yaml
 from accelerate.utils import DistributedType
 
 import accelerator_setup
-from accelerator_setup import OptimizerStep, add_common_args, check_engine, setup_accelerator_and_logging
+from accelerator_setup import check_engine, setup_accelerator_and_logging
+from cli import add_common_args
+from training.step import OptimizerStep
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "engines" / "step_probe.py"

@@ -21,7 +21,8 @@ from test_reliability_loop import (
     tiny_vlm_parts,
 )
 
-from accelerator_setup import ignore_stop_signals, list_checkpoints
+from training.checkpoints import list_checkpoints
+from training.data import ignore_stop_signals
 
 STAGE0 = str(ROOT / "Stage0" / "train_vision_encoder_stage0.py")
 STAGE2 = str(ROOT / "Stage2" / "train_vqa_stage2.py")

@@ -22,14 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accelerator_setup import (
-    DivergenceWatch,
-    add_common_args,
-    list_checkpoints,
-    resume_from,
-    save_checkpoint,
-    setup_accelerator_and_logging,
-)
+from accelerator_setup import setup_accelerator_and_logging
+from cli import add_common_args
+from training.checkpoints import list_checkpoints, resume_from, save_checkpoint
+from training.watch import DivergenceWatch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",

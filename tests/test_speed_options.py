@@ -6,8 +6,14 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from accelerator_setup import (CompileWatch, add_common_args, check_attn_implementation, compile_modules,
-                               enable_gradient_checkpointing, set_attention)
+from cli import add_common_args
+from training.speed import (
+    CompileWatch,
+    check_attn_implementation,
+    compile_modules,
+    enable_gradient_checkpointing,
+    set_attention,
+)
 
 
 def _lm():

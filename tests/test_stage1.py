@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
-from accelerator_setup import list_checkpoints
 from image_loader import ImageLoadError
 from scripts.make_demo_data import main as make_demo_data
 from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.train_projection_stage1 import main, parse_args
+from training.checkpoints import list_checkpoints
 from vlm import build_vlm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from accelerator_setup import (OptimizerStep, accumulation_windows, add_common_args,  # noqa: E402
-                               setup_accelerator_and_logging)
+from accelerator_setup import setup_accelerator_and_logging
+from cli import add_common_args
+from training.data import accumulation_windows
+from training.step import OptimizerStep
 
 
 class Block(torch.nn.Module):
