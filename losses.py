@@ -189,6 +189,8 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+# Not torch.distributed.nn.functional.all_gather: deprecated since torch 2.13 (its replacement is
+# in a private module), and like it every gather collective needs equal row counts on all ranks.
 class _GatherRows(torch.autograd.Function):
     """all_gather whose backward hands each process the sum, over all processes, of the
     gradient its own rows received (the loss on every process depends on them)."""

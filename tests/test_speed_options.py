@@ -81,7 +81,7 @@ def test_flash_attention_without_the_package_is_refused_in_one_line():
     check_attn_implementation("sdpa")
 
 
-def test_compile_keeps_weights_names_and_outputs_and_counts_recompiles():
+def test_compile_keeps_weights_names_and_outputs_and_counts_recompiles(capfd):
     torch._dynamo.reset()
     lm, ref = _lm(), _lm()
     keys = list(lm.state_dict())
@@ -96,8 +96,13 @@ def test_compile_keeps_weights_names_and_outputs_and_counts_recompiles():
     lm(input_ids=ids)
     watch.step(2)
     assert watch.recompiles() == 0
-    lm(input_ids=torch.tensor([[1, 5, 9, 3, 7, 2, 2, 4, 4, 1, 1]]))  # another length
-    assert watch.recompiles() > 0
+    assert "Recompiling" not in capfd.readouterr().err
+    try:
+        lm(input_ids=torch.tensor([[1, 5, 9, 3, 7, 2, 2, 4, 4, 1, 1]]))  # another length
+        assert watch.recompiles() > 0
+        assert "Recompiling" in capfd.readouterr().err  # torch's log, on after the warm-up, says why
+    finally:
+        torch._logging.set_logs()
 
 
 def test_every_stage_has_the_flags():

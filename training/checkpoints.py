@@ -133,6 +133,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, state: dict
         (tmp / _STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        # Not accelerate's ProjectConfiguration(total_limit): it rotates only its own automatic
+        # checkpoint_N names, saved in place, so a save cut short would count as a checkpoint.
         if total_limit and total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -41,6 +41,9 @@ class _RngNeutral:
             yield from it
 
 
+# Not accelerate's prepared loader + gather_for_metrics: even batches repeat samples, and
+# gather_for_metrics drops them only from gathered per-sample tensors, while the stages reduce
+# token-weighted sums here, which needs every sample exactly once.
 class EvalShard:
     """This process's share of a validation loader, for metrics every process computes and then
     reduces: process r takes batches r, r + P, r + 2P, ... of the file-order batches, with no
@@ -66,6 +69,8 @@ class EvalShard:
         return len(self.loader)
 
 
+# Not transformers' LengthGroupedSampler: it has no set_epoch (its generator's state carries from
+# epoch to epoch, so a run resumed at epoch k would see epoch 0's order) and keeps the mega-batch order.
 class LengthGroupedSampler(torch.utils.data.Sampler):
     """Shuffled order in which each batch holds samples of similar length (less padding): a
     permutation by (seed, epoch) is cut into mega-batches of `group` batches, each sorted by

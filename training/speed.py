@@ -103,6 +103,8 @@ def speed_options(args, model, *, grad_flow=(), hot=()) -> None:
     compile_modules(hot, args)
 
 
+# Not torch's recompile log alone (TORCH_LOGS=recompiles): it reports every compile, the warm-up's
+# included, and has no count the benchmark can read; it is turned on after the warm-up for the reasons.
 class CompileWatch:
     """Counts the graphs torch.compile builds after the warm-up steps. Shapes that change from
     batch to batch (a short last batch, another padded length) recompile; after the warm-up
@@ -122,6 +124,7 @@ class CompileWatch:
         if steps_done == self.warmup:
             self.base = self.graphs()
             logger.info("torch.compile: %d graphs after %d warm-up steps", self.base, steps_done)
+            torch._logging.set_logs(recompiles=True)  # from now on torch names each recompile's reason
         elif self.base is not None and not self.warned and self.graphs() > self.base:
             self.warned = True
             logger.warning("torch.compile recompiled after the warm-up (%d graphs, %d at warm-up): the "
