@@ -14,12 +14,9 @@ import torch
 from accelerator_setup import count_parameters
 from projectors import projector_of
 from training.checkpoints import TrainableOnlyCheckpoints
-from training.data import EvalShard
-from training.exports import ExportCopies
 from training.loop import OneLossTrainer
 from training.precision import frozen_in_stored_dtypes, master_weights
 from training.speed import speed_options
-from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
 from training.watch import log_metrics
 from vlm import lm_loss_on_supervised, save_vlm
 
@@ -49,19 +46,7 @@ class ProjectionTrainerStage1(OneLossTrainer):
         optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.projector, self.optimizer, self.train_loader = accelerator.prepare(projector, optimizer, train_loader)
         model.model.multi_modal_projector = self.projector
-        self.val_loader = EvalShard(accelerator, val_loader) if val_loader is not None else None
-        self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
-        self.total_steps, self.num_epochs = plan_steps(args, self.steps_per_epoch)
-        # Not prepared: accelerate would step it once per process, but total_steps is already
-        # counted on the per-process loader. Registered so resume restores it.
-        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
-        accelerator.register_for_checkpointing(self.scheduler)
-        self.stepper = OptimizerStep(accelerator, self.optimizer, self.projector, self.params, args.max_grad_norm,
-                                     patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
-        self.out = Path(args.output_dir)
-        self.exports = ExportCopies(self.out)
-        self.results: dict = {}
-        self._evaluated = (None, None)
+        self.set_up_steps(self.projector, train_loader, val_loader)
         total, trainable = count_parameters(model)
         logger.info("Stage1: %d parameters, %d trainable (projector); %d optimizer steps",
                     total, trainable, self.total_steps)

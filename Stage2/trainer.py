@@ -21,12 +21,10 @@ from torch import nn
 
 from accelerator_setup import count_parameters
 from training.checkpoints import TrainableOnlyCheckpoints
-from training.data import EvalShard
-from training.exports import ExportCopies, add_lora_deltas
+from training.exports import add_lora_deltas
 from training.loop import OneLossTrainer
 from training.precision import master_weights
 from training.speed import speed_options
-from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
 from training.watch import log_metrics
 from vlm import lm_loss_on_supervised, save_vlm
 
@@ -140,18 +138,7 @@ class VQATrainerStage2(OneLossTrainer):
         self.checkpoints = TrainableOnlyCheckpoints(accelerator, plain, keeps=self._keeps, filename=TRAINABLE_FILE,
                                                     stored_dtypes={f"vlm.{k}": v for k, v in self.stored_dtypes.items()})
         self.module, self.optimizer, self.train_loader = accelerator.prepare(plain, optimizer, train_loader)
-        self.val_loader = EvalShard(accelerator, val_loader) if val_loader is not None else None
-        self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
-        self.total_steps, self.num_epochs = plan_steps(args, self.steps_per_epoch)
-        # Stepped by hand (accelerate would step it once per process); registered for resume.
-        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
-        accelerator.register_for_checkpointing(self.scheduler)
-        self.stepper = OptimizerStep(accelerator, self.optimizer, self.module, self.params, args.max_grad_norm,
-                                     patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
-        self.out = Path(args.output_dir)
-        self.exports = ExportCopies(self.out)
-        self.results: dict = {}
-        self._evaluated = (None, None)
+        self.set_up_steps(self.module, train_loader, val_loader)
         total, trainable = count_parameters(model)
         by_part = {}
         for name, p in model.named_parameters():

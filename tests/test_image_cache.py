@@ -286,7 +286,8 @@ def test_bench_data_quick():
     rows = {r["row"]: r for r in bench_data(SimpleNamespace(device="cpu", repeats=1, quick=True))}
     assert {"data_png16", "data_dicom", "data_dicom_j2k", "data_jpeg", "data_loader_w0", "data_loader_w1",
             "data_loader_w2"} <= set(rows)
-    for r in rows.values():
-        assert "skipped" in r or (r["speedup"] > 0 and r["ours_img_per_s"] > 0), r
+    # Only the JPEG 2000 row may be skipped (its codec is optional), and it then says why.
+    assert not [r for name, r in rows.items() if "skipped" in r and name != "data_dicom_j2k"], rows
+    assert rows["data_dicom_j2k"].get("skipped", "codec") != ""
     # Reading a 384 px entry beats decoding a 1024 px 16-bit PNG by far on any machine.
     assert rows["data_png16"]["speedup"] > 3

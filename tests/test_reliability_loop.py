@@ -406,17 +406,48 @@ def test_sigterm_stops_stage2_with_a_checkpoint_that_resumes_exactly(vlm_parts, 
     assert "index" in batch  # a non-finite step can name its rows
 
 
-@pytest.mark.parametrize("launcher", ["Stage0/run_train_vision_encoder_stage0.sh", "scripts/run_stage1.sh",
-                                      "scripts/run_stage2.sh", "scripts/run_knee_raddino.sh", "scripts/run_ct_clip.sh",
-                                      "scripts/run_derm_lora.sh"])
-def test_every_launcher_has_torchrun_relay_sigusr1(launcher, tmp_path):
-    """torch's launcher relays only SIGTERM/SIGINT by default; SLURM's `--signal=B:USR1` would
-    kill it and leave the trainers without their checkpoint."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "accelerate").write_text('#!/bin/sh\necho "$PET_SIGNALS_TO_HANDLE"\n')
-    (fake / "accelerate").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "PET_SIGNALS_TO_HANDLE"}
-    out = subprocess.run(["bash", str(ROOT / launcher)], env={**env, "PATH": f"{fake}:{env['PATH']}"},
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    assert {"SIGTERM", "SIGUSR1"} <= set(out.split(","))
+# Loaded by every Python process of a launch: the trainer process, instead of training, installs
+# the project's Preemption handler, says it is ready and waits for a stop signal.
+TRAINER_STAND_IN = """
+import os, sys, time
+if sys.argv and sys.argv[0].endswith(("train_vision_encoder_stage0.py", "train_projection_stage1.py",
+                                      "train_vqa_stage2.py")):
+    from training.preemption import Preemption
+    p = Preemption().install()
+    out = os.environ["RELAY_TEST_DIR"]
+    open(os.path.join(out, f"ready_{os.getpid()}"), "w").close()
+    for _ in range(1200):
+        if p.received:
+            with open(os.path.join(out, f"got_{os.getpid()}"), "w") as f:
+                f.write(str(p.received))
+            os._exit(0)  # (sys.exit is fatal while site is importing)
+        time.sleep(0.05)
+    os._exit(3)
+"""
+
+
+@pytest.mark.parametrize("launcher,num_gpus", [("Stage0/run_train_vision_encoder_stage0.sh", 2),
+                                               ("scripts/run_stage1.sh", 1), ("scripts/run_stage2.sh", 1),
+                                               ("scripts/run_knee_raddino.sh", 1), ("scripts/run_ct_clip.sh", 1),
+                                               ("scripts/run_derm_lora.sh", 1)])
+def test_every_launcher_relays_sigusr1_to_its_trainers(launcher, num_gpus, tmp_path):
+    """SLURM's `--signal=USR1@120` reaches the launcher's process group; torch's launcher
+    relays only SIGTERM/SIGINT by default, and accelerate's one-process launcher none. Through
+    the real `accelerate launch`, each launcher must hand the signal to every trainer's
+    Preemption handler and exit 0 once they have stopped."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(TRAINER_STAND_IN)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "RELAY_TEST_DIR": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_GPUS": str(num_gpus),
+           "OUTPUT_DIR": str(tmp_path / "out")}
+    proc = subprocess.Popen(["bash", launcher], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    end = time.time() + 120
+    while len(list(tmp_path.glob("ready_*"))) < num_gpus:
+        assert proc.poll() is None and time.time() < end, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-3000:]
+    got = [int(f.read_text()) for f in tmp_path.glob("got_*")]
+    assert got == [int(signal.SIGUSR1)] * num_gpus, out[-3000:]

@@ -14,8 +14,12 @@ accumulation windows, logging, the checkpoint cadence and the preemption stop.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from training.checkpoints import resume_from, save_checkpoint
-from training.data import accumulation_windows, epoch_batches
+from training.data import EvalShard, accumulation_windows, epoch_batches
+from training.exports import ExportCopies
+from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
 from training.watch import StepLogger, warn_if_nothing_to_train
 
 
@@ -72,6 +76,25 @@ class OneLossTrainer:
     before and after. The trainer gives `_optimizer_step(window, step)` and `loop_name`."""
     loop_name = "train"
     results: dict
+
+    def set_up_steps(self, module, train_loader, val_loader) -> None:
+        """Once `self.optimizer` and the prepared `self.train_loader` exist: this process's val
+        shard, the step plan, the LR schedule, the optimizer step over `module`'s `self.params`,
+        and the export folder."""
+        args, acc = self.args, self.accelerator
+        self.val_loader = EvalShard(acc, val_loader) if val_loader is not None else None
+        self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
+        self.total_steps, self.num_epochs = plan_steps(args, self.steps_per_epoch)
+        # Not prepared: accelerate would step it once per process, but total_steps is already
+        # counted on the per-process loader. Registered so resume restores it.
+        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        self.stepper = OptimizerStep(acc, self.optimizer, module, self.params, args.max_grad_norm,
+                                     patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
+        self.out = Path(args.output_dir)
+        self.exports = ExportCopies(self.out)
+        self.results = {}
+        self._evaluated = (None, None)
 
     def train(self) -> dict:
         run_training(self, self.loop_name)
