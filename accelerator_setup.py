@@ -92,6 +92,13 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
         # what lets a resumed run see exactly the batches an uninterrupted run would.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # The multi-GPU config on a machine without GPUs: every process would train alone,
+        # all of them into one output folder.
+        raise SystemExit(f"error: {launched} processes were launched, but each runs alone ({accelerator.device}, "
+                         "no GPU for the multi-GPU config): set ACCELERATE_USE_CPU=true to train on CPU processes, "
+                         "or NUM_GPUS=1")
     if stage is not None:
         check_engine(accelerator, stage, args)
     check_attn_implementation(getattr(args, "attn_implementation", "sdpa"))
@@ -114,7 +121,9 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
         if args.overwrite_output_dir:
             _move_previous_run_aside(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        part = out / "args.json.tmp"  # replaced whole: a crash mid-write leaves the previous record
+        part.write_text(json.dumps(vars(args), indent=2, default=str))
+        part.replace(out / "args.json")
     if tracker is not None:
         init_kwargs = {"wandb": {"name": args.run_name}} if tracker == "wandb" else {}
         try:

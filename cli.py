@@ -151,6 +151,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- the training CLIs' shared flags
 
+def _at_least(low, kind, strict=False):
+    """An argparse type: a number of `kind` >= low (> low if strict), else one error line naming
+    the bound (a batch size of 0 used to surface as a torch traceback, an accumulation of 0 as a
+    ZeroDivisionError)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'>' if strict else '>='} {low}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int, non_negative_int = _at_least(1, int), _at_least(0, int)
+positive_float = _at_least(0.0, float, strict=True)
+
+
 # Answer length of the VQA CLIs, and of the exported generation config (vlm.py).
 DEFAULT_MAX_NEW_TOKENS = 256
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -163,20 +183,20 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "auto"], default="no", nargs="?",
                    const="auto", help="autocast precision; given alone: bf16 where supported, else fp16")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--num_workers", type=non_negative_int, default=2, help="DataLoader workers")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="<=0 disables clipping")
     g.add_argument("--warmup_ratio", type=float, default=0.05)
     g.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
     g.add_argument("--lr_scheduler", choices=["cosine", "linear", "constant", "one_cycle"], default="cosine",
                    help="after the warmup; one_cycle: torch's OneCycleLR (cosine up over the warmup, then down)")
-    g.add_argument("--max_steps", type=int, default=None,
+    g.add_argument("--max_steps", type=positive_int, default=None,
                    help="the total number of optimizer steps, repeating epochs as needed; wins over "
                         "--num_epochs, and the LR schedule spans exactly these steps (default: --num_epochs epochs)")
     g.add_argument("--group_by_length", action="store_true",
                    help="Stage1/Stage2: batch samples of similar token length together (less padding)")
     # Reliability: non-finite steps (SIGTERM/SIGUSR1 preemption needs no flag).
-    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+    g.add_argument("--max_nonfinite_steps", type=positive_int, default=10,
                    help="stop, with a resume checkpoint and exit status 1, after this many optimizer steps in a "
                         "row were skipped for a NaN/inf loss or gradient norm (fp16 loss scaling skips a few "
                         "while it calibrates)")
@@ -185,7 +205,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="falls back to tensorboard, then none, if the tracker cannot start")
     g.add_argument("--wandb_project", "--project_name", dest="wandb_project", default="siglip-med")
     g.add_argument("--run_name", "--experiment_name", dest="run_name", default=None)
-    g.add_argument("--logging_steps", "--log_interval", dest="logging_steps", type=int, default=10)
+    g.add_argument("--logging_steps", "--log_interval", dest="logging_steps", type=positive_int, default=10)
     g.add_argument("--log_level", choices=["debug", "info", "warning"], default="info",
                    help="the console log of the main process; debug also shows accelerate's line per file saved")
     g.add_argument("--checkpointing_steps", "--save_interval", dest="checkpointing_steps", type=int, default=0,

@@ -189,6 +189,12 @@ def check_datasets(accelerator, args, **datasets) -> list[BadRow]:
     for ds in named.values():
         ds.on_bad_sample = mode
         ds.substitutions_file = str(out / SUBSTITUTED_FILE) if mode == "skip" else None
+    for name, ds in named.items():  # in either mode: skipping would leave nothing to train or validate on
+        if found[name] and len({k for k, _ in found[name] if k is not None}) == len(ds.rows):
+            raise BadDataError(f"every row of {_source(ds)} ({name}) is bad ({len(found[name])} rows; the first: "
+                               f"{found[name][0][1]}); fix the data file", bad)
+        if not ds.rows:
+            raise BadDataError(f"{_source(ds)} ({name}) has no rows; fix the data file", bad)
     if bad and mode == "error":
         if not accelerator.is_main_process:  # the same list; one process prints it
             raise BadDataError(f"{len(bad)} bad rows in the data; the main process lists them", bad)
@@ -204,9 +210,6 @@ def check_datasets(accelerator, args, **datasets) -> list[BadRow]:
         drop = {k for k, _ in found[name] if k is not None}
         if drop:
             ds.drop_rows(drop)
-        if len(ds) == 0:
-            raise BadDataError(f"every row of {_source(ds)} ({name}) is bad ({len(found[name])} rows; the first: "
-                               f"{found[name][0][1]}); fix the data file", bad)
     if accelerator.is_main_process:
         _write_json(out / DROPPED_FILE, _report(bad, names, mode, full))
     log_metrics(accelerator, {"data/dropped_rows": len(bad)}, step=0)

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -262,7 +263,7 @@ def refresh_command(data_file, target: Target, *, image_root=None, image_key=Non
     import shlex
     script = pathlib.Path(__file__).resolve().parent / "scripts" / "preprocess_images.py"
     csv = str(data_file).lower().endswith(".csv")
-    cmd = ["python", str(script), "--data", _abs(data_file)]
+    cmd = [sys.executable, str(script), "--data", _abs(data_file)]  # the Python that has the requirements
     if image_root or not csv:  # a JSON's relative paths without --image_root are under the working folder
         cmd += ["--image_root", _abs(image_root or os.getcwd())]
     if image_key and image_key != ("img_path" if csv else "image"):

@@ -522,7 +522,9 @@ def load_volume(path, *, row=None, source=None, key: str = "image") -> np.ndarra
         _fail(path, row, source, f"'image' has shape {vol.shape}, expected (C, D, H, W)", "save one (C, D, H, W) volume per file")
     vol = vol.astype(np.float32, copy=False)
     if not np.isfinite(vol).all():
-        _fail(path, row, source, "the volume holds NaN or inf", "fix or drop this volume")
+        _fail(path, row, source, "the volume holds NaN or inf",
+              "fix or drop this volume; scripts/validate_data.py --full_decode (or training with --full_decode_check) "
+              "finds every such volume before training")
     return vol
 
 

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--image_root", default="")
     p.add_argument("--findings_json", default=None,
                    help='list of {"name", "positive_prompt", "negative_prompt"}; rows need "labels"')
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=cli.positive_int, default=64)
     p.add_argument("--device", default=None, help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None)

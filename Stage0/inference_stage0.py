@@ -53,7 +53,7 @@ def parse_args(argv=None):
     g.add_argument("--findings_column", "--impression_column", "--caption_key", dest="caption_key", default=None)
     g.add_argument("--split_column", default=None, help="with --split: only that split's rows")
     g.add_argument("--split", default=None, help="e.g. test (uses the 'split' column unless --split_column)")
-    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--batch_size", type=cli.positive_int, default=32)
     g = p.add_argument_group("class prompts as the queries (labelled data)")
     g.add_argument("--classes_file", default=None,
                    help="condition,description,icd10: one query per class (default for a model trained with "

@@ -145,10 +145,10 @@ def parse_args(argv=None):
     g.add_argument("--reinit_vision_tower", action="store_true",
                    help="start the vision tower from random weights (ablations; the demo uses it)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=32, help="per process")
-    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--batch_size", type=cli.positive_int, default=32, help="per process")
+    g.add_argument("--learning_rate", type=cli.positive_float, default=1e-5)
     g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--num_epochs", "--epochs", dest="num_epochs", type=int, default=3)
+    g.add_argument("--num_epochs", "--epochs", dest="num_epochs", type=cli.positive_int, default=3)
     g.add_argument("--save_epoch_models", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT_DIR/epoch_N/ after every epoch")
     cli.add_common_args(p)

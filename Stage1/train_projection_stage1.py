@@ -41,9 +41,9 @@ def parse_args(argv=None):
     g.add_argument("--projector_depth", type=int, default=2,
                    help="2 = LLaVA's Linear-GELU-Linear (the only depth plain transformers loads)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=16, help="per process")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--num_epochs", type=int, default=1)
+    g.add_argument("--batch_size", type=cli.positive_int, default=16, help="per process")
+    g.add_argument("--learning_rate", type=cli.positive_float, default=1e-4)
+    g.add_argument("--num_epochs", type=cli.positive_int, default=1)
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--save_every_epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT_DIR/epoch_N/ (a full VLM folder) after every epoch")

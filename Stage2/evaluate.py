@@ -54,7 +54,7 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     g.add_argument("--max_q_len", type=int, default=None, help="truncate questions as in training")
     g = p.add_argument_group("generation")
-    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--batch_size", type=cli.positive_int, default=16)
     g.add_argument("--max_new_tokens", type=int, default=128)
     g.add_argument("--num_beams", type=int, default=1)
     g.add_argument("--device", default=None, help="default: cuda if available")

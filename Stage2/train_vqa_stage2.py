@@ -71,9 +71,9 @@ def parse_args(argv=None):
     g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS,
                    help="comma-separated module names inside the LM (never the vision tower)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=8, help="per process")
-    g.add_argument("--learning_rate", type=float, default=2e-5)
-    g.add_argument("--num_epochs", type=int, default=3)
+    g.add_argument("--batch_size", type=cli.positive_int, default=8, help="per process")
+    g.add_argument("--learning_rate", type=cli.positive_float, default=2e-5)
+    g.add_argument("--num_epochs", type=cli.positive_int, default=3)
     g.add_argument("--weight_decay", type=float, default=0.0, help="not applied to norms and biases")
     add_bool(g, "save_every_epoch", True, "write OUTPUT_DIR/epoch_N/ (a full export) after every epoch")
     cli.add_common_args(p)

@@ -162,10 +162,10 @@ def main(argv=None) -> int:
     if not bad:
         print(summary + "all valid" + (f"; every label is in {args.classes_file}" if args.classes_file else ""))
         return 0
-    fix = ["fix or remove them, or train with --on_bad_sample skip to drop them"]
-    if unlisted:
+    fix = ["fix or remove them, or train with --on_bad_sample skip to drop them"] if len(bad) > len(unlisted) else []
+    if unlisted:  # --on_bad_sample skip keeps these rows: an unknown label trains as a class of its own
         fix.insert(0, f"{len(unlisted)} with labels not in {args.classes_file} (add those classes to it, or fix the "
-                      "labels)")
+                      "labels; training warns about them, and refuses them with --unknown_labels error)")
     print(summary + f"{len(bad)} with problems; " + "; ".join(fix))
     return 1
 

@@ -150,7 +150,8 @@ def test_overwrite_output_dir_moves_the_old_run_aside_whole(tiny_siglip, demo_di
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image": "missing.png", "caption": "x"}] * 20))
     from data_check import BadDataError
-    with pytest.raises(BadDataError, match="20 bad rows"):  # every row bad: listed, not an IndexError
+    # one line, not an IndexError from the tokenizer
+    with pytest.raises(BadDataError, match="every row of .*bad.json \\(train\\) is bad \\(20 rows"):
         main(base + ["--train_json", str(bad), "--overwrite_output_dir", "--max_steps", "1"])
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]
     assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*") if p.is_file()) == old_files  # all kept
@@ -210,3 +211,17 @@ def test_one_cycle_schedule_takes_any_warmup_and_peaks_after_it(total, warmup):
         assert max(lrs) == pytest.approx(1.0) and lrs[0] < 0.1  # warms up from max_lr / 25
         assert lrs.index(max(lrs)) == min(max(warmup, 2), total - 1) - 1       # OneCycleLR's peak: the last warm-up step
         assert lrs[-1] < lrs[lrs.index(max(lrs))]               # and anneals after it
+
+
+def test_an_unreadable_args_json_does_not_block_a_resume(tmp_path, caplog):
+    """args.json cut short by a crash (or edited into something else): the settings cannot be
+    compared, which is said, and the checkpoints still resume (a JSONDecodeError traceback before)."""
+    from training.checkpoints import _changed_settings
+    saved = tmp_path / "args.json"
+    for text in ("", "{\"learning_rate\": 1e-", "[1, 2]"):
+        saved.write_text(text)
+        caplog.clear()
+        assert _changed_settings(saved, argparse.Namespace(learning_rate=1e-5)) == []
+        assert f"{saved} is unreadable" in caplog.text
+    saved.write_text(json.dumps({"learning_rate": 1e-4}))
+    assert _changed_settings(saved, argparse.Namespace(learning_rate=1e-5)) == ["learning_rate: 0.0001 -> 1e-05"]

@@ -125,6 +125,7 @@ def fx(tmp_path_factory, demo_dir, tiny_siglip):
     for kind, path in images.items():  # one evaluation file per failure, its bad image on row 1
         (root / f"eval_{kind}.json").write_text(json.dumps([{**row, "image": str(good)}, {**row, "image": str(path)}]))
     (root / "eval_ok.json").write_text(json.dumps([{**row, "image": str(good)}]))
+    (root / "all_missing.json").write_text(json.dumps([{**row, "image": f"absent_{k}.png"} for k in range(25)]))
     (root / "empty.json").write_text("[]")
     (root / "header_only.csv").write_text("img_path,impression,split\n")
     with open(root / "no_val.csv", "w", newline="") as f:  # a split column, and only training rows
@@ -267,6 +268,16 @@ def _cases(fx) -> list[dict]:
     case("s2-train-stage0-as-stage1-projector", [*s2t, "--train_json", d / "stage2_train.json",
                                                  "--stage1_projector_path", fx["stage0"]],
          ["--stage1_projector_path", "this is a Stage0 model", "runs/stage1/final_model"])
+    s0_rows = [*s0t, "--train_json", d / "stage0_train.json"]
+    for flag, value, bound in (("--batch_size", "0", ">= 1"), ("--gradient_accumulation_steps", "0", ">= 1"),
+                               ("--max_steps", "0", ">= 1"), ("--learning_rate", "-1", "> 0")):
+        case(f"s0-train{flag[1:].replace('_', '-')}-{value}", [*s0_rows, flag, value], [flag, bound])
+    case("s2-train-learning-rate--1", [*s2t, "--train_json", d / "stage2_train.json", "--learning_rate", "-1"],
+         ["--learning_rate", "> 0"])
+    # Every row bad: one line, not the list, and not the advice to skip them (nothing would be left).
+    case("s0-train-every-row-bad", [*s0t, "--train_json", r / "all_missing.json"],
+         ["every row of", "all_missing.json", "(train) is bad (25 rows", "absent_0.png", "fix the data file"],
+         mid_run=True)
     # Refused before the output folder is written (each case has its own, which must not appear).
     for name, cmd, flag in (("s0", s0t, "--model_name"), ("s1", s1t, "--llm_name"), ("s2", s2t, "--llm_name")):
         valid = d / ("stage2_train.json" if name == "s2" else "stage0_train.json")
@@ -310,7 +321,8 @@ CASE_IDS = [f"{cli_}-image-{k}" for k in ("missing", "text", "truncated", "direc
     f"{cli_}-truncated-weights" for cli_ in ("s0-infer", "s0-eval", "vqa", "s2-eval")] + [
     "vqa-vision-hub-id-not-cached", "s2-eval-vision-hub-id-not-cached", "s0-create-example-csv-existing",
     "s0-infer-output-exists", "s0-eval-output-exists", "s2-eval-output-exists", "demo-data-into-user-folder",
-    "preprocess-cache-dir-is-a-file"] + [
+    "preprocess-cache-dir-is-a-file", "s0-train-batch-size-0", "s0-train-gradient-accumulation-steps-0",
+    "s0-train-max-steps-0", "s0-train-learning-rate--1", "s2-train-learning-rate--1", "s0-train-every-row-bad"] + [
     f"{s}-train-{k}" for s in ("s0", "s1", "s2") for k in ("model-typo", "hub-id-not-cached",
                                                            "output-dir-is-a-file", "resume-missing")]
 

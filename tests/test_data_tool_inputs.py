@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,7 +103,9 @@ def test_stale_cache_hint_is_a_command_that_works_as_printed(layout, tmp_path, m
     command = _hint(lambda: open_cache(data, proc, rows, image_root=root, image_key=key))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Pasted into a shell where the project's environment is not active (a bare `python` there
+    # lacks the requirements): the command names the interpreter that has them.
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
     run = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, (command, run.stderr[-2000:])
@@ -139,6 +140,8 @@ def test_validate_data_checks_labels_against_the_classes_file(tmp_path, capsys):
     assert out[0] == f"{data} line 3: label 'wart' not in --classes_file {classes}"
     assert out[1] == f"{data} line 4: labels 'tinea', 'verruca' not in --classes_file {classes}"
     assert "3 rows" in out[2] and "2 with labels not in" in out[2] and len(out) == 3
+    # --on_bad_sample skip keeps such rows (their labels become classes): the advice is the flag that refuses them
+    assert "--unknown_labels error" in out[2] and "--on_bad_sample skip" not in out[2]
     classes.write_text(classes.read_text() + "wart,,\ntinea,,\nverruca,,\n")
     assert validate(["--data", str(data), "--classes_file", str(classes), "--label_column", "labels"]) == 0
     assert "all valid; every label is in" in capsys.readouterr().out

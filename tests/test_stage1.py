@@ -210,15 +210,18 @@ def test_launcher_flags_parse():
     text = (ROOT / "scripts" / "run_stage1.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "run_stage1.sh")]).returncode == 0
     assert text.count("\nlaunch --quiet") == 1 and text.rstrip().endswith('"$@"')
-    defaults = dict(re.findall(r': "\$\{(\w+):=([^}]*)\}"', text))
+    defaults = dict(re.findall(r': "\$\{(\w+):?=([^}]*)\}"', text))
     for var in ("IMAGE_ROOT", "TRAIN_JSON", "VAL_JSON", "OUTPUT_DIR", "VISION_MODEL_NAME", "LLM_NAME",
                 "BATCH_SIZE", "LEARNING_RATE", "NUM_EPOCHS", "GRAD_ACCUM", "MIXED_PRECISION", "NUM_GPUS",
                 "WANDB_PROJECT"):
         assert var in defaults, var
     call = text[text.index("Stage1/train_projection_stage1.py") + len("Stage1/train_projection_stage1.py"):]
+    # ${VAR:+flags}: the flags when VAR is set and not empty (VAL_JSON= turns validation off)
+    call = re.sub(r"\$\{(\w+):\+([^}]*)\}", lambda m: m.group(2) if defaults.get(m.group(1)) else "", call)
     call = re.sub(r'"\$(\w+)"', lambda m: shlex.quote(defaults[m.group(1)]), call.replace('"$@"', ""))
     args = parse_args(shlex.split(call.replace("\\\n", " ")))
     assert args.llm_name == "google/gemma-3-1b-it" and args.resume_from_checkpoint == "latest"
+    assert args.val_json == defaults["VAL_JSON"] != ""
 
 
 # ---------------------------------------------------------------- real LM
@@ -270,6 +273,7 @@ def test_stage1_with_real_gemma3_270m(setup, siglip_fp32, tmp_path):
         assert exported[k].shape == v.shape and torch.equal(exported[k].float(), v.float()), k
 
 
+@pytest.mark.slow
 def test_two_processes_shard_the_data(setup, tmp_path):
     """Stage1 under `accelerate launch --num_processes 2` with the committed DDP config."""
     from conftest import accelerate_two_processes, assert_sharded_run

@@ -373,6 +373,7 @@ def test_accumulation_and_checkpointing_give_the_same_gradients(s2, tmp_path):
         assert logged[name][1]["train/loss"] == pytest.approx(logged["big"][1]["train/loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_on_the_union_batch(s2, tmp_path):
     """DDP with 2 CPU processes (gloo), 4 per micro-batch x 2 accumulation steps, against one
     process with batch 16: the answer-token normalisation spans processes, so losses and
@@ -560,6 +561,7 @@ def evaluated(s2, learned):
     return summary, json.loads(out.read_text()), out, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_model_beats_majority_answer_on_held_out_closed_questions(s2, learned, evaluated):
     """Closed accuracy >= majority baseline + 0.10 on all (>= 300) held-out closed questions.
     The demo asks as many "no" as "yes" questions per image, so always giving the majority
@@ -678,18 +680,21 @@ def test_launcher_flags_parse():
     text = path.read_text()
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     assert text.count("\nlaunch --quiet") == 1 and text.rstrip().endswith('"$@"')
-    defaults = dict(re.findall(r': "\$\{(\w+):=([^}]*)\}"', text))
+    defaults = dict(re.findall(r': "\$\{(\w+):?=([^}]*)\}"', text))
     for var in ("IMAGE_ROOT", "TRAIN_JSON", "VAL_JSON", "STAGE1_PROJECTOR_PATH", "OUTPUT_DIR", "VISION_MODEL_NAME",
                 "LLM_NAME", "BATCH_SIZE", "LEARNING_RATE", "NUM_EPOCHS", "GRAD_ACCUM", "MAX_Q_LEN", "MAX_A_LEN",
                 "MIXED_PRECISION", "EXTRA_FLAGS", "NUM_GPUS", "WANDB_PROJECT"):
         assert var in defaults, var
     assert "ddp" in text and "single" in text and '--num_processes "$NUM_GPUS"' in text
     call = text[text.index("Stage2/train_vqa_stage2.py") + len("Stage2/train_vqa_stage2.py"):]
+    # ${VAR:+flags}: the flags when VAR is set and not empty (VAL_JSON= turns validation off)
+    call = re.sub(r"\$\{(\w+):\+([^}]*)\}", lambda m: m.group(2) if defaults.get(m.group(1)) else "", call)
     call = re.sub(r'"\$(\w+)"', lambda m: shlex.quote(defaults[m.group(1)]), call.replace('"$@"', ""))
     call = call.replace("$EXTRA_FLAGS", "--train_ve_first_epoch")
     call = re.sub(r"\$\{\w+:\+[^}]*\}", "", call)  # optional flags, empty by default
     args = parse_args(shlex.split(call.replace("\\\n", " ")))
     assert args.llm_name == "google/gemma-3-1b-it" and args.resume_from_checkpoint == "latest"
+    assert args.val_json == defaults["VAL_JSON"] != ""
     assert args.stage1_projector_path == "runs/stage1/final_model" and args.train_ve_first_epoch
 
 

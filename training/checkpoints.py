@@ -75,7 +75,14 @@ def check_output_dir(args) -> None:
 
 
 def _changed_settings(saved_args: Path, args) -> list[str]:
-    before = json.loads(saved_args.read_text())
+    try:
+        before = json.loads(saved_args.read_text())
+        if not isinstance(before, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:  # cut short by a crash, or edited by hand: the checkpoints still resume
+        logger.warning("%s is unreadable (%s); the run's settings cannot be compared with this one's, and this "
+                       "run's replace it", saved_args, e)
+        return []
     now = json.loads(json.dumps(vars(args), default=str))
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in _RUN_DEFINING
             if k in now and k in before and before[k] != now[k]]
