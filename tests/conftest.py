@@ -14,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: real-asset tests (packaged Gemma 3 270M); run in CI")
+    config.addinivalue_line("markers", "slow: real-asset runs, multi-process and preemption drills, long learning "
+                                       "runs; left out of scripts/test.sh by default, run in CI")
 
 
 @pytest.fixture(scope="session")

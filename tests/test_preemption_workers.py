@@ -63,6 +63,7 @@ def test_workers_leave_stop_signals_to_the_trainer():
             signal.signal(s, h)
 
 
+@pytest.mark.slow
 def test_process_group_sigterm_with_workers_one_process_stage0(tiny_siglip, demo_dir, tmp_path):
     flags = dict(max_steps=30, seed=3, num_workers=2, lora_r=4)
     run, ref = tmp_path / "run", tmp_path / "ref"
@@ -76,6 +77,7 @@ def test_process_group_sigterm_with_workers_one_process_stage0(tiny_siglip, demo
     _same_safetensors(run / "final_model" / "model.safetensors", ref / "final_model" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_process_group_sigterm_with_workers_two_processes_stage0(tiny_siglip, demo_dir, tmp_path):
     """The DDP config's torchrun agent relays the signal too, so each trainer gets it twice;
     both stop after the same step and exit 0."""
@@ -97,6 +99,7 @@ def vlm(tmp_path_factory, demo_dir):
     return tiny_vlm_parts(tmp_path_factory.mktemp("vlm_workers"), demo_dir, 32)
 
 
+@pytest.mark.slow
 def test_process_group_sigterm_with_workers_one_process_stage2(vlm, demo_dir, tmp_path):
     def argv(out, *extra):
         return ["--image_root", demo_dir, "--train_json", vlm["root"] / "train.json", "--output_dir", out,
@@ -191,6 +194,7 @@ def vlm_stage1(vlm):
     return {**vlm, "stage1": save_vlm(*build_vlm(vlm["siglip"], vlm["gemma3"]), vlm["root"] / "stage1" / "final_model")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_gpus", [1, 2])
 @pytest.mark.parametrize("stage", ["stage0", "stage2"])
 def test_process_group_sigterm_through_the_launcher_stops_with_a_checkpoint_and_resumes_exactly(

@@ -138,6 +138,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path, fresh_acceler
 
 # ---------------------------------------------------------------- non-finite steps
 
+@pytest.mark.slow
 def test_a_nan_on_one_process_is_skipped_by_both_and_a_signal_to_one_stops_both(tmp_path):
     """2 gloo processes through the shared OptimizerStep: an inf gradient from process 0 in
     window 1 and a NaN in process 0's loss alone in window 2 (its gradients stay finite, so
@@ -256,6 +257,21 @@ def _wait_for_step(proc, out, log, step, timeout=240):
     pytest.fail(f"no step {step} within {timeout}s")
 
 
+def test_the_multi_gpu_config_without_a_gpu_is_refused_in_one_line(tiny_siglip, demo_dir, tmp_path):
+    """NUM_GPUS=2 on a machine without a GPU: accelerate started two processes that each trained
+    alone (one process, CPU) into one output folder, and they raced over its checkpoints."""
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "scripts/accelerate/ddp.yaml",
+           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           str(ROOT / "Stage0" / "train_vision_encoder_stage0.py"),
+           *_stage0_argv(tiny_siglip, demo_dir, tmp_path / "run", max_steps=2)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, out.stderr[-3000:]
+    assert "error: 2 processes were launched, but each runs alone" in out.stderr, out.stderr[-3000:]
+    assert "ACCELERATE_USE_CPU=true" in out.stderr  # (torch's agent then prints its own failure summary)
+    assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "args.json").exists()
+
+
 def _trainer_pid(tmp_path, rank):
     """The Python trainer of `rank` in this test's launch (not its wrapper shell)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -275,6 +291,7 @@ def _exit_statuses(tmp_path):
     return [int((tmp_path / f"exit_status_rank{r}").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_2_process_stage0_with_a_checkpoint_that_resumes_exactly(tiny_siglip, demo_dir, tmp_path):
     """SIGTERM to the launcher's process group (as SLURM does; torchrun relays it to each
     trainer at its own moment), then, on the resumed run, to one trainer alone: each time both
@@ -316,6 +333,7 @@ def test_sigterm_stops_2_process_stage0_with_a_checkpoint_that_resumes_exactly(t
     assert a.keys() == b.keys() and all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_one_process_launcher_alone_stops_its_trainer_with_a_checkpoint(tiny_siglip, demo_dir,
                                                                                          tmp_path):
     """accelerate's one-process launcher neither relays a signal nor stops its child: killing it
@@ -426,6 +444,7 @@ if sys.argv and sys.argv[0].endswith(("train_vision_encoder_stage0.py", "train_p
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher,num_gpus", [("Stage0/run_train_vision_encoder_stage0.sh", 2),
                                                ("scripts/run_stage1.sh", 1), ("scripts/run_stage2.sh", 1),
                                                ("scripts/run_knee_raddino.sh", 1), ("scripts/run_ct_clip.sh", 1),

@@ -151,6 +151,7 @@ def test_gradient_accumulation_is_exact_with_frozen_text(captions, hub_siglip, d
     _assert_same_weights(_final_weights(tmp_path / "big"), _final_weights(tmp_path / "accum"), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("captions,text", [("demo", "frozen"), ("repeated", "frozen"), ("repeated", "trained")])
 def test_two_processes_train_like_one_on_the_union_batch(captions, text, hub_siglip, demo_dir, short_caption_jsons,
                                                          tmp_path):

@@ -35,6 +35,7 @@ def _argv(ct, out, *extra):
             "--logging_steps", "20", "--no_freeze_text_encoder", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["bert", "llm2vec"])
 def test_each_pairing_learns_on_the_ct_phantoms(text, ct, hub_cache, tmp_path):
     # llm2vec: the seed's LLM2Vec checkpoint by hub id, an MNTP adapter on a bf16 Llama 3-shaped base
@@ -240,6 +241,7 @@ def test_legacy_directory_mode(ct, tmp_path):
     assert "No report text available." in texts and rows[0]["findings"] in texts
 
 
+@pytest.mark.slow
 def test_ct_recipe_on_two_processes_in_legacy_directory_mode(ct, tmp_path):
     """The CT recipe (Merlin 3D tower, BERT text tower) under `accelerate launch --num_processes
     2`: the directory mode's CSV is written once, by one process, then read by both."""

@@ -157,6 +157,7 @@ def test_a_missing_image_in_the_labelled_file_is_named_there_and_can_be_skipped(
     assert [(r["file"], r["row"]) for r in dropped["rows"]] == [(str(bad), "line 8")]
 
 
+@pytest.mark.slow
 def test_derm_recipe_on_two_processes_and_exact_resume(derm, tmp_path):
     """The labelled recipe (label-aware losses, LoRA on both towers) under `accelerate launch
     --num_processes 2`, and cut after step 3 of 6 then resumed to the uninterrupted weights."""

@@ -55,6 +55,7 @@ def runs(knee, tmp_path_factory):
             for name, flags in PAIRINGS.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pairing", list(PAIRINGS))
 def test_each_tower_pairing_learns_on_the_knee_phantoms(pairing, runs):
     """Val loss falls and val contrastive accuracy (top-1 image->text over the whole val split,
@@ -197,6 +198,7 @@ def test_knee_launcher_runs_the_seed(tmp_path):
     assert args.train_json == "data/knee/knee.csv" and args.run_name == "raddino-siglip-448"
 
 
+@pytest.mark.slow
 def test_knee_recipe_on_two_processes_shards_the_data(knee, tmp_path):
     """The knee recipe (DINOv2 image tower, BERT text tower, CSV with a split column) under
     `accelerate launch --num_processes 2` with the committed DDP config."""
