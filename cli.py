@@ -197,7 +197,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Stage1/Stage2: batch samples of similar token length together (less padding)")
     # Reliability: non-finite steps (SIGTERM/SIGUSR1 preemption needs no flag).
     g.add_argument("--max_nonfinite_steps", type=positive_int, default=10,
-                   help="stop, with a resume checkpoint and exit status 1, after this many optimizer steps in a "
+                   help="stop, with a resume checkpoint and exit status 2, after this many optimizer steps in a "
                         "row were skipped for a NaN/inf loss or gradient norm (fp16 loss scaling skips a few "
                         "while it calibrates)")
     g = p.add_argument_group("logging and checkpoints")

@@ -138,7 +138,10 @@ def build_vlm(vision_model_name, llm_name, *, projector_depth: int = 2, torch_dt
     # no longer match the number of image features.
     model.generation_config.suppress_tokens = [image_token_id]
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.vision_tower_source = str(vision_model_name)
+    # Recorded for Stage2 and the CLI to default to: a local folder as an absolute path, so a run
+    # started from another folder finds it (a hub id stays as given).
+    local = Path(str(vision_model_name))
+    model.vision_tower_source = str(local.resolve()) if local.exists() else str(vision_model_name)
     if torch_dtype is not None:
         model.to(torch_dtype)
     model.eval()

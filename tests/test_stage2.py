@@ -482,6 +482,14 @@ def test_stage1_handoff_accepts_both_folders_and_names_mismatches(s2, tmp_path):
         main(_argv(s2, tmp_path / "y", "--stage1_projector_path", str(tmp_path / "nothing_here")))
 
 
+def test_a_local_tower_is_recorded_by_its_absolute_path(s2, monkeypatch):
+    """Stage1 started with a relative --vision_model_name recorded it as given, so Stage2 run
+    from another folder failed on a path its user never typed."""
+    monkeypatch.chdir(s2["siglip"].parent)
+    model, _, _ = build_vlm(s2["siglip"].name, s2["gemma3"])
+    assert model.vision_tower_source == str(s2["siglip"].resolve())
+
+
 def test_stage2_uses_the_tower_stage1_aligned_and_refuses_another(s2, tmp_path, capsys):
     """Stage1's output records its tower (source and a content hash). Stage2 and the CLI's
     --projector_path default to it; a different tower of the same width is refused by name."""
