@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         bad += [f"{source} {_where(row)}: {reasons[os.path.abspath(path)]}" for path, row, source in jobs
                 if os.path.abspath(path) in reasons]
         failed += len(reasons)
-        print(f"{folder}: built {stats['built']}, already fresh {stats['fresh']}, failed {len(reasons)}"
+        print(f"{folder}: built {stats['built']}, already fresh {stats['fresh']}, undecodable {len(reasons)}"
               + (f", CT volumes skipped {stats['volumes']}" if stats["volumes"] else "")
               + f" ({stats['bytes'] / 2**20:.1f} MiB written)")
     for line in bad:

@@ -53,6 +53,19 @@ def _stop_group_and_check(proc, out, log_path, after_step):
     return step
 
 
+def test_a_run_with_workers_exits_without_torch_warnings():
+    """The exit hook that stops the workers looked through every live object with isinstance,
+    which made torch's deprecated `reduce_op` alias print a FutureWarning at the end of every
+    run with DataLoader workers."""
+    code = ("import torch.distributed\nfrom torch.utils.data import DataLoader\n"
+            "from training.data import loader_kwargs\n"
+            "print(sum(len(b) for b in DataLoader(list(range(8)), batch_size=2, **loader_kwargs(2))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ONE_PROCESS_ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "8", out.stderr[-2000:]
+    assert "Warning" not in out.stderr, out.stderr[-2000:]
+
+
 def test_workers_leave_stop_signals_to_the_trainer():
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:

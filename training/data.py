@@ -136,11 +136,14 @@ def _shut_down_workers_at_exit() -> None:
     the interpreter exits. atexit runs this before both, as it is registered after them.
     Found through gc: accelerate creates the iterators, so nothing else holds them for us."""
     import gc
+    import warnings
 
     from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
-    for obj in gc.get_objects():
-        if isinstance(obj, _MultiProcessingDataLoaderIter):
-            obj._shutdown_workers()
+    with warnings.catch_warnings():  # isinstance on torch's deprecated aliases (reduce_op) warns
+        warnings.simplefilter("ignore", FutureWarning)
+        live = [obj for obj in gc.get_objects() if isinstance(obj, _MultiProcessingDataLoaderIter)]
+    for obj in live:
+        obj._shutdown_workers()
 
 
 _WORKER_EXIT_HOOK = []
