@@ -78,3 +78,10 @@ def make_ct_demo(out_dir, *, num_images=300, shape=(24, 48, 48), seed=0, val_fra
         rows.append({"img_path": name, "findings": text, "split": split, **{f: int(f in findings) for f in
                                                                               ("nodule", "effusion", "consolidation")}})
     return write_rows_csv(out_dir / "ct.csv", rows)
+
+
+if __name__ == "__main__":  # run as a script: the demo makers' one command line, for this recipe
+    import subprocess
+    import sys
+    sys.exit(subprocess.call([sys.executable, str(Path(__file__).with_name("make_demo_data.py")), "--recipe", "ct",
+                              *sys.argv[1:]]))

@@ -74,3 +74,10 @@ def make_derm_demo(out_dir, *, num_images=400, image_size=64, seed=0) -> Path:
         for c in names:
             w.writerow([c, CONDITIONS[c][5], CONDITIONS[c][4]])
     return write_rows_csv(out_dir / "derm.csv", rows)
+
+
+if __name__ == "__main__":  # run as a script: the demo makers' one command line, for this recipe
+    import subprocess
+    import sys
+    sys.exit(subprocess.call([sys.executable, str(Path(__file__).with_name("make_demo_data.py")), "--recipe", "derm",
+                              *sys.argv[1:]]))

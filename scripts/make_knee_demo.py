@@ -108,3 +108,10 @@ def make_knee_demo(out_dir, *, num_images=600, image_size=128, seed=0, val_fract
         rows.append({"img_path": name, "impression": impression(kl, varus), "split": split,
                      "kl_grade": kl, "varus": int(varus)})
     return write_rows_csv(out_dir / "knee.csv", rows)
+
+
+if __name__ == "__main__":  # run as a script: the demo makers' one command line, for this recipe
+    import subprocess
+    import sys
+    sys.exit(subprocess.call([sys.executable, str(Path(__file__).with_name("make_demo_data.py")), "--recipe", "knee",
+                              *sys.argv[1:]]))

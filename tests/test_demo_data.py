@@ -270,3 +270,12 @@ def test_runs_as_a_script(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "pneumothorax" in res.stdout
     assert len(list((out / "images").glob("*.png"))) == 6
+
+
+@pytest.mark.parametrize("recipe", ["ct", "derm", "knee"])
+def test_each_recipes_data_maker_runs_as_a_script(recipe):
+    """`python scripts/make_ct_demo.py --help` printed nothing and exited 0 (a library module):
+    each recipe's maker is the demo makers' command line with its --recipe."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / f"make_{recipe}_demo.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--recipe" in out.stdout and "--out_dir" in out.stdout, out.stderr[-2000:]
