@@ -69,6 +69,13 @@ def infer_stage(path) -> str:
         return "1"  # reading the rows reports why the file is unusable
     if not isinstance(rows, list):
         return "1"  # not a list of rows: main says so
+    if not rows:
+        raise cli.UserError(f"--data {path}: no rows (an empty JSON list); nothing to check")
+    others = [type(r).__name__ for r in rows if not isinstance(r, dict)]
+    if others:
+        raise cli.UserError(f"--data {path}: {len(others)} of {len(rows)} rows are not JSON objects (the first is a "
+                            f"{others[0]}); a data file is a JSON list of objects, one per row, e.g. "
+                            '[{"image": "a.png", "caption": "..."}]')
     keys = set().union(*(r for r in rows if isinstance(r, dict)))
     if keys & {QUESTION_KEY, ANSWER_KEY}:
         return "2"

@@ -126,6 +126,16 @@ def test_validate_data_says_a_json_that_is_not_a_list_in_one_line(tmp_path, caps
             assert len(out) == 1 and "not a JSON list of rows" in out[0] and holds in out[0], out
 
 
+def test_validate_data_names_an_empty_list_and_rows_that_are_not_objects(tmp_path, capsys):
+    from scripts.validate_data import main as validate
+    for text, words in (("[]", "no rows"), ("[1, 2, 3]", "3 of 3 rows are not JSON objects (the first is a int)")):
+        (tmp_path / "d.json").write_text(text)
+        with pytest.raises(SystemExit) as e:
+            cli.run(validate, ["--data", str(tmp_path / "d.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == cli.EXIT_USER_ERROR and len(err) == 1 and words in err[0], err
+
+
 def test_validate_data_checks_labels_against_the_classes_file(tmp_path, capsys):
     from scripts.validate_data import main as validate
     _images(tmp_path / "images", 3)
