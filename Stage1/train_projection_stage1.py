@@ -49,8 +49,6 @@ def parse_args(argv=None):
                    help="write OUTPUT_DIR/epoch_N/ (a full VLM folder) after every epoch")
     cli.add_common_args(p)
     args = p.parse_args(argv)
-    if args.num_epochs < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
-        p.error("--num_epochs, --batch_size and --gradient_accumulation_steps must be >= 1")
     return args
 
 

@@ -79,8 +79,6 @@ def parse_args(argv=None):
     cli.add_common_args(p)
     p.set_defaults(wandb_project="stage2_vqa_training")
     args = p.parse_args(argv)
-    if args.num_epochs < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
-        p.error("--num_epochs, --batch_size and --gradient_accumulation_steps must be >= 1")
     if args.max_a_len < 2 or args.max_q_len < 1:
         p.error("--max_a_len must be >= 2 (an answer token plus <end_of_turn>) and --max_q_len >= 1")
     if args.lora_r < 0:
