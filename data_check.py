@@ -22,7 +22,7 @@ recorded in OUTPUT_DIR/substituted_rows.jsonl; under `error` the ImageLoadError 
 is raised as before.
 
 `validate_file` is the same check for one data file outside training
-(`scripts/validate_data.py`, the CT recipe's `--validate_csv`), and `check_rows` the same for the
+(`scripts/data/validate_data.py`, the CT recipe's `--validate_csv`), and `check_rows` the same for the
 inference and evaluation CLIs, with their own `--on_bad_sample error|skip`: error lists every bad
 row and stops before a model loads; skip leaves them out and says so.
 """

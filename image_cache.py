@@ -1,7 +1,7 @@
 """Decode every image of a data set once, at the vision tower's input size, and read it back from disk.
 
 Decoding a 2048 px 16-bit PNG or a DICOM costs tens to hundreds of milliseconds; every epoch
-repeats it. `scripts/preprocess_images.py` decodes each image once with `image_loader.load_image`
+repeats it. `scripts/data/preprocess_images.py` decodes each image once with `image_loader.load_image`
 (the same pixels training sees), resizes it to the image processor's size with the processor's
 resample filter, and stores the result here. The datasets then read the small image instead, and
 the processor's own resize has nothing left to do (same size in, same size out).
@@ -194,7 +194,7 @@ class ImageCache:
             entries = {str(k): [int(v[0]), int(v[1])] for k, v in data["entries"].items()}
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             logger.warning("image cache %s: unreadable index (%s); images are decoded from source. Rebuild it "
-                           "with scripts/preprocess_images.py", index, e)
+                           "with scripts/data/preprocess_images.py", index, e)
             return None
         if data.get("version") != VERSION or recorded != target:
             logger.warning("image cache %s was built for %s (version %s), not %s; images are decoded from source",
@@ -239,7 +239,7 @@ class ImageCache:
             self._failed_reads += 1
             if self._failed_reads == 1:
                 logger.warning("image cache %s: cannot read %s (%s); decoding the source instead. Re-run "
-                               "scripts/preprocess_images.py to rebuild it", self.folder, file, e)
+                               "scripts/data/preprocess_images.py to rebuild it", self.folder, file, e)
             return None
         return to_image(arr)
 
@@ -261,7 +261,7 @@ def refresh_command(data_file, target: Target, *, image_root=None, image_key=Non
     as printed from any folder: absolute paths, the folder the rows' relative image paths are
     under, the image column when it is not the default, and the target as the cache stores it."""
     import shlex
-    script = pathlib.Path(__file__).resolve().parent / "scripts" / "preprocess_images.py"
+    script = pathlib.Path(__file__).resolve().parent / "scripts" / "data" / "preprocess_images.py"
     csv = str(data_file).lower().endswith(".csv")
     cmd = [sys.executable, str(script), "--data", _abs(data_file)]  # the Python that has the requirements
     if image_root or not csv:  # a JSON's relative paths without --image_root are under the working folder

@@ -523,7 +523,7 @@ def load_volume(path, *, row=None, source=None, key: str = "image") -> np.ndarra
     vol = vol.astype(np.float32, copy=False)
     if not np.isfinite(vol).all():
         _fail(path, row, source, "the volume holds NaN or inf",
-              "fix or drop this volume; scripts/validate_data.py --full_decode (or training with --full_decode_check) "
+              "fix or drop this volume; scripts/data/validate_data.py --full_decode (or training with --full_decode_check) "
               "finds every such volume before training")
     return vol
 

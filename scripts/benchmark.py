@@ -11,11 +11,11 @@ project with its own earlier or switched-off path (`comparison: ablation`), not 
     python scripts/benchmark.py --output_json runs/benchmark.json --output_md runs/benchmark.md
     python scripts/benchmark.py --only siglip_loss --loss_sizes 1024 65536
 
-Rows (timing, memory and the FLOP formulas of MFU: scripts/bench_core.py; the peers:
-scripts/bench_peers.py):
+Rows (timing, memory and the FLOP formulas of MFU: scripts/bench/bench_core.py; the peers:
+scripts/bench/bench_peers.py):
   mfu_reference  the matmul rate of this device in this run (bf16 8192^3 on CUDA, fp32 on CPU):
                  the denominator of `mfu_vs_gemm`; MFU itself is against the datasheet dense bf16
-                 peak (scripts/bench_core.DEVICE_PEAKS, or --peak_tflops)
+                 peak (scripts/bench/bench_core.DEVICE_PEAKS, or --peak_tflops)
   stage0_step    Stage0's trainer step, each beside a peer doing the same work: frozen text with
                  cached features vs SiglipModel with its text tower frozen and the caption
                  embeddings computed once; text trained vs SiglipModel(..., return_loss=True).
@@ -40,7 +40,7 @@ scripts/bench_peers.py):
   tokenize       ablation: Stage1/Stage2 sample token ids per second with the real Gemma 3
                  tokenizer (packaged 270M; a small one if it is not installed): special tokens
                  looked up once vs a get_vocab() dict rebuilt per lookup (the project's old path)
-  data           ablation: the data-loading rows of scripts/bench_data.py (the pre-resized cache
+  data           ablation: the data-loading rows of scripts/bench/bench_data.py (the pre-resized cache
                  vs the project's own decode-and-resize per sample), when that file is present
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from scripts.bench_core import FLOP_FORMULAS, datasheet_peak, is_cuda, matmul_rate, measure, memory_method
+from scripts.bench.bench_core import FLOP_FORMULAS, datasheet_peak, is_cuda, matmul_rate, measure, memory_method
 
 
 def _timeit(fn, repeats, device):
@@ -99,7 +99,7 @@ def bench_lm_head(args):
     """The LM head + cross-entropy at 8k supervised tokens (Gemma3-1B width, 262k vocabulary):
     the project's logits-at-supervised-positions path against Liger's fused linear
     cross-entropy (`liger-kernel`, Triton, CUDA only), which never materialises the logits."""
-    from scripts.bench_core import attempt, measure
+    from scripts.bench.bench_core import attempt, measure
     cuda = is_cuda(args.device)
     tokens, width, vocab = (8192, 1152, 262144) if cuda else (256, 64, 262144)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -197,10 +197,10 @@ def bench_tokenize(args):
     from Stage2.dataset import END_OF_TURN, START_OF_TURN, build_example
     from transformers import AutoTokenizer
     try:
-        from scripts.prepare_gemma270m import prepare_gemma270m
+        from scripts.demo.prepare_gemma270m import prepare_gemma270m
         path, which = prepare_gemma270m(), "Gemma 3 (262k vocab)"
     except ImportError:
-        from scripts.make_tiny_models import build_tiny_gemma3
+        from scripts.demo.make_tiny_models import build_tiny_gemma3
         import tempfile
         path = build_tiny_gemma3(Path(tempfile.mkdtemp()) / "g", ["is there an effusion"], vocab_size=400)
         which = "small BPE (gemma3-270m package not installed)"
@@ -233,10 +233,10 @@ def bench_mfu_reference(args) -> dict:
 
 
 def bench_data_rows(args) -> list[dict]:
-    """The data-loading rows, from scripts/bench_data.py where that file exists."""
-    if importlib.util.find_spec("scripts.bench_data") is None:
-        return [{"row": "data", "skipped": "scripts/bench_data.py is not present"}]
-    from scripts.bench_data import bench_data
+    """The data-loading rows, from scripts/bench/bench_data.py where that file exists."""
+    if importlib.util.find_spec("scripts.bench.bench_data") is None:
+        return [{"row": "data", "skipped": "scripts/bench/bench_data.py is not present"}]
+    from scripts.bench.bench_data import bench_data
     return bench_data(args)
 
 
@@ -400,8 +400,8 @@ ROWS = ["mfu_reference", "siglip_loss", "stage0_step", "stage1_step", "stage2_st
 
 
 def main(argv=None):
-    from scripts import bench_peers
-    from scripts.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS
+    from scripts.bench import bench_peers
+    from scripts.demo.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per path (the median is reported)")
@@ -419,7 +419,7 @@ def main(argv=None):
     p.add_argument("--loss_sizes", type=int, nargs="+", default=None, help="siglip_loss batch sizes")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the device's dense bf16 peak in TFLOPS, for MFU (default: the datasheet table in "
-                        "scripts/bench_core.py, by device name)")
+                        "scripts/bench/bench_core.py, by device name)")
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile variants on CUDA")
     p.add_argument("--model_dir", default=None,

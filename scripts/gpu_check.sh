@@ -5,7 +5,7 @@
 # dtype bugs hide on CPU; this is the command that finds them.
 #
 #   bash scripts/gpu_check.sh                          # at most 9 minutes, data and models included
-#   bash scripts/gpu_check.sh --wheels DIR             # first install DIR's wheels (scripts/gpu_wheels.sh)
+#   bash scripts/gpu_check.sh --wheels DIR             # first install DIR's wheels (scripts/bench/gpu_wheels.sh)
 #   bash scripts/gpu_check.sh --budget_s 300           # the whole run within 5 minutes
 #   bash scripts/gpu_check.sh --only "stage0_bf16 stage1"
 #   SIGLIP_PRESET=so400m-384 STEPS=20 bash scripts/gpu_check.sh
@@ -24,7 +24,7 @@
 # sized to fit one H100 (about 30 s per training check, most of it start-up and export); how many
 # benchmark rows fit is for the first GPU run to show.
 #
-# Writes GPU_CHECK_DIR/summary.md as it goes: the size audit for this GPU (scripts/size_audit.py),
+# Writes GPU_CHECK_DIR/summary.md as it goes: the size audit for this GPU (scripts/bench/size_audit.py),
 # then one row per check as soon as it ends (result, seconds, samples/s, measured peak memory
 # beside the audit's estimate), then the benchmark's tables. A log per check under
 # GPU_CHECK_DIR/logs/. Exits non-zero if a check failed (skipped and budget-stopped ones do not).
@@ -150,7 +150,7 @@ while IFS= read -r req; do
 done <<< "$MISSING"
 if [ ${#CORE_MISSING[@]} -gt 0 ]; then
     echo "gpu_check.sh: every check needs ${CORE_MISSING[*]}, missing here; on a machine with network:" \
-         "bash scripts/gpu_wheels.sh DIR --python-version $("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'),"\
+         "bash scripts/bench/gpu_wheels.sh DIR --python-version $("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'),"\
          "copy DIR here, then: bash scripts/gpu_check.sh --wheels DIR" >&2
     exit 1
 fi
@@ -282,10 +282,10 @@ versions="$("$PY" -c 'import torch, transformers, accelerate, peft; print(f"torc
     echo "$versions; deepspeed $("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null || echo "not installed")"
     echo "SigLIP $SIGLIP_PRESET + Gemma3 $GEMMA3_PRESET (random weights), bf16 unless named, $STEPS optimizer steps each; budget ${BUDGET_S}s"
     echo
-    echo "## Size audit for this GPU (python scripts/size_audit.py --gpu_gb $GPU_GIB)"
+    echo "## Size audit for this GPU (python scripts/bench/size_audit.py --gpu_gb $GPU_GIB)"
     echo
 } > "$SUMMARY"
-if run size_audit "$BUDGET_S" "$PY" scripts/size_audit.py --gpu_gb "$GPU_GIB" --json "$OUT/size_audit.json"; then
+if run size_audit "$BUDGET_S" "$PY" scripts/bench/size_audit.py --gpu_gb "$GPU_GIB" --json "$OUT/size_audit.json"; then
     cat "$OUT/logs/size_audit.log" >> "$SUMMARY"
 else
     echo "(the size audit failed: $OUT/logs/size_audit.log)" >> "$SUMMARY"
@@ -309,15 +309,15 @@ setup() {  # setup NAME DONE_FILE COMMAND...: once, whatever --only says; a late
     fi
     ONLY="" check setup "$name" "$@"
 }
-setup data_cxr "$DATA/cxr/stage2_test.json" "$PY" scripts/make_demo_data.py --out_dir "$DATA/cxr" \
+setup data_cxr "$DATA/cxr/stage2_test.json" "$PY" scripts/demo/make_demo_data.py --out_dir "$DATA/cxr" \
     --num_images "$NUM_IMAGES" --image_size 512 --num_workers 8 --force
-setup data_knee "$DATA/knee/knee.csv" "$PY" scripts/make_demo_data.py --recipe knee \
+setup data_knee "$DATA/knee/knee.csv" "$PY" scripts/demo/make_demo_data.py --recipe knee \
     --out_dir "$DATA/knee" --num_images 800 --image_size 256 --force
-setup data_derm "$DATA/derm/derm.csv" "$PY" scripts/make_demo_data.py --recipe derm \
+setup data_derm "$DATA/derm/derm.csv" "$PY" scripts/demo/make_demo_data.py --recipe derm \
     --out_dir "$DATA/derm" --num_images 800 --image_size 224 --force
-setup data_ct "$DATA/ct/ct.csv" "$PY" scripts/make_demo_data.py --recipe ct \
+setup data_ct "$DATA/ct/ct.csv" "$PY" scripts/demo/make_demo_data.py --recipe ct \
     --out_dir "$DATA/ct" --num_images 64 --image_size 128 --force
-setup models "$MODELS/gemma3/config.json" after=data_cxr "$PY" scripts/make_tiny_models.py --out_dir "$MODELS" \
+setup models "$MODELS/gemma3/config.json" after=data_cxr "$PY" scripts/demo/make_tiny_models.py --out_dir "$MODELS" \
     --siglip_preset "$SIGLIP_PRESET" --gemma3_preset "$GEMMA3_PRESET" ${GEMMA3_TOKENIZER:+--gemma3_tokenizer "$GEMMA3_TOKENIZER"} \
     --texts "$DATA/cxr/stage0_train.json" "$DATA/cxr/stage2_train.json"
 # The recipes' towers at their real shapes: RAD-DINO (ViT-B/14), SigLIP B/16-224 (the knee text
@@ -329,8 +329,8 @@ from pathlib import Path
 
 import torch
 
-from scripts.make_tiny_models import SIGLIP_PRESETS, build_merlin_checkpoint, build_tiny_dinov2, build_tiny_llama, build_tiny_siglip
-from scripts.model_configs import LLAMA3_8B, RAD_DINO
+from scripts.demo.make_tiny_models import SIGLIP_PRESETS, build_merlin_checkpoint, build_tiny_dinov2, build_tiny_llama, build_tiny_siglip
+from scripts.demo.model_configs import LLAMA3_8B, RAD_DINO
 out, data, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 texts = [r["impression"] for r in csv.DictReader(open(data / "knee" / "knee.csv"))]
 texts += [r["findings"] for r in csv.DictReader(open(data / "ct" / "ct.csv"))]

@@ -31,11 +31,11 @@ mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*" >&2; }
 
 step "1. demo data: synthetic phantoms (not patient data) -> $DEMO"
-[ -f "$DEMO/stage2_test.json" ] || python scripts/make_demo_data.py --out_dir "$DEMO"
+[ -f "$DEMO/stage2_test.json" ] || python scripts/demo/make_demo_data.py --out_dir "$DEMO"
 
 step "2. small SigLIP and Gemma3 built from configs (random weights, no download); the Gemma3 is
     trained briefly on the demo texts as a stand-in for a pretrained LLM"
-python scripts/make_tiny_models.py --out_dir "$OUT/tiny" --image_size 64 --lm_pretrain_steps 300 \
+python scripts/demo/make_tiny_models.py --out_dir "$OUT/tiny" --image_size 64 --lm_pretrain_steps 300 \
     --texts "$DEMO/stage0_train.json" "$DEMO/stage2_train.json"
 
 step "3a. stand-in for a pretrained SigLIP: train the small one jointly (both towers)"

@@ -12,12 +12,12 @@ mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*" >&2; }
 
 step "1. knee phantoms (not patient data) -> $DEMO/knee.csv"
-[ -f "$DEMO/knee.csv" ] || python scripts/make_demo_data.py --recipe knee --out_dir "$DEMO" --num_images 600 --image_size 64
+[ -f "$DEMO/knee.csv" ] || python scripts/demo/make_demo_data.py --recipe knee --out_dir "$DEMO" --num_images 600 --image_size 64
 
 step "2. a small DINOv2 (RAD-DINO's architecture) and SigLIP built from configs (random weights)"
 python - "$DEMO/knee.csv" "$OUT/tiny" <<'PY'
 import csv, sys
-from scripts.make_tiny_models import build_tiny_dinov2, build_tiny_siglip
+from scripts.demo.make_tiny_models import build_tiny_dinov2, build_tiny_siglip
 texts = [r["impression"] for r in csv.DictReader(open(sys.argv[1]))]
 build_tiny_dinov2(f"{sys.argv[2]}/dino", image_size=64, patch_size=8)
 build_tiny_siglip(f"{sys.argv[2]}/siglip", texts, image_size=64, hidden_size=64, num_layers=2, num_heads=2)

@@ -21,7 +21,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small copy of the embedded demo data set (synthetic phantoms with known findings)."""
-    from scripts.make_demo_data import main as make_demo
+    from scripts.demo.make_demo_data import main as make_demo
     out = tmp_path_factory.mktemp("demo")
     make_demo(["--out_dir", str(out), "--num_images", "300", "--image_size", "96", "--seed", "0",
                "--num_workers", "1"])
@@ -48,7 +48,7 @@ def short_caption_jsons(demo_dir):
 
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory, demo_dir):
-    from scripts.make_tiny_models import _texts_from_files, build_tiny_siglip
+    from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_siglip
     texts = _texts_from_files([demo_dir / "stage0_train.json"]) + ["no acute finding, cardiomegaly"]
     return build_tiny_siglip(tmp_path_factory.mktemp("tiny") / "siglip", texts, image_size=64,
                              hidden_size=64, num_layers=2, num_heads=2)
@@ -114,7 +114,7 @@ def assert_sharded_run(proc, out, train_rows: int, batch_size: int, epochs: int 
 
 @pytest.fixture(scope="session")
 def hub_texts(demo_dir):
-    from scripts.make_tiny_models import _texts_from_files
+    from scripts.demo.make_tiny_models import _texts_from_files
     return _texts_from_files([demo_dir / f"stage{n}_train.json" for n in (0, 1, 2)])
 
 
@@ -122,7 +122,7 @@ def hub_texts(demo_dir):
 def hub_gemma3_it(tmp_path_factory, hub_texts):
     """google/gemma-3-*-it's shape: bf16 weights, sampling generation_config.json
     (top-k 64, top-p 0.95, eos [<eos>, <end_of_turn>]), Gemma's chat template."""
-    from scripts.make_tiny_models import build_tiny_gemma3
+    from scripts.demo.make_tiny_models import build_tiny_gemma3
     return build_tiny_gemma3(tmp_path_factory.mktemp("hub") / "gemma-3-it", hub_texts, hidden_size=64,
                              num_layers=2, num_heads=2, vocab_size=400, hub_shaped=True)
 
@@ -131,7 +131,7 @@ def hub_gemma3_it(tmp_path_factory, hub_texts):
 def hub_siglip(tmp_path_factory, hub_texts):
     """A SigLIP with google/siglip-*'s sentencepiece SiglipTokenizer and 64-token text length,
     bf16 weights."""
-    from scripts.make_tiny_models import build_tiny_siglip
+    from scripts.demo.make_tiny_models import build_tiny_siglip
     return build_tiny_siglip(tmp_path_factory.mktemp("hub") / "siglip", hub_texts, image_size=64,
                              hidden_size=64, num_layers=2, num_heads=2, hub_shaped=True)
 
@@ -139,7 +139,7 @@ def hub_siglip(tmp_path_factory, hub_texts):
 @pytest.fixture(scope="session")
 def hub_raddino(tmp_path_factory):
     """A DINOv2 with microsoft/rad-dino's patch size, 518 px position table and processor."""
-    from scripts.make_tiny_models import build_tiny_dinov2
+    from scripts.demo.make_tiny_models import build_tiny_dinov2
     return build_tiny_dinov2(tmp_path_factory.mktemp("hub") / "rad-dino", hidden_size=32, num_layers=1,
                              num_heads=2, hub_shaped=True)
 
@@ -149,7 +149,7 @@ def hub_llm2vec(tmp_path_factory, hub_texts):
     """An LLM2Vec MNTP adapter on a Llama 3-shaped bf16 base: dict with `adapter_id`, `base_id`,
     `cache_dir` (a Hugging Face cache holding both ids), `adapter_dir` and `base_dir` (the same
     folders, local). Use `hub_cache` to make the ids resolve."""
-    from scripts.make_tiny_models import build_hub_llm2vec
+    from scripts.demo.make_tiny_models import build_hub_llm2vec
     return build_hub_llm2vec(tmp_path_factory.mktemp("hub") / "llm2vec", hub_texts)
 
 
@@ -169,5 +169,5 @@ def hub_merlin_ckpt(tmp_path_factory):
     """A Merlin checkpoint file with the official release's keys (`encode_image.i3_resnet.*`
     and `encode_text.*`, one flat state dict), for an I3ResNet with one block per stage and
     width 8 (`--merlin_layers 1 1 1 1 --merlin_width 8`)."""
-    from scripts.make_tiny_models import build_merlin_checkpoint
+    from scripts.demo.make_tiny_models import build_merlin_checkpoint
     return build_merlin_checkpoint(tmp_path_factory.mktemp("hub") / "merlin" / "merlin_official.pt")

@@ -1,6 +1,6 @@
 """Bad data: each kind of bad row is found before the first step, listed all at once under
 --on_bad_sample error, dropped and recorded under skip; a file that breaks after the check is
-replaced under skip and named under error; scripts/validate_data.py for every stage's files.
+replaced under skip and named under error; scripts/data/validate_data.py for every stage's files.
 
 The datasets are built from the demo data with the tiny config-built towers; most cases call
 data_check.check_datasets on them directly, and one Stage0 and one Stage2 training run end to end."""
@@ -23,8 +23,8 @@ import cli
 import data_check
 from data_check import BadDataError, DataFileError, check_datasets
 from image_loader import ImageLoadError, check_input, load_input
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3
-from scripts.validate_data import main as validate_main
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
+from scripts.data.validate_data import main as validate_main
 from Stage0.dataset import ImageTextContrastiveDataset
 from Stage0.merlin import VolumeProcessor
 from Stage2.dataset import VQADataset
@@ -378,7 +378,7 @@ def test_stage2_training_error_then_skip(files, tiny_siglip, gemma, tmp_path, mo
     assert {(s["row"], s["replaced_by"]) for s in subs} == {(2, 3)}
 
 
-# ---------------------------------------------------------------- scripts/validate_data.py
+# ---------------------------------------------------------------- scripts/data/validate_data.py
 
 def _validate(capsys, *argv):
     rc = validate_main([str(a) for a in argv])
@@ -433,6 +433,6 @@ def test_validate_data_script_for_every_stage(files, tmp_path, capsys):
     with pytest.raises(cli.UserError, match=r"cannot tell the stage .*--stage"):
         validate_main(["--data", str(tmp_path / "other.json")])
 
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate_data.py"), "--help"],
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "data" / "validate_data.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "--full_decode" in run.stdout and "--stage" in run.stdout

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from scripts.bench_core import lm_body_params, lm_head_flops, n_params, tower_flops
-from scripts.bench_peers import _complete
+from scripts.bench.bench_core import lm_body_params, lm_head_flops, n_params, tower_flops
+from scripts.bench.bench_peers import _complete
 from scripts.benchmark import ROWS, main
 
 
@@ -27,7 +27,7 @@ def test_quick_mode_writes_json_and_markdown_with_the_environment(tmp_path):
 
 
 def test_a_failing_row_is_recorded_and_named_in_one_line(monkeypatch, capsys):
-    from scripts import bench_peers
+    from scripts.bench import bench_peers
 
     def broken(args):
         raise RuntimeError("CUDA error: no kernel image is available\nmore detail")
@@ -43,7 +43,7 @@ def test_a_failing_row_is_recorded_and_named_in_one_line(monkeypatch, capsys):
 def test_flop_formulas_on_the_siglip_b16_and_gemma3_1b_presets():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, SiglipVisionConfig, SiglipVisionModel
 
-    from scripts.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS
+    from scripts.demo.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS
     s = SIGLIP_PRESETS["b16-224"]
     g = GEMMA3_PRESETS["1b"]
     with torch.device("meta"):  # shapes only, no memory
@@ -69,7 +69,7 @@ def test_flop_formulas_on_the_siglip_b16_and_gemma3_1b_presets():
 
 
 def test_cpu_peak_memory_counts_live_allocations_not_views_or_freed_ones():
-    from scripts.bench_core import LivePeak
+    from scripts.bench.bench_core import LivePeak
     mib = 2 ** 20
     weight = torch.ones(256, 1024)  # 1 MiB that exists before: never counted
     with LivePeak() as live:
@@ -106,7 +106,7 @@ def test_every_result_gets_its_ratio_to_the_peer_it_names():
 
 
 def test_mfu_is_against_the_datasheet_dense_bf16_peak():
-    from scripts.bench_core import datasheet_peak
+    from scripts.bench.bench_core import datasheet_peak
     from scripts.benchmark import mfu_peak
     # torch.cuda.get_device_name() of each (dense numbers: half the datasheets' "with sparsity" ones)
     expected = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4,
@@ -153,7 +153,7 @@ def test_the_llava_peer_optimises_the_same_loss_as_the_project(tmp_path):
     # cross-entropy over the answer tokens, only with logits at every position.
     from types import SimpleNamespace
 
-    from scripts.bench_peers import ModelFolders, _stage2_batch, _vlm, llava_concat_loss
+    from scripts.bench.bench_peers import ModelFolders, _stage2_batch, _vlm, llava_concat_loss
     from vlm import lm_loss_on_supervised
     args = SimpleNamespace(models=ModelFolders(tmp_path), vlm_preset="tiny", lm_preset="tiny")
     model, tokenizer, _ = _vlm(args)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scripts.make_demo_data import main as make_demo
-from scripts.make_tiny_models import build_tiny_dinov2, build_tiny_gemma3
+from scripts.demo.make_demo_data import main as make_demo
+from scripts.demo.make_tiny_models import build_tiny_dinov2, build_tiny_gemma3
 from Stage0.merlin import MerlinBackbone
 from Stage0.towers import load_model
 from Stage0.train_vision_encoder_stage0 import main

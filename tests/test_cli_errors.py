@@ -20,7 +20,7 @@ import torch
 
 import cli
 from image_loader import read_json_rows
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
 from vlm import build_vlm, save_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,9 +244,9 @@ def _cases(fx) -> list[dict]:
          ["--output_json", "metrics.json", "--force"])
     case("s2-eval-output-exists", [*s2e, ok, "--output_json", r / "metrics.json"],
          ["--output_json", "metrics.json", "--force"])
-    case("demo-data-into-user-folder", ["scripts/make_demo_data.py", "--out_dir", r / "user_data", "--num_images", "4",
+    case("demo-data-into-user-folder", ["scripts/demo/make_demo_data.py", "--out_dir", r / "user_data", "--num_images", "4",
                                         "--image_size", "32", "--num_workers", "1"], ["user_data", "--force"])
-    case("preprocess-cache-dir-is-a-file", ["scripts/preprocess_images.py", "--data", ok, "--size", "8", "8",
+    case("preprocess-cache-dir-is-a-file", ["scripts/data/preprocess_images.py", "--data", ok, "--size", "8", "8",
                                             "--cache_dir", r / "notes.png"], ["--cache_dir", "notes.png"])
 
     for name, cmd, data_flag in (("s0", s0t, "--train_json"), ("s1", s1t, "--train_json"),
@@ -449,8 +449,8 @@ def test_evaluations_skip_bad_rows_and_say_so(fx, tmp_path, capsys):
 
 ENTRY_POINTS = ["Stage0/train_vision_encoder_stage0.py", "Stage1/train_projection_stage1.py",
                 "Stage2/train_vqa_stage2.py", "Stage0/evaluate_stage0.py", "Stage0/inference_stage0.py",
-                "Stage2/evaluate.py", "Stage2/inference_vqa_stage2.py", "scripts/preprocess_images.py",
-                "scripts/validate_data.py", "scripts/size_audit.py"]
+                "Stage2/evaluate.py", "Stage2/inference_vqa_stage2.py", "scripts/data/preprocess_images.py",
+                "scripts/data/validate_data.py", "scripts/bench/size_audit.py"]
 HELP_PROBE = """
 import runpy, sys
 sys.argv = [sys.argv[1], "--help"]

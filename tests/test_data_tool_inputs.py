@@ -33,11 +33,11 @@ def _images(folder: Path, n: int = 3) -> list[Path]:
     return paths
 
 
-# ---------------------------------------------------------------- scripts/preprocess_images.py
+# ---------------------------------------------------------------- scripts/data/preprocess_images.py
 
 @pytest.mark.parametrize("kind", ["json", "csv"])
 def test_preprocess_lists_every_bad_row_and_caches_the_good_ones(kind, tmp_path, capsys, monkeypatch):
-    from scripts.preprocess_images import main
+    from scripts.data.preprocess_images import main
     monkeypatch.delenv(image_cache.ENV_VAR, raising=False)
     _images(tmp_path / "images", 2)
     names = ["im0.png", "absent.png", "im1.png", "notes.png", ""]
@@ -80,7 +80,7 @@ def _hint(open_it) -> str:
 
 @pytest.mark.parametrize("layout", ["json-size", "csv-column-shortest-edge"])
 def test_stale_cache_hint_is_a_command_that_works_as_printed(layout, tmp_path, monkeypatch):
-    from scripts.preprocess_images import main as preprocess
+    from scripts.data.preprocess_images import main as preprocess
     monkeypatch.delenv(image_cache.ENV_VAR, raising=False)
     images = _images(tmp_path / "images")
     (tmp_path / "data").mkdir()
@@ -113,10 +113,10 @@ def test_stale_cache_hint_is_a_command_that_works_as_printed(layout, tmp_path, m
     assert cache.status([r["image_path"] for r in rows]) == {"fresh": 3, "stale": 0, "missing": 0}
 
 
-# ---------------------------------------------------------------- scripts/validate_data.py
+# ---------------------------------------------------------------- scripts/data/validate_data.py
 
 def test_validate_data_says_a_json_that_is_not_a_list_in_one_line(tmp_path, capsys):
-    from scripts.validate_data import main as validate
+    from scripts.data.validate_data import main as validate
     for text, holds in (('{"image": "a.png", "caption": "x"}', "a JSON dict"), ('"a.png"', "a JSON str")):
         data = tmp_path / "rows.json"
         data.write_text(text)
@@ -127,7 +127,7 @@ def test_validate_data_says_a_json_that_is_not_a_list_in_one_line(tmp_path, caps
 
 
 def test_validate_data_names_an_empty_list_and_rows_that_are_not_objects(tmp_path, capsys):
-    from scripts.validate_data import main as validate
+    from scripts.data.validate_data import main as validate
     for text, words in (("[]", "no rows"), ("[1, 2, 3]", "3 of 3 rows are not JSON objects (the first is a int)")):
         (tmp_path / "d.json").write_text(text)
         with pytest.raises(SystemExit) as e:
@@ -137,7 +137,7 @@ def test_validate_data_names_an_empty_list_and_rows_that_are_not_objects(tmp_pat
 
 
 def test_validate_data_checks_labels_against_the_classes_file(tmp_path, capsys):
-    from scripts.validate_data import main as validate
+    from scripts.data.validate_data import main as validate
     _images(tmp_path / "images", 3)
     classes = tmp_path / "classes.csv"
     classes.write_text("condition,description,icd10\neczema,itchy,L30.9\npsoriasis,plaques,L40.0\n")
@@ -177,7 +177,7 @@ def test_create_example_csv_replaces_only_with_force(tmp_path):
 
 
 def test_demo_data_rewrites_its_own_folder_but_not_a_users(tmp_path):
-    from scripts.make_demo_data import main as make_demo
+    from scripts.demo.make_demo_data import main as make_demo
     args = ["--num_images", "4", "--image_size", "32", "--num_workers", "1"]
     make_demo(["--out_dir", str(tmp_path / "demo"), *args])
     make_demo(["--out_dir", str(tmp_path / "demo"), *args])  # an earlier demo is rewritten in place

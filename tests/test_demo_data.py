@@ -12,7 +12,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.make_demo_data import FINDINGS, main, render_phantom  # noqa: E402
+from scripts.demo.make_demo_data import FINDINGS, main, render_phantom  # noqa: E402
 
 NAMES = [f["name"] for f in FINDINGS]
 SPLITS = ("train", "val", "test")
@@ -264,7 +264,7 @@ def test_effusion_images_in_the_data_set_are_brighter_on_their_side(demo):
 
 def test_runs_as_a_script(tmp_path):
     out = tmp_path / "cli"
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"),
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "demo" / "make_demo_data.py"),
                           "--out_dir", str(out), "--num_images", "6", "--image_size", "64",
                           "--num_workers", "1"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -274,8 +274,8 @@ def test_runs_as_a_script(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["ct", "derm", "knee"])
 def test_each_recipes_data_maker_runs_as_a_script(recipe):
-    """`python scripts/make_ct_demo.py --help` printed nothing and exited 0 (a library module):
+    """`python scripts/demo/make_ct_demo.py --help` printed nothing and exited 0 (a library module):
     each recipe's maker is the demo makers' command line with its --recipe."""
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / f"make_{recipe}_demo.py"), "--help"],
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "demo" / f"make_{recipe}_demo.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--recipe" in out.stdout and "--out_dir" in out.stdout, out.stderr[-2000:]

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
 from training.checkpoints import list_checkpoints
 from training.watch import DivergenceWatch
 

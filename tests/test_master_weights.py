@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
 from training.precision import master_weights
 
 BIG = 2.0 ** -6  # |w| from which a bf16 weight no longer moves under lr 2e-5 updates

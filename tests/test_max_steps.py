@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
 
 
 @pytest.fixture(scope="module", autouse=True)

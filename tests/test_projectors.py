@@ -24,7 +24,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from projectors import MLPProjector, load_projector
-from scripts.make_tiny_models import build_tiny_gemma3, build_tiny_siglip
+from scripts.demo.make_tiny_models import build_tiny_gemma3, build_tiny_siglip
 from vision_tower import load_vision_tower
 from vlm import build_vlm, lm_loss_on_supervised, load_vlm, save_vlm
 

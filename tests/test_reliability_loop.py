@@ -366,7 +366,7 @@ def test_sigterm_to_the_one_process_launcher_alone_stops_its_trainer_with_a_chec
 def tiny_vlm_parts(root, demo_dir, n_rows) -> dict:
     """Config-built towers (no download, no pretraining) over the first n_rows Stage 2 rows:
     {"root", "siglip", "gemma3"}, the rows in root/train.json."""
-    from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
+    from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip
     rows = json.loads((demo_dir / "stage2_train.json").read_text())[:n_rows]
     (root / "train.json").write_text(json.dumps(rows))
     texts = _texts_from_files([root / "train.json"])

@@ -1,4 +1,4 @@
-"""scripts/size_audit.py: every launcher's default built from its real config on the meta
+"""scripts/bench/size_audit.py: every launcher's default built from its real config on the meta
 device (no weight loaded), memory per GPU per engine, resume and export sizes, what fits."""
 import contextlib
 import io
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from scripts import size_audit
-from scripts.size_audit import (
+from scripts.bench import size_audit
+from scripts.bench.size_audit import (
     ROOT,
     SMALL_STATE_BYTES,
     Row,
@@ -189,7 +189,7 @@ def test_launcher_defaults_are_the_literal_values_and_an_unknown_model_is_named(
 
 def test_help_is_fast_and_imports_no_torch():
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "import scripts.size_audit as a\n"
+            "import scripts.bench.size_audit as a\n"
             "try:\n    a.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n" % str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

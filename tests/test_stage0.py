@@ -104,7 +104,7 @@ def test_sentencepiece_siglip_tokenizer_and_checkpoint_text_length(demo_dir, tmp
     length; captions are padded to exactly that length and longer ones truncated."""
     from transformers import SiglipTokenizer
 
-    from scripts.make_tiny_models import _texts_from_files, build_tiny_siglip
+    from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_siglip
     texts = _texts_from_files([demo_dir / "stage0_train.json"])
     model_dir = build_tiny_siglip(tmp_path / "spm_siglip", texts, image_size=32, hidden_size=32,
                                   num_layers=1, num_heads=2, text_len=24, tokenizer_kind="sentencepiece")

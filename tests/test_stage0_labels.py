@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from scripts.make_demo_data import main as make_demo
-from scripts.make_tiny_models import build_tiny_siglip
+from scripts.demo.make_demo_data import main as make_demo
+from scripts.demo.make_tiny_models import build_tiny_siglip
 from Stage0.evaluate_stage0 import main as evaluate
 from Stage0.labels import class_text, read_classes
 from Stage0.train_vision_encoder_stage0 import main
@@ -109,7 +109,7 @@ def test_cxr_demo_findings_are_a_labelled_example(demo_dir, tmp_path):
     assert any(";" in r["labels"] for r in rows)  # multi-label rows
     assert all(r["split"] in ("train", "val", "test") for r in rows)
     # its prompts are radiology's, one per finding, not the dermatology seed's wording
-    from scripts.make_demo_data import CLASS_PROMPT_TEMPLATE
+    from scripts.demo.make_demo_data import CLASS_PROMPT_TEMPLATE
     from Stage0.labels import class_texts
     texts = class_texts(names, classes, CLASS_PROMPT_TEMPLATE)
     assert texts[names.index("pleural_effusion")] == "Chest X-ray showing pleural effusion."

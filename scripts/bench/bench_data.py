@@ -1,8 +1,8 @@
 """Data-loading benchmark: decoding each image from source vs reading the pre-resized cache.
 An ablation (the project's own loader with and without its cache), not a peer comparison.
 
-    python scripts/bench_data.py            # 2048 px sources, 384 px target (a few minutes on 2 cores)
-    python scripts/bench_data.py --quick    # 1024 px sources, one repeat: a smoke run
+    python scripts/bench/bench_data.py            # 2048 px sources, 384 px target (a few minutes on 2 cores)
+    python scripts/bench/bench_data.py --quick    # 1024 px sources, one repeat: a smoke run
 
 Synthetic sources are written to a temporary folder. Rows (seconds are per image, one process):
   data_png16      16-bit greyscale PNG: load_image + resize vs the cached entry
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 from PIL import Image

@@ -4,7 +4,7 @@ The images are drawn, not taken from patients, with known findings, report-style
 captions, labels and VQA triplets, so that every stage of the repo can be trained and
 evaluated on a CPU with no download.
 
-    python scripts/make_demo_data.py --out_dir data/demo
+    python scripts/demo/make_demo_data.py --out_dir data/demo
 
 Orientation follows radiological convention: the image is viewed as if facing the
 patient, so the patient's RIGHT lung is on the IMAGE LEFT and the heart, which bulges
@@ -22,6 +22,9 @@ import math
 import multiprocessing
 import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for scripts.demo.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -596,7 +599,7 @@ def _write_json(path: Path, obj) -> None:
 
 _README = """\
 Synthetic demo data set. Every image here is a drawn phantom of a PA chest radiograph,
-made by scripts/make_demo_data.py (seed {seed}); none of it is patient data. Findings
+made by scripts/demo/make_demo_data.py (seed {seed}); none of it is patient data. Findings
 (cardiomegaly, pleural effusion, consolidation, lung nodule, pneumothorax) were drawn in on
 purpose, and the labels, captions and answers are generated from the same random draw, so they
 agree with the pixels. Left/right always means the patient's side: the patient's right lung is
@@ -627,9 +630,9 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--recipe", choices=["cxr", "knee", "ct", "derm"], default="cxr",
                    help="knee: knee radiograph phantoms by Kellgren-Lawrence grade in seed 003's CSV layout "
-                        "(scripts/make_knee_demo.py); ct: chest CT phantom volumes as NPZ in seed 002's layout "
-                        "(scripts/make_ct_demo.py; --image_size sets H = W, depth is half of it); derm: long-tailed "
-                        "skin-lesion phantoms with classes.csv (scripts/make_derm_demo.py)")
+                        "(scripts/demo/make_knee_demo.py); ct: chest CT phantom volumes as NPZ in seed 002's layout "
+                        "(scripts/demo/make_ct_demo.py; --image_size sets H = W, depth is half of it); derm: long-tailed "
+                        "skin-lesion phantoms with classes.csv (scripts/demo/make_derm_demo.py)")
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("--num_images must be at least 1")
@@ -654,7 +657,7 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     if force or not out_dir.is_dir() or (out_dir / MARKER).is_file():
         return
     readme = out_dir / "README.txt"
-    if readme.is_file() and "made by scripts/make_demo_data.py" in readme.read_text(errors="replace"):
+    if readme.is_file() and "made by scripts/demo/make_demo_data.py" in readme.read_text(errors="replace"):
         return
     entries = sorted(p.name for p in out_dir.iterdir())
     if entries:
@@ -668,20 +671,17 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     check_out_dir(args.out_dir, args.force)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / MARKER).write_text("made by scripts/make_demo_data.py: it may rewrite this folder\n")
+    (args.out_dir / MARKER).write_text("made by scripts/demo/make_demo_data.py: it may rewrite this folder\n")
     if args.recipe == "derm":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from make_derm_demo import make_derm_demo
+        from scripts.demo.make_derm_demo import make_derm_demo
         return make_derm_demo(args.out_dir, num_images=args.num_images, image_size=args.image_size, seed=args.seed)
     if args.recipe == "ct":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from make_ct_demo import make_ct_demo
+        from scripts.demo.make_ct_demo import make_ct_demo
         size = args.image_size
         return make_ct_demo(args.out_dir, num_images=args.num_images, shape=(size // 2, size, size), seed=args.seed,
                             val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     if args.recipe == "knee":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from make_knee_demo import make_knee_demo
+        from scripts.demo.make_knee_demo import make_knee_demo
         return make_knee_demo(args.out_dir, num_images=args.num_images, image_size=args.image_size,
                               seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     out_dir: Path = args.out_dir
