@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import cli
+import preflight
 from data_check import DataFileError, validate_file
 from Stage0.dataset import data_keys
 
@@ -46,7 +47,7 @@ def create_example_csv(npz_directory, out_path=None, text="No findings text avai
     if out.is_file() and not force:
         raise cli.UserError(f"--csv_file {out}: the file exists, and --create_example_csv would replace every "
                             f"text in it with {text!r}; pass another --csv_file, or --force to replace it")
-    cli.check_output_file(out, "--csv_file", force)
+    preflight.check_output_file(out, "--csv_file", force)
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["img_path", "findings", "split"])

@@ -22,6 +22,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+import preflight
+
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,9 +58,9 @@ def parse_args(argv=None):
                         "and stops before a model loads; skip evaluates without them (counted as skipped_rows)")
     args = p.parse_args(argv)
     args.device = cli.check_device(p, args.device)
-    cli.check_output_file(args.output_json, "--output_json", args.force)
+    preflight.check_output_file(args.output_json, "--output_json", args.force)
     if args.output_json and args.label_column:
-        cli.check_output_file(Path(args.output_json).with_suffix(".md"), "--output_json", args.force)
+        preflight.check_output_file(Path(args.output_json).with_suffix(".md"), "--output_json", args.force)
     if args.class_prompt_template is not None:
         from Stage0.labels import check_template
         try:
@@ -200,10 +202,10 @@ def main(argv=None):
         raise SystemExit("--labels needs one name per --model_path")
     # Every input before the first model loads: the folders' kind, the data file, each row's image.
     for path in args.model_path:
-        cli.require_checkpoint(path, "--model_path", {"stage0"}, "a Stage0 model",
-                               "pass Stage0 output folders such as runs/stage0/final_model")
+        preflight.require_checkpoint(path, "--model_path", {"stage0"}, "a Stage0 model",
+                                     "pass Stage0 output folders such as runs/stage0/final_model")
     split = args.split if args.label_column else None  # evaluate_model reads every row
-    cli.check_data_file(args.test_json, "--test_json", split_column="split" if split else None, split=split)
+    preflight.check_data_file(args.test_json, "--test_json", split_column="split" if split else None, split=split)
     image_key, caption_key = data_keys(args.test_json, args.image_key if args.label_column else None)
     keys = (image_key,) if args.label_column else (image_key, caption_key)
     rows, bad = check_rows(args.test_json, args.image_root, keys, image_key=image_key,

@@ -34,6 +34,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+import preflight
+
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +73,7 @@ def parse_args(argv=None):
     if args.csv_path and not args.output_path:
         p.error("--csv_path needs --output_path")
     if args.csv_path:
-        cli.check_output_file(args.output_path, "--output_path", args.force)
+        preflight.check_output_file(args.output_path, "--output_path", args.force)
     if args.queries is not None and not all(q.strip() for q in args.queries):
         p.error("--queries must not be empty")
     if args.split and not args.split_column:
@@ -174,8 +176,8 @@ def main(argv=None):
     if class_prompts is not None:
         args.queries = class_prompts
     try:
-        cli.require_checkpoint(args.model_path, "--model_path", {"stage0"}, "a Stage0 model",
-                               "pass a Stage0 output folder such as runs/stage0/final_model")
+        preflight.require_checkpoint(args.model_path, "--model_path", {"stage0"}, "a Stage0 model",
+                                     "pass a Stage0 output folder such as runs/stage0/final_model")
         model, tokenizer, processor = load_model(args.model_path)
     except (FileNotFoundError, OSError, ValueError) as e:
         parser.error(str(e))

@@ -26,6 +26,8 @@ if __package__ in (None, ""):  # `python Stage0/train_vision_encoder_stage0.py` 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+import preflight
+
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,20 +202,20 @@ def check_data(args) -> None:
         return
     flag = "--train_json/--csv_file"
     if args.label_column:  # no split column: a stratified split is made (Stage0/labels.py)
-        cli.check_data_file(args.train_json, flag)
+        preflight.check_data_file(args.train_json, flag)
         return
     split_column = args.split_column
     if split_column is None and str(args.train_json).lower().endswith(".csv"):
         from image_loader import csv_columns
         split_column = "split" if "split" in csv_columns(args.train_json) else None
-    cli.check_data_file(args.train_json, flag, split_column=split_column,
-                        split=args.train_split if split_column else None, split_flag="--train_split")
+    preflight.check_data_file(args.train_json, flag, split_column=split_column,
+                              split=args.train_split if split_column else None, split_flag="--train_split")
     if args.val_json:
-        cli.check_data_file(args.val_json, "--val_json", split_column=args.split_column,
-                            split=args.val_split if args.split_column else None, split_flag="--val_split")
+        preflight.check_data_file(args.val_json, "--val_json", split_column=args.split_column,
+                                  split=args.val_split if args.split_column else None, split_flag="--val_split")
     elif split_column:
-        cli.check_data_file(args.train_json, flag, split_column=split_column, split=args.val_split,
-                            split_flag="--val_split")
+        preflight.check_data_file(args.train_json, flag, split_column=split_column, split=args.val_split,
+                                  split_flag="--val_split")
 
 
 def model_flags(args) -> dict:
@@ -250,8 +252,8 @@ def run_csv_tool(args) -> int:
 def main(argv=None):
     args = parse_args(argv)
     check_data(args)
-    cli.check_run_start(args, model_flags(args))  # before the output folder or args.json is written
-    cli.require_file(args.image_model_path, "--image_model_path", "checkpoint file")
+    preflight.check_run_start(args, model_flags(args))  # before the output folder or args.json is written
+    preflight.require_file(args.image_model_path, "--image_model_path", "checkpoint file")
     if args.train_data_dir:  # the CT seed's legacy directory mode becomes a CSV
         args.train_json = str(Path(args.output_dir) / "data_from_dirs.csv")
     accelerator = setup_accelerator_and_logging(args, stage="Stage0")

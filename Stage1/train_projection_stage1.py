@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch Stage1/...):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+import preflight
 
 DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
 DEFAULT_LLM = "google/gemma-3-1b-it"
@@ -86,11 +87,11 @@ def make_loader(ds, args, tokenizer, *, shuffle):
 def main(argv=None):
     args = parse_args(argv)
     # Before the accelerator, a tracker or a model starts; the dataset checks each row and image.
-    cli.check_data_file(args.train_json, "--train_json")
+    preflight.check_data_file(args.train_json, "--train_json")
     if args.val_json:
-        cli.check_data_file(args.val_json, "--val_json")
+        preflight.check_data_file(args.val_json, "--val_json")
     # The models and the output folder too, before anything is written there.
-    cli.check_run_start(args, {"--vision_model_name": args.vision_model_name, "--llm_name": args.llm_name})
+    preflight.check_run_start(args, {"--vision_model_name": args.vision_model_name, "--llm_name": args.llm_name})
     accelerator = setup_accelerator_and_logging(args, stage="Stage1")
     # Frozen weights stored in bf16 halve their memory; fp16 storage overflows in Gemma.
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None

@@ -34,6 +34,8 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+import preflight
+
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +75,7 @@ def parse_args(argv=None):
         base = Path(args.model_path) if args.model_path else Path(args.llm_path).parent
         args.output_json = str(base / f"eval_{Path(args.test_json).stem}.json")
     for path in (args.output_json, Path(args.output_json).with_suffix(".md")):
-        cli.check_output_file(path, "--output_json", args.force)
+        preflight.check_output_file(path, "--output_json", args.force)
     return args
 
 
@@ -168,7 +170,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=logging.INFO, force=True)
-    cli.check_data_file(args.test_json, "--test_json")
+    preflight.check_data_file(args.test_json, "--test_json")
     # References are required here, not for generation; every row is checked before the model loads.
     rows, bad = check_rows(args.test_json, args.image_root, ("image", QUESTION_KEY, ANSWER_KEY), image_key="image",
                            on_bad_sample=args.on_bad_sample)

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+import preflight
 from cli import DEFAULT_MAX_NEW_TOKENS
 
 DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
@@ -109,26 +110,26 @@ def load_model(model_path=None, *, llm_path=None, projector_path=None, vision_mo
     naming the flag and what the folder holds."""
     if model_path:
         path = Path(model_path)
-        cli.require_checkpoint(path, "--model_path", {"stage1", "stage2"}, "a Stage2 export (the VQA model)",
-                               "pass a Stage2 output folder such as runs/stage2/final_model")
+        preflight.require_checkpoint(path, "--model_path", {"stage1", "stage2"}, "a Stage2 export (the VQA model)",
+                                     "pass a Stage2 output folder such as runs/stage2/final_model")
         model, tokenizer, image_processor = load_vlm(path, torch_dtype=dtype)
         source = {"model_path": str(path)}
     else:
         if not (llm_path and projector_path):
             raise ValueError("pass --model_path, or --llm_path and --projector_path (with --vision_model_name)")
         llm, proj = Path(llm_path), Path(projector_path)
-        cli.require_checkpoint(llm, "--llm_path", {"lm", "encoder", "vlm"}, "a language model",
-                               "pass a Stage2 output's language_model/ folder")
-        cli.require_checkpoint(proj, "--projector_path", {"projector", "stage1", "stage2"},
-                               f"a {PROJECTOR_DIR}/ folder or a Stage1/Stage2 export",
-                               f"pass a Stage2 output's {PROJECTOR_DIR}/ folder")
+        preflight.require_checkpoint(llm, "--llm_path", {"lm", "encoder", "vlm"}, "a language model",
+                                     "pass a Stage2 output's language_model/ folder")
+        preflight.require_checkpoint(proj, "--projector_path", {"projector", "stage1", "stage2"},
+                                     f"a {PROJECTOR_DIR}/ folder or a Stage1/Stage2 export",
+                                     f"pass a Stage2 output's {PROJECTOR_DIR}/ folder")
         pdir = proj / PROJECTOR_DIR if (proj / PROJECTOR_DIR).is_dir() else proj
         record = recorded_tower(pdir)
         if vision_model_name is None:
             trained_tower = llm.parent / VISION_TOWER_DIR
             vision_model_name = ((record or {}).get("source")
                                  or (str(trained_tower) if trained_tower.is_dir() else DEFAULT_VISION))
-        cli.require_model(vision_model_name, "--vision_model_name")
+        preflight.require_model(vision_model_name, "--vision_model_name")
         projector = load_projector(pdir)
         model, tokenizer, image_processor = build_vlm(vision_model_name, llm, projector_depth=projector.depth)
         check_tower(model, record, vision_model_name, what=f"--projector_path {pdir}",

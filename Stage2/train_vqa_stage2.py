@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch Stage2/...):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+import preflight
 
 DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
 DEFAULT_LLM = "google/gemma-3-1b-it"
@@ -172,19 +173,19 @@ def make_loader(ds, args, tokenizer, *, shuffle):
 def main(argv=None):
     args = parse_args(argv)
     # Before the accelerator, a tracker or a model starts; the dataset checks each row and image.
-    cli.check_data_file(args.train_json, "--train_json")
+    preflight.check_data_file(args.train_json, "--train_json")
     if args.val_json:
-        cli.check_data_file(args.val_json, "--val_json")
+        preflight.check_data_file(args.val_json, "--val_json")
     if args.stage1_projector_path:
-        cli.require_checkpoint(args.stage1_projector_path, "--stage1_projector_path", {"stage1", "stage2", "projector"},
-                               f"a Stage1 export (or its {PROJECTOR_DIR}/)",
-                               "pass Stage1's output folder, e.g. runs/stage1/final_model")
+        preflight.require_checkpoint(args.stage1_projector_path, "--stage1_projector_path",
+                                     {"stage1", "stage2", "projector"}, f"a Stage1 export (or its {PROJECTOR_DIR}/)",
+                                     "pass Stage1's output folder, e.g. runs/stage1/final_model")
     # The models and the output folder too, before anything is written there; the vision tower
     # as main resolves it below (the flag, else the one Stage 1 recorded, else the default).
     vision = args.vision_model_name or (
         (recorded_tower(stage1_projector_dir(args.stage1_projector_path)) or {}).get("source")
         if args.stage1_projector_path else None) or DEFAULT_VISION
-    cli.check_run_start(args, {"--vision_model_name": vision, "--llm_name": args.llm_name})
+    preflight.check_run_start(args, {"--vision_model_name": vision, "--llm_name": args.llm_name})
     accelerator = setup_accelerator_and_logging(args, stage="Stage2")
     depth = stage1_projector_depth(args.stage1_projector_path) if args.stage1_projector_path else args.projector_depth
     record = recorded_tower(stage1_projector_dir(args.stage1_projector_path)) if args.stage1_projector_path else None

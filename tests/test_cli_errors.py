@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import cli
+import preflight
 from image_loader import read_json_rows
 from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
 from vlm import build_vlm, save_vlm
@@ -406,7 +407,7 @@ def test_checkpoint_kind_tells_every_folder_apart(fx, tmp_path):
     kinds = {fx["stage0"]: "stage0", fx["stage1"]: "stage1", stage2: "stage2", stage2 / "projection_layer": "projector",
              stage2 / "language_model": "lm", fx["root"] / "no_model": "unknown", tmp_path / "file.bin": "unknown",
              tmp_path / "nothing": "missing"}
-    assert {p: cli.checkpoint_kind(p) for p in kinds} == kinds
+    assert {p: preflight.checkpoint_kind(p) for p in kinds} == kinds
 
 
 

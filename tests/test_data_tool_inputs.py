@@ -16,6 +16,7 @@ from PIL import Image
 
 import cli
 import image_cache
+import preflight
 from image_cache import open_cache
 from image_loader import read_rows
 
@@ -197,11 +198,11 @@ def test_require_model_takes_folders_and_cached_hub_ids_offline(tmp_path, monkey
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "hub" / "models--org--cached" / "snapshots" / "abc").mkdir(parents=True)
-    cli.require_model("org/cached", "--model_name")
-    cli.require_model(str(tmp_path), "--model_name")
+    preflight.require_model("org/cached", "--model_name")
+    preflight.require_model(str(tmp_path), "--model_name")
     with pytest.raises(cli.UserError, match="org/absent: no such folder here, and as a hub id"):
-        cli.require_model("org/absent", "--model_name")
+        preflight.require_model("org/absent", "--model_name")
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        cli.require_model(str(tmp_path / "runs" / "final_model"), "--model_name")
+        preflight.require_model(str(tmp_path / "runs" / "final_model"), "--model_name")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    cli.require_model("org/absent", "--model_name")  # online: the hub answers for itself
+    preflight.require_model("org/absent", "--model_name")  # online: the hub answers for itself

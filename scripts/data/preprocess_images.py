@@ -30,6 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import cli
+import preflight
 from image_cache import RESAMPLE, ENV_VAR, ImageCache, Target, build_cache, cache_folder, target_from_processor
 from image_loader import DataFileError, read_rows
 
@@ -69,7 +70,7 @@ def parse_args(argv=None):
 def model_target(parser, path) -> Target:
     from transformers import AutoImageProcessor
     try:
-        cli.require_model(path, "--model")
+        preflight.require_model(path, "--model")
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     folder = Path(path)

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python scripts/data/validate_data.py` from any
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import cli
+import preflight
 
 
 def parse_args(argv=None):
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     stage = infer_stage(args.data) if args.stage == "auto" else args.stage
     keys, image_key, label_column = stage_keys(stage, args)
     if args.classes_file:
-        cli.require_file(args.classes_file, "--classes_file", "classes CSV")
+        preflight.require_file(args.classes_file, "--classes_file", "classes CSV")
         if not label_column:
             raise cli.UserError(f"--classes_file {args.classes_file}: checks labelled Stage0 data; name the column "
                                 "holding each row's labels with --label_column (a CSV's 'labels' column is found "
