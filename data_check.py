@@ -36,7 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from image_loader import DataFileError, ImageLoadError, check_input, read_rows
+from data_rows import DataFileError, read_rows
+from image_loader import ImageLoadError
+from volume_loader import check_input
 
 __all__ = ["BadDataError", "BadRow", "DataFileError", "check_datasets", "check_file", "check_paths", "check_rows",
            "load_item", "validate_file"]
@@ -105,7 +107,7 @@ def format_bad_rows(rows: list[BadRow], *, header: str, footer: str, limit: int 
 # ---------------------------------------------------------------- checking files
 
 def check_paths(paths, full: bool = False, *, verified=frozenset(), progress: bool = False) -> dict[str, str]:
-    """{path: reason} for each of `paths` that would fail to load (`image_loader.check_input`).
+    """{path: reason} for each of `paths` that would fail to load (`volume_loader.check_input`).
     `verified`: paths known to load, not checked again (a fresh image-cache entry was decoded
     from exactly this file: same size and modification time, and training reads the entry)."""
     paths = [p for p in paths if p not in verified]
@@ -273,10 +275,10 @@ def _note(ds, k: int, error: Exception, replacement: int | None) -> None:
 def check_file(path, image_root, keys, *, image_key: str, full: bool = False, required_columns=(),
                split_column=None, split=None) -> tuple[list[dict], list[BadRow]]:
     """Check every row of a JSON or CSV data file (of one split, given `split_column`) as training
-    would: (the good rows, as image_loader.read_rows returns them; the bad rows). Raises
+    would: (the good rows, as data_rows.read_rows returns them; the bad rows). Raises
     DataFileError for a file unusable as a whole, FileNotFoundError for a missing one."""
     if str(path).lower().endswith(".csv") and required_columns:
-        from image_loader import csv_columns
+        from data_rows import csv_columns
         columns = csv_columns(path)
         missing = [c for c in required_columns if c not in columns]
         if missing:
@@ -286,7 +288,7 @@ def check_file(path, image_root, keys, *, image_key: str, full: bool = False, re
                      problems=problems)
     if split_column and not str(path).lower().endswith(".csv"):
         # A JSON list's rows are checked before the split is selected: keep other splits' problems out.
-        from image_loader import load_table
+        from data_rows import load_table
         table = load_table(path)[0]
         problems = [p for p in problems if isinstance(table[p["row"]], dict)
                     and str(table[p["row"]].get(split_column, "")).strip() == split]

@@ -43,7 +43,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from image_loader import ImageLoadError, load_image, load_input
+from image_loader import ImageLoadError, load_image
+from volume_loader import load_input
 
 __all__ = ["ENV_VAR", "ImageCache", "Target", "build_cache", "cache_folder", "decode_resized", "load_cached",
            "open_cache", "refresh_command", "target_from_processor", "to_image"]

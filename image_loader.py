@@ -9,7 +9,6 @@ of which file to fix instead of a bare PIL traceback deep inside a DataLoader wo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import warnings
@@ -17,8 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["DataFileError", "ImageLoadError", "check_image", "check_input", "check_volume", "load_image",
-           "read_json_rows", "read_rows", "resolve_image_path"]
+__all__ = ["ImageLoadError", "check_image", "load_image", "resolve_image_path"]
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -63,7 +61,8 @@ def _where(row, source):
     return ""
 
 
-def _fail(path, row, source, reason, hint, cause=None):
+def fail(path, row, source, reason, hint, cause=None):
+    """Raise ImageLoadError naming the file, the row and its source file, what is wrong and the fix."""
     msg = f"Cannot load image '{path}'{_where(row, source)}: {reason}. {hint}"
     err = ImageLoadError(msg, path=str(path), row=row, source=source)
     if cause is not None:
@@ -78,14 +77,14 @@ def resolve_image_path(image, image_root, *, row=None, source=None) -> pathlib.P
     whatever ``--image_root`` says.
     """
     if image is None or str(image).strip() == "":
-        _fail(image, row, source, "the image path is empty",
+        fail(image, row, source, "the image path is empty",
               "Fill in the image column of that row or drop the row.")
     path = pathlib.Path(os.path.expanduser(str(image)))
     if not path.is_absolute() and image_root:
         path = pathlib.Path(os.path.expanduser(str(image_root))) / path
     if not path.is_file():
         reason = "it is a directory, not a file" if path.is_dir() else "no such file"
-        _fail(path, row, source, reason,
+        fail(path, row, source, reason,
               f"Check the image path and --image_root (now {image_root!r}); relative "
               "paths in the data file are joined onto --image_root.")
     return path
@@ -155,13 +154,13 @@ def _pil_errors(path, row, source):
     except ImageLoadError:
         raise
     except UnidentifiedImageError as exc:
-        _fail(path, row, source, "not a recognised image format (PNG, JPEG or DICOM expected)",
+        fail(path, row, source, "not a recognised image format (PNG, JPEG or DICOM expected)",
               "Re-export the image as PNG/JPEG/DICOM or fix the path in the data file.", exc)
     except Image.DecompressionBombError as exc:
-        _fail(path, row, source, f"image is too large for PIL's safety limit ({exc})",
+        fail(path, row, source, f"image is too large for PIL's safety limit ({exc})",
               "Downscale the image before training.", exc)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        _fail(path, row, source, f"the file is truncated or corrupt ({exc})",
+        fail(path, row, source, f"the file is truncated or corrupt ({exc})",
               "Re-export or re-download the image, or remove the row.", exc)
 
 
@@ -182,16 +181,16 @@ def _load_dicom(path, row, source) -> Image.Image:
         from pydicom.errors import InvalidDicomError
         from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError as exc:
-        _fail(path, row, source, "reading DICOM needs pydicom>=3",
+        fail(path, row, source, "reading DICOM needs pydicom>=3",
               "Install it with: pip install 'pydicom>=3'.", exc)
 
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-        _fail(path, row, source, f"not a readable DICOM file ({exc})",
+        fail(path, row, source, f"not a readable DICOM file ({exc})",
               "Re-export the image from the PACS or convert it to PNG.", exc)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        _fail(path, row, source, "the DICOM file has no pixel data",
+        fail(path, row, source, "the DICOM file has no pixel data",
               "It is probably a report or structured-report object; remove the row.")
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -203,9 +202,9 @@ def _load_dicom(path, row, source) -> Image.Image:
         name = getattr(tsyntax, "name", None) or str(tsyntax or "unknown transfer syntax")
         if tsyntax is not None and not getattr(tsyntax, "is_compressed", True):
             # Uncompressed data never needs a plugin, so a failure means bad bytes.
-            _fail(path, row, source, f"the pixel data is truncated or corrupt ({exc})",
+            fail(path, row, source, f"the pixel data is truncated or corrupt ({exc})",
                   "Re-export the image from the PACS or remove the row.", exc)
-        _fail(path, row, source, f"the compressed pixel data ({name}) could not be decoded ({exc})",
+        fail(path, row, source, f"the compressed pixel data ({name}) could not be decoded ({exc})",
               f"Install a decoder with: pip install {_decoder_hint(ds)} "
               "(if one is installed already, the file may be corrupt: re-export it).", exc)
     if frames > 1:
@@ -222,7 +221,7 @@ def _load_dicom(path, row, source) -> Image.Image:
                 arr = apply_voi_lut(arr, ds, index=0)
         # RGB / YBR_* were already converted to RGB by pydicom's decoder.
     except Exception as exc:
-        _fail(path, row, source, f"the DICOM LUT/windowing attributes are invalid ({exc})",
+        fail(path, row, source, f"the DICOM LUT/windowing attributes are invalid ({exc})",
               "Fix or remove the RescaleSlope/WindowCenter/VOI LUT tags, or re-export the image.",
               exc)
 
@@ -252,10 +251,10 @@ def load_image(path, *, row=None, source=None) -> Image.Image:
 def _existing_file(path, row, source) -> pathlib.Path:
     path = pathlib.Path(os.path.expanduser(str(path)))
     if not path.exists():
-        _fail(path, row, source, "no such file",
+        fail(path, row, source, "no such file",
               "Check the image path and --image_root.")
     if not path.is_file():
-        _fail(path, row, source, "it is a directory, not a file",
+        fail(path, row, source, "it is a directory, not a file",
               "Check the image path and --image_root.")
     return path
 
@@ -289,7 +288,7 @@ def check_image(path, full: bool = False, *, row=None, source=None) -> None:
     with _pil_errors(path, row, source), Image.open(path) as im:
         fmt, (w, h) = im.format, im.size
         if w < 1 or h < 1:
-            _fail(path, row, source, f"the image is {w}x{h} pixels", "Re-export the image or remove the row.")
+            fail(path, row, source, f"the image is {w}x{h} pixels", "Re-export the image or remove the row.")
     if fmt in _END_MARKERS:
         # A file cut short (an interrupted copy or download) lacks its end marker. JPEG's
         # entropy-coded data never holds FF D9 (an FF there is followed by 00 or a restart
@@ -301,7 +300,7 @@ def check_image(path, full: bool = False, *, row=None, source=None) -> None:
             fh.seek(max(0, size - 4096))
             tail = fh.read()
         if marker not in tail:
-            _fail(path, row, source, f"the {fmt} file is truncated (it has no {name} at its end)",
+            fail(path, row, source, f"the {fmt} file is truncated (it has no {name} at its end)",
                   "Re-export or re-download the image, or remove the row.")
 
 
@@ -311,7 +310,7 @@ def _check_dicom_header(path, row, source) -> None:
         from pydicom.dataelem import RawDataElement
         from pydicom.errors import InvalidDicomError
     except ImportError as exc:
-        _fail(path, row, source, "reading DICOM needs pydicom>=3",
+        fail(path, row, source, "reading DICOM needs pydicom>=3",
               "Install it with: pip install 'pydicom>=3'.", exc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -319,14 +318,14 @@ def _check_dicom_header(path, row, source) -> None:
             # defer_size: values over 1 KiB (the pixel data) are located in the file, not read.
             ds = pydicom.dcmread(path, defer_size=1024)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-            _fail(path, row, source, f"not a readable DICOM file ({exc})",
+            fail(path, row, source, f"not a readable DICOM file ({exc})",
                   "Re-export the image from the PACS or convert it to PNG.", exc)
     if any("End of file" in str(w.message) for w in caught):  # encapsulated data cut short
-        _fail(path, row, source, "the file is truncated (it ends inside the pixel data)",
+        fail(path, row, source, "the file is truncated (it ends inside the pixel data)",
               "Re-export the image from the PACS or remove the row.")
     keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if keyword is None:
-        _fail(path, row, source, "the DICOM file has no pixel data",
+        fail(path, row, source, "the DICOM file has no pixel data",
               "It is probably a report or structured-report object; remove the row.")
     elem = ds.get_item(keyword, keep_deferred=True)
     if isinstance(elem, RawDataElement):
@@ -337,7 +336,7 @@ def _check_dicom_header(path, row, source) -> None:
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if k not in ds] + (
         ["(0002,0010) TransferSyntaxUID in the file meta"] if tsyntax is None else [])
     if missing:
-        _fail(path, row, source, f"the DICOM file lacks {', '.join(missing)}, which decoding its pixels needs",
+        fail(path, row, source, f"the DICOM file lacks {', '.join(missing)}, which decoding its pixels needs",
               "Re-export the image from the PACS or remove the row.")
     if length == _UNDEFINED_LENGTH or tsyntax.is_compressed:
         try:
@@ -347,236 +346,21 @@ def _check_dicom_header(path, row, source) -> None:
             available = False
         if not available:
             name = getattr(tsyntax, "name", None) or str(tsyntax or "unknown transfer syntax")
-            _fail(path, row, source, f"no decoder is installed for its compressed pixel data ({name})",
+            fail(path, row, source, f"no decoder is installed for its compressed pixel data ({name})",
                   f"Install one with: pip install {_decoder_hint(ds)}.")
         return
     deflated = getattr(tsyntax, "is_deflated", False)  # offsets are into the inflated stream
     if tell is not None and not deflated and tell + length > path.stat().st_size:
-        _fail(path, row, source, f"the file is truncated ({path.stat().st_size} bytes, its pixel data ends at byte "
+        fail(path, row, source, f"the file is truncated ({path.stat().st_size} bytes, its pixel data ends at byte "
                                  f"{tell + length})", "Re-export the image from the PACS or remove the row.")
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
                 * int(ds.BitsAllocated) + 7) // 8
     except (TypeError, ValueError) as exc:
-        _fail(path, row, source, f"the DICOM image attributes are invalid ({exc})",
+        fail(path, row, source, f"the DICOM image attributes are invalid ({exc})",
               "Re-export the image from the PACS or remove the row.", exc)
     if str(ds.get("PhotometricInterpretation", "")).upper() != "YBR_FULL_422" and length < need:
-        _fail(path, row, source, f"the pixel data holds {length} bytes, fewer than its {ds.Rows}x{ds.Columns} "
+        fail(path, row, source, f"the pixel data holds {length} bytes, fewer than its {ds.Rows}x{ds.Columns} "
                                  f"x {frames} frame(s) need ({need})",
               "Re-export the image from the PACS or remove the row.")
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be used at all (not valid JSON or CSV, a column missing, no rows):
-    no row can be dropped to fix it. The message starts with the file's path."""
-
-    def __init__(self, path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-
-def _row_problem(problems, path, row, reason) -> None:
-    """Record one bad row when collecting (`problems` is a list), else raise it at once."""
-    if problems is None:
-        where = f"{row}" if isinstance(row, str) else f"row {row}"
-        raise ValueError(f"{path} {where}: {reason}")
-    problems.append({"file": str(path), "row": row, "reason": reason})
-
-
-def _resolve_or_record(problems, image, image_root, row, source):
-    if problems is None:
-        return resolve_image_path(image, image_root, row=row, source=source)
-    try:
-        return resolve_image_path(image, image_root)
-    except ImageLoadError as e:
-        _row_problem(problems, source, row, str(e))
-        return None
-
-
-def load_table(path) -> tuple[list, list[str] | None]:
-    """A data file as parsed, nothing checked yet: a CSV's rows (dicts) and header, or a JSON
-    document and None. The one parser of data files: the readers below check its rows, the
-    CLIs count them before any model loads. DataFileError when the file cannot be parsed."""
-    import csv
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    if path.suffix.lower() == ".csv":
-        try:
-            with path.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                return list(reader), reader.fieldnames or []
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise DataFileError(path, f"not a readable CSV ({e})") from e
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataFileError(path, f"not valid JSON ({e})") from e
-
-
-def read_json_rows(json_path, image_root, keys, *, image_key="image", problems: list | None = None) -> list[dict]:
-    """Load a data file (a JSON list of objects) and check every row up front, so a bad row
-    fails before training starts with the file, the row index and what is wrong. Each row
-    comes back with `image_path` (resolved, existing) and `row` (its index) added.
-
-    `problems`: a list to collect the bad rows in (dicts: file, row, reason; those rows are left
-    out) instead of raising at the first one. A file that is unusable as a whole (not JSON, not a
-    list) raises DataFileError either way."""
-    json_path = pathlib.Path(json_path)
-    rows, _ = load_table(json_path)
-    if not isinstance(rows, list) or not rows:
-        raise DataFileError(json_path, f"expected a non-empty JSON list of objects with keys {list(keys)}")
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            _row_problem(problems, json_path, i, f"expected an object, got {type(row).__name__}")
-            continue
-        missing = [k for k in keys if not isinstance(row.get(k), (str, int, float)) or not str(row[k]).strip()]
-        if missing:
-            _row_problem(problems, json_path, i, f"missing or empty {missing} (has {sorted(row)})")
-            if image_key in missing:
-                continue
-        path = _resolve_or_record(problems, row[image_key], image_root, i, str(json_path))
-        if path is not None and not missing:
-            out.append({**row, "image_path": str(path), "row": i})
-    return out
-
-
-def csv_columns(path) -> list[str]:
-    """A CSV's header (empty for a file that cannot be read: reading the rows reports why)."""
-    import csv
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return csv.DictReader(f).fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
-def read_csv_rows(csv_path, image_root, keys, *, image_key, split_column=None, split=None,
-                  problems: list | None = None) -> list[dict]:
-    """read_json_rows for a CSV with a header: every row checked up front, errors name the
-    file's line (the header is line 1). `split_column`/`split` keep the rows of one split."""
-    csv_path = pathlib.Path(csv_path)
-    rows, columns = load_table(csv_path)
-    wanted = list(keys) + ([split_column] if split_column else [])
-    missing = [k for k in wanted if k not in columns]
-    if missing:
-        raise DataFileError(csv_path, f"no column {missing} (columns: {columns}); name the columns with "
-                                      "--img_path_column / --findings_column / --split_column")
-    out = []
-    for i, row in enumerate(rows):
-        line = i + 2
-        if split_column and str(row[split_column]).strip() != split:
-            continue
-        empty = [k for k in keys if not str(row.get(k) or "").strip()]
-        if empty:
-            _row_problem(problems, csv_path, f"line {line}", f"empty {', '.join(empty)}")
-            if image_key in empty:
-                continue
-        # Relative paths: under --image_root, else next to the CSV.
-        path = _resolve_or_record(problems, row[image_key].strip(), image_root or csv_path.parent,
-                                  f"line {line}", str(csv_path))
-        if path is not None and not empty:
-            out.append({**row, "image_path": str(path), "row": f"line {line}", "line": line})
-    if not out and not problems:
-        raise DataFileError(csv_path, "no rows" + (f" with {split_column} == {split!r}" if split_column else ""))
-    return out
-
-
-def read_rows(path, image_root, keys, *, image_key="image", split_column=None, split=None,
-              problems: list | None = None) -> list[dict]:
-    """Rows of a JSON list or a CSV file (by suffix), each checked, with `image_path` resolved;
-    `problems` as in read_json_rows."""
-    if str(path).lower().endswith(".csv"):
-        return read_csv_rows(path, image_root, keys, image_key=image_key, split_column=split_column, split=split,
-                             problems=problems)
-    rows = read_json_rows(path, image_root, keys, image_key=image_key, problems=problems)
-    if split_column:
-        rows = [r for r in rows if str(r.get(split_column, "")).strip() == split]
-        if not rows and not problems:
-            raise DataFileError(path, f"no rows with {split_column} == {split!r}")
-    return rows
-
-
-# ---------------------------------------------------------------- CT volumes (NPZ)
-
-def load_volume(path, *, row=None, source=None, key: str = "image") -> np.ndarray:
-    """A CT volume from an NPZ holding {'image': (C, D, H, W)}, as float32; errors name the
-    file, the row and what is wrong (missing file, no 'image' array, wrong rank, NaN/inf)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        _fail(path, row, source, "no such file", "check the path and --image_root")
-    try:
-        with np.load(path) as z:
-            if key not in z.files:
-                _fail(path, row, source, f"no {key!r} array (has {z.files})", "save the volume as np.savez(path, image=vol)")
-            vol = z[key]
-    except ImageLoadError:
-        raise
-    except Exception as e:  # a truncated or non-NPZ file
-        _fail(path, row, source, f"not a readable NPZ ({e})", "re-export the volume", cause=e)
-    if vol.ndim == 3:
-        vol = vol[None]
-    if vol.ndim != 4:
-        _fail(path, row, source, f"'image' has shape {vol.shape}, expected (C, D, H, W)", "save one (C, D, H, W) volume per file")
-    vol = vol.astype(np.float32, copy=False)
-    if not np.isfinite(vol).all():
-        _fail(path, row, source, "the volume holds NaN or inf",
-              "fix or drop this volume; scripts/data/validate_data.py --full_decode (or training with --full_decode_check) "
-              "finds every such volume before training")
-    return vol
-
-
-def check_volume(path, full: bool = False, *, row=None, source=None, key: str = "image") -> None:
-    """Raise ImageLoadError where `load_volume(path)` would fail. Default: from the NPZ's zip
-    directory and the array's .npy header only (the key, a 3-D or 4-D shape, a numeric dtype,
-    and that the stored bytes hold that shape); `full=True` reads the volume, which also finds
-    NaN/inf values."""
-    import zipfile
-    path = pathlib.Path(path)
-    if full:
-        load_volume(path, row=row, source=source, key=key)
-        return
-    if not path.is_file():
-        _fail(path, row, source, "no such file", "check the path and --image_root")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-            if key not in names:
-                _fail(path, row, source, f"no {key!r} array (has {names})",
-                      "save the volume as np.savez(path, image=vol)")
-            info = zf.getinfo(f"{key}.npy")
-            with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-                header_bytes = f.tell()
-    except ImageLoadError:
-        raise
-    except Exception as e:  # not a zip, a truncated zip, a damaged .npy header
-        _fail(path, row, source, f"not a readable NPZ ({e})", "re-export the volume", cause=e)
-    if len(shape) not in (3, 4):
-        _fail(path, row, source, f"'{key}' has shape {shape}, expected (C, D, H, W)",
-              "save one (C, D, H, W) volume per file")
-    if dtype.kind not in "biuf":
-        _fail(path, row, source, f"'{key}' holds {dtype} values, not numbers", "save the volume as a numeric array")
-    if info.file_size < header_bytes + int(np.prod(shape)) * dtype.itemsize:
-        _fail(path, row, source, f"'{key}' is truncated (its {info.file_size} bytes cannot hold shape {shape})",
-              "re-export the volume")
-
-
-def load_input(path, *, row=None, source=None):
-    """An image (PNG/JPEG/DICOM) or, for .npz, a CT volume: whatever the tower's processor takes."""
-    if str(path).lower().endswith(".npz"):
-        return load_volume(path, row=row, source=source)
-    return load_image(path, row=row, source=source)
-
-
-def check_input(path, full: bool = False, *, row=None, source=None) -> None:
-    """`check_volume` for .npz, else `check_image`: what `load_input` would refuse, found early."""
-    if str(path).lower().endswith(".npz"):
-        check_volume(path, full, row=row, source=source)
-    else:
-        check_image(path, full, row=row, source=source)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from cli import UserError
-from image_loader import DataFileError, load_table
+from data_rows import DataFileError, load_table
 
 
 def _config(path: Path) -> dict:

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data_check import load_item
+from data_rows import csv_columns, read_rows
 from image_cache import load_cached, open_cache
-from image_loader import csv_columns, read_rows
 
 logger = logging.getLogger("siglip_med")
 

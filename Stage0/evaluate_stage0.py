@@ -135,7 +135,7 @@ def evaluate_classes(path, args, rows=None) -> dict:
     probabilities saturated at 1.0, a collapsed model) count by expected rank, never as a win."""
     from torch.utils.data import DataLoader
 
-    from image_loader import read_rows
+    from data_rows import read_rows
     from metrics import class_recall_at_k, distractor_top1, top1_classification
     from Stage0.inference_stage0 import ImageFiles, score
     from Stage0.labels import (PROMPTS_FILE, check_unknown_labels, class_texts, parse_labels, read_classes,

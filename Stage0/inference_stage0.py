@@ -88,11 +88,13 @@ if __name__ == "__main__" and cli.help_requested():
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from image_cache import load_cached, open_cache
 from data_check import BadDataError, check_rows, position
-from image_loader import ImageLoadError, load_input, load_table
+from data_rows import load_table
+from image_cache import load_cached, open_cache
+from image_loader import ImageLoadError
 from Stage0.dataset import data_keys
 from Stage0.towers import embed, load_model, text_length
+from volume_loader import load_input
 
 logger = logging.getLogger("siglip_med")
 

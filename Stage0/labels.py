@@ -243,7 +243,7 @@ def prepare_labelled_csv(path, image_root, image_key, label_column, classes_file
     classes file are warned about ("warn") or refused ("error")."""
     import csv
 
-    from image_loader import read_rows
+    from data_rows import read_rows
     rows = read_rows(path, image_root, (image_key,), image_key=image_key, problems=problems)
     labelled = [r for r in rows if parse_labels(r.get(label_column))]
     if len(labelled) < len(rows):

@@ -206,7 +206,7 @@ def check_data(args) -> None:
         return
     split_column = args.split_column
     if split_column is None and str(args.train_json).lower().endswith(".csv"):
-        from image_loader import csv_columns
+        from data_rows import csv_columns
         split_column = "split" if "split" in csv_columns(args.train_json) else None
     preflight.check_data_file(args.train_json, flag, split_column=split_column,
                               split=args.train_split if split_column else None, split_flag="--train_split")
@@ -311,7 +311,7 @@ def main(argv=None):
         label_kw = {"label_column": "labels", "class_names": class_names}
     split_column = args.split_column
     if split_column is None and str(args.train_json).lower().endswith(".csv"):
-        from image_loader import csv_columns
+        from data_rows import csv_columns
         split_column = "split" if "split" in csv_columns(args.train_json) else None
     kw = dict(image_root=args.image_root, image_processor=image_processor, tokenizer=tokenizer,
               max_length=max_len, image_key=args.image_key, caption_key=args.caption_key,

@@ -9,13 +9,12 @@ labels -100 everywhere except the caption tokens and the EOS.
 """
 from __future__ import annotations
 
-
 import torch
 from torch.utils.data import Dataset
 
 from data_check import load_item
+from data_rows import read_json_rows
 from image_cache import load_cached, open_cache
-from image_loader import read_json_rows
 
 IGNORE_INDEX = -100
 

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data_check import load_item
+from data_rows import read_json_rows
 from image_cache import load_cached, open_cache
-from image_loader import read_json_rows
 from vlm import special_token_id
 
 IGNORE_INDEX = -100

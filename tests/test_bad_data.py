@@ -22,12 +22,13 @@ from pydicom.data import get_testdata_file
 import cli
 import data_check
 from data_check import BadDataError, DataFileError, check_datasets
-from image_loader import ImageLoadError, check_input, load_input
-from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
+from image_loader import ImageLoadError
 from scripts.data.validate_data import main as validate_main
+from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
 from Stage0.dataset import ImageTextContrastiveDataset
 from Stage0.merlin import VolumeProcessor
 from Stage2.dataset import VQADataset
+from volume_loader import check_input, load_input
 
 ROOT = Path(__file__).resolve().parents[1]
 

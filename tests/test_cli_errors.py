@@ -20,7 +20,7 @@ import torch
 
 import cli
 import preflight
-from image_loader import read_json_rows
+from data_rows import read_json_rows
 from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3
 from vlm import build_vlm, save_vlm
 

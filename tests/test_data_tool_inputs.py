@@ -17,8 +17,8 @@ from PIL import Image
 import cli
 import image_cache
 import preflight
+from data_rows import read_rows
 from image_cache import open_cache
-from image_loader import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -136,7 +136,7 @@ def _make_dataset(which, data, processor, tokenizer):
         config = SimpleNamespace(image_token_index=tokenizer.bos_token_id, image_seq_length=4)
         ds = VQADataset(json_path, root, tokenizer, processor, config)
         return ds, lambda i: ds[i]["pixel_values"]
-    from image_loader import read_rows
+    from data_rows import read_rows
     from Stage0.inference_stage0 import ImageFiles
     ds = ImageFiles(read_rows(json_path, root, ("image",)), processor, str(json_path))
     return ds, lambda i: ds[i]

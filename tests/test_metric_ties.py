@@ -97,7 +97,7 @@ def test_class_evaluation_of_a_collapsed_model_is_chance(tmp_path, monkeypatch):
     data.write_text("img_path,labels\n" + "".join(f"img{i}.png,c0\n" for i in range(n)))
     model = SimpleNamespace(to=lambda device: SimpleNamespace(eval=lambda: None))
     monkeypatch.setattr(ev, "load_model", lambda path: (model, None, None))
-    monkeypatch.setattr("image_loader.read_rows", lambda *a, **kw: [{"labels": "c0"} for _ in range(n)])
+    monkeypatch.setattr("data_rows.read_rows", lambda *a, **kw: [{"labels": "c0"} for _ in range(n)])
     monkeypatch.setattr(inf, "ImageFiles", lambda rows, processor, source, **kw: list(range(len(rows))))
     monkeypatch.setattr(inf, "score", lambda *a: torch.full((n, k), 1.0))  # sigmoid saturated everywhere
     classes = tmp_path / "classes.csv"

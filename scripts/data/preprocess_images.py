@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 import cli
 import preflight
 from image_cache import RESAMPLE, ENV_VAR, ImageCache, Target, build_cache, cache_folder, target_from_processor
-from image_loader import DataFileError, read_rows
+from data_rows import DataFileError, read_rows
 
 logger = logging.getLogger("siglip_med")
 

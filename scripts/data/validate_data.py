@@ -95,7 +95,7 @@ def stage_keys(stage: str, args) -> tuple[tuple[str, ...], str, str | None]:
         return ("image", QUESTION_KEY, ANSWER_KEY), "image", None
     if stage == "1":
         return ("image", "caption"), "image", None
-    from image_loader import csv_columns
+    from data_rows import csv_columns
     from Stage0.dataset import data_keys
     image_key, caption_key = data_keys(args.data, args.image_key, args.caption_key)
     label_column = args.label_column
