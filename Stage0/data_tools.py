@@ -13,11 +13,12 @@ from data_check import DataFileError, validate_file
 from Stage0.dataset import data_keys
 
 
-def validate_csv(path, image_root="", image_key=None, caption_key=None, split_column=None, out=sys.stdout) -> int:
+def validate_csv(path, image_root="", image_key=None, caption_key=None, split_column=None, out=None) -> int:
     """Check every row: the columns, that each file exists and reads (an NPZ's 'image' is
     (C, D, H, W) and finite), and that each text is non-empty. Prints `line N: reason` for every
     problem (the header is line 1) and returns 0 when clean, 1 otherwise. The checks are
     data_check.validate_file's (what training checks), with every volume read in full."""
+    out = out or sys.stdout  # looked up per call: a default bound at import misses later redirection
     path = Path(path)
     if not path.is_file():
         print(f"{path}: no such file", file=out)

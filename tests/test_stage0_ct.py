@@ -10,6 +10,7 @@ import torch
 
 from scripts.demo.make_demo_data import main as make_demo
 from scripts.demo.make_tiny_models import build_tiny_bert
+from Stage0.data_tools import validate_csv  # imported before any test captures stdout, as a CLI would be
 from Stage0.inference_stage0 import main as infer
 from Stage0.merlin import MerlinBackbone, load_merlin_weights
 from Stage0.towers import TextTower, _text_backbone, load_model
@@ -131,6 +132,7 @@ def test_validate_csv_reports_every_bad_row_by_line(ct, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--csv_file", str(ct["csv"]), "--validate_csv"])
     assert e.value.code == 0 and "all valid" in capsys.readouterr().out
+    assert validate_csv(ct["csv"]) == 0 and "all valid" in capsys.readouterr().out  # stdout at call time
 
 
 def test_create_example_csv_lists_the_volumes(ct, tmp_path, capsys):
