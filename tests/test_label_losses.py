@@ -78,6 +78,16 @@ def test_icd_dissimilarity_follows_the_who_tree():
     assert d[0, 1].item() == pytest.approx(2 / 10) and d[0, 3].item() == pytest.approx(1.0)
 
 
+def test_icd_10_cm_codes_hang_under_their_who_category():
+    # L82.1 (seborrhoeic keratosis, other) and R91.1 (solitary pulmonary nodule) are ICD-10-CM
+    # subcategories that WHO's tree lacks; each sits one step below its WHO category, so it keeps
+    # the category's block and chapter: L82.1 meets L57.0 at chapter XII (3 steps up, 3 down).
+    d = icd_dissimilarity(["L82.1", "L82", "L57.0", "C43.9", "R91.1", "R90.0"]) * 10  # the largest path: 10
+    assert d[0, 1].item() == pytest.approx(1) and d[0, 2].item() == pytest.approx(d[1, 2].item() + 1) == pytest.approx(6)
+    assert d[0, 3].item() == pytest.approx(10)  # through the root: 4 up, 6 down
+    assert d[4, 5].item() == pytest.approx(4)  # block R90-R94: R91.1 > R91 > block < R90 < R90.0
+
+
 def test_icd_geometry_loss_hand_computed():
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # distance (1 - cos)/2 = 0.5
     assert icd_geometry_loss(e, torch.tensor([[0.0, 0.5], [0.5, 0.0]])).item() == pytest.approx(0.0)
