@@ -224,11 +224,11 @@ def test_ct_recipe_with_text_lora_resumes_exactly(backbone, ct, tmp_path):
 
 @pytest.mark.parametrize("lora", ["", "0"])
 def test_ct_launcher_phase2_trains_the_text_tower_through_lora_by_default(lora, tmp_path):
-    from test_stage0_ct import _launch_argv
+    from conftest import launch_argv
 
     from Stage0.train_vision_encoder_stage0 import parse_args
     env = {"PHASE": "2", **({"TEXT_LORA_R": lora} if lora else {})}
-    argv = _launch_argv("scripts/run_ct_clip.sh", tmp_path, **env)
+    argv = launch_argv("scripts/run_ct_clip.sh", tmp_path, **env)
     args = parse_args(argv)
     assert "--num_epochs" not in argv and "--epochs" not in argv
     assert args.max_steps == 50000 and args.checkpointing_steps == 5000 and not args.freeze_text_encoder

@@ -161,8 +161,11 @@ def test_a_vlm_built_from_bf16_parts_runs_without_autocast(hub_siglip, hub_gemma
 def test_building_and_saving_the_tiny_models_warns_of_no_token_ids(tmp_path):
     """transformers' default SigLIP text config (bos/eos 49406/49407 on 32,000 tokens) failed its
     own check at every save: two warnings about ids the saved models do not have."""
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo" / "make_tiny_models.py"), "--out_dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo" / "make_tiny_models.py"),
+                          "--out_dir", str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "token_id must be" not in out.stderr, out.stderr
-    assert json.loads((tmp_path / "siglip" / "config.json").read_text())["text_config"]["eos_token_id"] is not None
+    text_config = json.loads((tmp_path / "siglip" / "config.json").read_text())["text_config"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "siglip")
+    assert text_config["eos_token_id"] == tokenizer.eos_token_id < text_config["vocab_size"]

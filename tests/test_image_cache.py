@@ -100,10 +100,7 @@ def test_cached_pixels_equal_decode_then_resize(tmp_path, kind):
         cached = ImageCache.load(folder, target).get(src)
         decoded = load_image(src)
         assert cached.mode == "RGB"
-        # The cache holds load_image's pixels resized with the processor's size rule and filter ...
-        expected = decoded.resize(target.output_size(*decoded.size), resample=processor.resample)
-        np.testing.assert_array_equal(np.asarray(cached), np.asarray(expected))
-        # ... so the processor gives exactly what it gives on the decoded source.
+        # The processor gives exactly what it gives on the decoded source.
         from_cache = processor(images=cached, return_tensors="pt")["pixel_values"]
         from_source = processor(images=decoded, return_tensors="pt")["pixel_values"]
         assert torch.equal(from_cache, from_source), type(processor).__name__
@@ -270,10 +267,10 @@ def test_script_help_and_errors_name_the_fix(tmp_path, capsys):
     assert "missing.png" in err and "row 0" in err and "--image_root" in err
 
 
-def test_loader_kwargs_pin_on_cuda_and_keep_workers():
+def test_loader_kwargs_keep_workers_that_ignore_stop_signals():
     from training.data import ignore_stop_signals, loader_kwargs
-    assert loader_kwargs(0) == {"num_workers": 0, "pin_memory": torch.cuda.is_available(),
-                                "persistent_workers": False, "worker_init_fn": None}
+    none = loader_kwargs(0)
+    assert (none["num_workers"], none["persistent_workers"], none["worker_init_fn"]) == (0, False, None)
     workers = loader_kwargs(3)
     assert workers["persistent_workers"] is True
     assert workers["worker_init_fn"] is ignore_stop_signals  # a SIGTERM to the process group is the trainer's

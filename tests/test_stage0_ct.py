@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import launch_argv
 
 from scripts.demo.make_demo_data import main as make_demo
 from scripts.demo.make_tiny_models import build_tiny_bert
@@ -194,26 +195,10 @@ def test_real_merlin_weights_and_gemma3_270m_as_llm2vec(ct, tmp_path):
     assert rows and all(math.isfinite(r["train/loss"]) for r in rows)
 
 
-def _launch_argv(script, tmp_path, **env):
-    """The trainer's argv as a launcher builds it (a stand-in `accelerate` prints its arguments)."""
-    import os
-    import subprocess
-    from pathlib import Path
-    fake = tmp_path / "bin"
-    fake.mkdir(exist_ok=True)
-    (fake / "accelerate").write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
-    (fake / "accelerate").chmod(0o755)
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(["bash", str(root / script)], env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
-                                                            **env}, capture_output=True, text=True, check=True)
-    argv = json.loads(out.stdout.strip().splitlines()[-1])
-    return argv[argv.index("Stage0/train_vision_encoder_stage0.py") + 1:]
-
-
 @pytest.mark.parametrize("phase", ["1", "2"])
 def test_ct_launcher_runs_the_seed_phases(phase, tmp_path):
     from Stage0.train_vision_encoder_stage0 import parse_args
-    args = parse_args(_launch_argv("scripts/run_ct_clip.sh", tmp_path, PHASE=phase))
+    args = parse_args(launch_argv("scripts/run_ct_clip.sh", tmp_path, PHASE=phase))
     assert args.train_json == "data/ct/ct.csv" and args.volume_size == [160, 224, 224]
     assert args.max_steps == (20000 if phase == "1" else 50000) and args.resume_from_checkpoint == "latest"
     if phase == "1":

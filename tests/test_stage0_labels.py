@@ -91,9 +91,9 @@ def test_unlabelled_rows_are_dropped_and_counted(derm, lora_run):
 
 
 def test_derm_launcher_runs_the_seed(tmp_path):
-    from test_stage0_ct import _launch_argv
+    from conftest import launch_argv
     from Stage0.train_vision_encoder_stage0 import parse_args
-    args = parse_args(_launch_argv("scripts/run_derm_lora.sh", tmp_path))
+    args = parse_args(launch_argv("scripts/run_derm_lora.sh", tmp_path))
     assert args.label_column == "labels" and args.lora_r == 16 and args.ramp_steps == "0,1000,2000,2500"
     assert args.loss == "multi_positive,icd,wasserstein,hard_negative" and args.oversample_min == 30
 
