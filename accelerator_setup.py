@@ -20,6 +20,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 
 from training.checkpoints import _move_previous_run_aside, check_output_dir
 from training.precision import resolve_mixed_precision
+from training.shared_folder import check_shared_output_dir
 from training.speed import check_attn_implementation
 
 logger = logging.getLogger("siglip_med")
@@ -124,6 +125,7 @@ def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator
         part = out / "args.json.tmp"  # replaced whole: a crash mid-write leaves the previous record
         part.write_text(json.dumps(vars(args), indent=2, default=str))
         part.replace(out / "args.json")
+    check_shared_output_dir(accelerator, out)  # several machines: one folder that all of them see
     if tracker is not None:
         init_kwargs = {"wandb": {"name": args.run_name}} if tracker == "wandb" else {}
         try:

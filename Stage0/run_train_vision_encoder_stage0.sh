@@ -20,14 +20,11 @@ cd "$(dirname "$0")/.."
 : "${WANDB_PROJECT:=stage0_vision_encoder}"
 : "${RUN_NAME:=xraysiglip-stage0}"
 : "${REPORT_TO:=wandb}"
-: "${NUM_GPUS:=1}"
-: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
+: "${NUM_GPUS:=1}"                    # per machine; several machines: NUM_MACHINES (scripts/launch_env.sh)
 
 source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 # shellcheck disable=SC2086  # FREEZE_FLAGS is a list of flags
 launch --quiet \
-    --config_file "$ACCELERATE_CONFIG" \
-    --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
     Stage0/train_vision_encoder_stage0.py \
     --model_name "$MODEL_NAME" \

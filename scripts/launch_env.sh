@@ -1,5 +1,39 @@
 # Sourced by every training launcher (run from the repository root): what all of them share.
-# A launcher ends with `launch ARGS...`, where ARGS are `accelerate launch`'s.
+# A launcher ends with `launch ARGS...`, where ARGS are `accelerate launch`'s; `launch` adds the
+# accelerate config and the process layout below.
+#
+# Processes: NUM_GPUS per machine, on NUM_MACHINES machines (default 1: nothing else is needed).
+# On several machines, run the same launcher on each with its MACHINE_RANK (0 on the head),
+# the head's MAIN_PROCESS_IP and a MAIN_PROCESS_PORT open between them; RDZV_BACKEND=c10d where
+# ranks are not known in advance. scripts/slurm/ sets all of these from a SLURM allocation.
+# ACCELERATE_CONFIG defaults to the DDP config whenever the job has more than one process in all.
+: "${NUM_GPUS:=1}"
+: "${NUM_MACHINES:=1}"
+: "${MACHINE_RANK:=0}"
+: "${MAIN_PROCESS_PORT:=29500}"
+for _var in NUM_GPUS NUM_MACHINES MACHINE_RANK MAIN_PROCESS_PORT; do
+    case "${!_var}" in
+        ''|*[!0-9]*) echo "error: $_var=${!_var}: expected a whole number" >&2; exit 2 ;;
+    esac
+done
+if [ "$NUM_GPUS" -lt 1 ] || [ "$NUM_MACHINES" -lt 1 ] || [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
+    echo "error: NUM_GPUS=$NUM_GPUS NUM_MACHINES=$NUM_MACHINES MACHINE_RANK=$MACHINE_RANK: need NUM_GPUS >= 1," \
+         "NUM_MACHINES >= 1 and 0 <= MACHINE_RANK < NUM_MACHINES" >&2
+    exit 2
+fi
+NUM_PROCESSES=$((NUM_GPUS * NUM_MACHINES))
+: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_PROCESSES" -gt 1 ] && echo ddp || echo single).yaml}"
+PROCESS_FLAGS=(--config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES")
+if [ "$NUM_MACHINES" -gt 1 ]; then
+    if [ -z "${MAIN_PROCESS_IP:-}" ]; then
+        echo "error: NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP, the address of the machine with" \
+             "MACHINE_RANK=0 (scripts/slurm/ sets it from the allocation)" >&2
+        exit 2
+    fi
+    PROCESS_FLAGS+=(--num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK"
+                    --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT")
+    [ -n "${RDZV_BACKEND:-}" ] && PROCESS_FLAGS+=(--rdzv_backend "$RDZV_BACKEND")
+fi
 
 # The project's .venv when no environment with accelerate is active.
 if ! command -v accelerate >/dev/null 2>&1; then
@@ -28,7 +62,7 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 launch() {
     local agent status sig
     set -m  # background jobs in their own process group
-    accelerate launch "$@" &
+    accelerate launch "${PROCESS_FLAGS[@]}" "$@" &
     agent=$!
     set +m
     for sig in TERM INT HUP QUIT USR1; do

@@ -38,8 +38,7 @@ cd "$(dirname "$0")/.."
 : "${RUN_NAME:=merlin-llm2vec-phase${PHASE}}"
 : "${REPORT_TO:=wandb}"
 : "${NUM_WORKERS:=8}"
-: "${NUM_GPUS:=1}"
-: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
+: "${NUM_GPUS:=1}"                    # per machine; several machines: NUM_MACHINES (scripts/launch_env.sh)
 
 if [ "$PHASE" = 1 ]; then
     MODEL_FLAGS=(--image_model_name merlin --image_model_path "$MERLIN_CHECKPOINT"
@@ -52,8 +51,6 @@ fi
 source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 # shellcheck disable=SC2086  # VOLUME_SIZE / VOLUME_CLIP are lists of numbers
 launch --quiet \
-    --config_file "$ACCELERATE_CONFIG" \
-    --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
     Stage0/train_vision_encoder_stage0.py \
     "${MODEL_FLAGS[@]}" \

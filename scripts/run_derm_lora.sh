@@ -30,13 +30,10 @@ cd "$(dirname "$0")/.."
 : "${RUN_NAME:=siglip-lora-r${LORA_R}}"
 : "${REPORT_TO:=wandb}"
 : "${NUM_WORKERS:=4}"
-: "${NUM_GPUS:=1}"
-: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
+: "${NUM_GPUS:=1}"                    # per machine; several machines: NUM_MACHINES (scripts/launch_env.sh)
 
 source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 launch --quiet \
-    --config_file "$ACCELERATE_CONFIG" \
-    --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
     Stage0/train_vision_encoder_stage0.py \
     --model_name "$MODEL_NAME" \

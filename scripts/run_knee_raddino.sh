@@ -28,14 +28,11 @@ cd "$(dirname "$0")/.."
 : "${RUN_NAME:=raddino-siglip-${IMAGE_SIZE}}"
 : "${REPORT_TO:=wandb}"
 : "${NUM_WORKERS:=4}"
-: "${NUM_GPUS:=1}"
-: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
+: "${NUM_GPUS:=1}"                    # per machine; several machines: NUM_MACHINES (scripts/launch_env.sh)
 
 source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 # shellcheck disable=SC2086  # FREEZE_FLAGS is a list of flags
 launch --quiet \
-    --config_file "$ACCELERATE_CONFIG" \
-    --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
     Stage0/train_vision_encoder_stage0.py \
     --image_model_name "$IMAGE_MODEL_NAME" \

@@ -24,13 +24,10 @@ cd "$(dirname "$0")/.."
 : "${WANDB_PROJECT:=stage1_projector_training}"
 : "${RUN_NAME:=stage1-projector}"
 : "${REPORT_TO:=wandb}"
-: "${NUM_GPUS:=1}"
-: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
+: "${NUM_GPUS:=1}"                    # per machine; several machines: NUM_MACHINES (scripts/launch_env.sh)
 
 source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 launch --quiet \
-    --config_file "$ACCELERATE_CONFIG" \
-    --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
     Stage1/train_projection_stage1.py \
     --image_root "$IMAGE_ROOT" \

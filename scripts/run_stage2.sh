@@ -32,14 +32,11 @@ cd "$(dirname "$0")/.."
 : "${WANDB_PROJECT:=stage2_vqa_training}"
 : "${RUN_NAME:=stage2-vqa}"
 : "${REPORT_TO:=wandb}"
-: "${NUM_GPUS:=1}"
-: "${ACCELERATE_CONFIG:=scripts/accelerate/$([ "$NUM_GPUS" -gt 1 ] && echo ddp || echo single).yaml}"
+: "${NUM_GPUS:=1}"                    # per machine; several machines: NUM_MACHINES (scripts/launch_env.sh)
 
 source scripts/launch_env.sh  # the .venv, and preemption signals relayed to the trainers alone
 # shellcheck disable=SC2086  # EXTRA_FLAGS is a list of flags
 launch --quiet \
-    --config_file "$ACCELERATE_CONFIG" \
-    --num_processes "$NUM_GPUS" \
     --mixed_precision "$MIXED_PRECISION" \
     Stage2/train_vqa_stage2.py \
     --image_root "$IMAGE_ROOT" \

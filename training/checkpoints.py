@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from training.shared_folder import from_main_process
 
 logger = logging.getLogger("siglip_med")
 
@@ -201,16 +204,22 @@ def resume_from(accelerator: Accelerator, output_dir, resume_from_checkpoint) ->
     if resume_from_checkpoint != "latest":
         path = resolve_resume(output_dir, resume_from_checkpoint)
         return load_checkpoint(accelerator, path) if path is not None else None
-    candidates = list_checkpoints(output_dir)[::-1]
+    # The main process's list, on every process: a machine whose view of the folder lags (a
+    # network file system's cache) still resumes the checkpoint the others resume.
+    candidates = [Path(p) for p in from_main_process(accelerator, [str(p) for p in list_checkpoints(output_dir)[::-1]])]
     for path in _incomplete_checkpoints(output_dir):
         logger.warning("checkpoint folder %s is incomplete (no %s: its save was cut short); ignored", path,
                        _STATE_FILE)
     for path in candidates:
         try:
-            return load_checkpoint(accelerator, path)
+            state, error = load_checkpoint(accelerator, path), None
         except Exception as e:  # a crash mid-save on another filesystem, a disk error, a deleted file
-            logger.warning("checkpoint %s is damaged (%s: %s); falling back to the one before it", path,
-                           type(e).__name__, str(e).splitlines()[0][:200])
+            state, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        # Every process falls back together when any one of them cannot load its part.
+        errors = [e for e in (gather_object([error]) if accelerator.num_processes > 1 else [error]) if e]
+        if not errors:
+            return state
+        logger.warning("checkpoint %s is damaged (%s); falling back to the one before it", path, errors[0])
     if candidates:
         raise SystemExit(f"error: none of the {len(candidates)} checkpoints under {Path(output_dir) / CHECKPOINT_DIR} "
                          "loads (see the warnings above); pass --overwrite_output_dir to start over")
