@@ -54,7 +54,9 @@ def test_main_prints_one_table_line_per_run_and_writes_the_same_rows_as_json(run
     assert all(line.count("|") == lines[header].count("|") for line in body)
     assert [r["name"] for r in result["rows"]] == [r["name"] for r in data["rows"]]
     assert {"Stage0 L/16-384", "Stage0 So400m/14-384", "Stage1 projector", "Stage2 LM full", "knee RAD-DINO @224",
-            "CT phase 1", "CT phase 2, full", "CT phase 2, LoRA r=16", "derm LoRA r=16"} == set(rows_by_name(data))
+            "CT phase 1", "CT phase 2, full", "CT phase 2, LoRA r=16", "derm LoRA r=16",
+            *(f"Stage2 {what} (Gemma 3 {size})" for size in ("4B", "12B", "27B")
+              for what in ("LM full", "LoRA r=16 on the LM"))} == set(rows_by_name(data))
     assert data["gpu_gb"] == 80 and data["num_gpus"] == 8
 
 
@@ -165,7 +167,9 @@ def test_every_launcher_default_fits_80gb_or_its_row_names_a_config_that_does(ru
     assert rows["CT phase 2, LoRA r=16"]["launcher_default"] == lora_default != full["launcher_default"]
     line = next(line for line in stdout.splitlines() if line.startswith("| CT phase 2, full"))
     assert line.endswith("| no: ZeRO-2 x8; CT phase 2, LoRA r=16 (one GPU) |")
-    assert {r["name"] for r in result["rows"] if r["fits_one_gpu"]} == set(rows) - {"CT phase 2, full"}
+    assert {r["name"] for r in result["rows"] if not r["fits_one_gpu"]} == {
+        "CT phase 2, full", "Stage2 LM full (Gemma 3 12B)", "Stage2 LM full (Gemma 3 27B)",
+        "Stage2 LoRA r=16 on the LM (Gemma 3 27B)"}
 
 
 def test_activation_formula_distinguishes_gelu_and_gated_mlps():
@@ -195,3 +199,46 @@ def test_help_is_fast_and_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--gpu_gb" in proc.stdout and "--json" in proc.stdout and "ESTIMATE" in proc.stdout
+
+
+# ---------------------------------------------------------------- FSDP2 and the larger LMs
+
+def test_shard_units_are_the_blocks_and_the_root_with_a_tied_head_counted_once():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from scripts.bench.size_audit import _meta, shard_units
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=4, tie_word_embeddings=True)
+    with _meta():
+        model = Gemma3ForCausalLM(cfg)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    # a decoder layer: q 8x8, k and v 8x4, o 8x8, q/k norms 4 each, gate/up/down 8x16, four norms of 8
+    layer = 64 + 32 + 32 + 64 + 4 + 4 + 3 * 128 + 4 * 8
+    assert shard_units(model) == (layer, 64 * 8 + 8)  # root: the embedding (= the LM head) and the final norm
+
+
+def test_fsdp2_shards_everything_and_gathers_the_root_and_two_blocks():
+    r = account(tiny_row(), num_gpus=4, gpu_bytes=1e12)
+    f = r["engines"]["fsdp2"]
+    # no blocks in a Sequential: all 1,014 parameters are the root unit, gathered in bf16
+    assert f["weights"] == (4 * 4 + 2 * 1010) / 4 + 2 * 1014
+    assert (f["gradients"], f["optimizer"], f["autocast_copies"]) == (16 / 4, 32 / 4, 0)
+    assert f["total"] == 509 + 2028 + 4 + 8 + 1000
+    rows = [r]
+    verdicts(rows, 4)
+    assert r["engines"]["fsdp2"]["fits"] and r["fits_with"] == ["one GPU", "DDP x4", "ZeRO-2 x4"]  # not run yet
+
+
+def test_the_larger_gemma_3_lms_have_their_published_sizes_and_need_sharding(run):
+    rows = rows_by_name(run[0])
+    # Gemma 3 technical report, Table 1: embedding + non-embedding parameters of each LM
+    published = {"4B": 675e6 + 3209e6, "12B": 1012e6 + 10759e6, "27B": 1416e6 + 25600e6}
+    for size, n in published.items():
+        full, lora = rows[f"Stage2 LM full (Gemma 3 {size})"], rows[f"Stage2 LoRA r=16 on the LM (Gemma 3 {size})"]
+        assert full["params_trained"] == pytest.approx(n, rel=5e-3), size
+        assert not full["launcher_default"] and lora["params_trained"] < full["params_trained"] / 100
+    full27 = rows["Stage2 LM full (Gemma 3 27B)"]
+    assert full27["gpus_needed"] == {"zero2": None, "fsdp2": 8}  # unsharded weights alone exceed one GPU
+    assert rows["Stage2 LM full (Gemma 3 12B)"]["gpus_needed"]["fsdp2"] <= \
+        rows["Stage2 LM full (Gemma 3 12B)"]["gpus_needed"]["zero2"]
+    assert "FSDP2 x8" in run[1] and "GPUs: ZeRO-2 / FSDP2" in run[1]

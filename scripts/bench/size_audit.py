@@ -13,6 +13,12 @@ N GPUs (bf16 mixed precision, AdamW):
   frozen parameter    2 B (stored in bf16; 4 B without bf16)
   DDP                 + 4 B per trained parameter: the reducer's gradient buckets
   ZeRO-2              gradients and AdamW state divided by N; weights are not sharded
+  FSDP2               weights, gradients and AdamW state divided by N, plus the units gathered
+                      whole in the compute dtype: what no transformer block holds (embeddings,
+                      the LM head: the root unit, kept through the step) and two blocks (the one
+                      running and the one prefetched), blocks being the model's
+                      `_no_split_modules`; no autocast copies (FSDP casts when it gathers).
+                      The trainers do not run FSDP yet: the column says what it would take
   activations         an ESTIMATE, kept only in the towers gradients flow through (a frozen
                       tower whose output is only an input, or whose text features are cached,
                       keeps none), no gradient checkpointing, SDPA/flash attention (no score
@@ -55,7 +61,10 @@ GEMMA_TURN_TOKENS = 7
 # adapts its 8B towers (r 16, alpha 2r, dropout 0.05).
 CT_LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05,
            "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-ENGINES = ("one_gpu", "ddp", "zero2")
+ENGINES = ("one_gpu", "ddp", "zero2", "fsdp2")
+WORKING_ENGINES = ("one_gpu", "ddp", "zero2")  # what the trainers run today: the verdicts name only these
+SHARDED = ("zero2", "fsdp2")
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)  # for "how many GPUs does this engine need"
 
 LAUNCHERS = {
     "stage0": "Stage0/run_train_vision_encoder_stage0.sh",
@@ -362,7 +371,7 @@ def stage1_row(v) -> Row:
                [f"{n_img} image tokens + {cap} caption tokens; vision tower and LM frozen"])
 
 
-def stage2_row(v, stage1_vars) -> Row:
+def stage2_row(v, stage1_vars, label: str = "", group: str = "stage2", default: bool = True) -> Row:
     vision_name = v.get("VISION_MODEL_NAME") or stage1_vars["VISION_MODEL_NAME"]
     vlm = build_vlm(vision_name, v["LLM_NAME"])
     flags = v.get("EXTRA_FLAGS", "").split()
@@ -389,10 +398,10 @@ def stage2_row(v, stage1_vars) -> Row:
     export = _export([(vlm.model.vision_tower, _dtype_of(vision_name)), (vlm.model.multi_modal_projector, FP32),
                       (vlm.model.language_model, _dtype_of(v["LLM_NAME"]))])
     extra = " + projector" if train_proj else ""
-    return Row(f"Stage2 {what.replace(' fully', ' full')}{extra}", LAUNCHERS["stage2"], "stage2", vlm,
+    return Row(f"Stage2 {what.replace(' fully', ' full')}{extra}{label}", LAUNCHERS["stage2"], group, vlm,
                [vision_name, v["LLM_NAME"]], b, v["MIXED_PRECISION"], act, export,
                [f"trains the {what}{extra} (projector frozen unless --unfreeze_projection_layer); "
-                f"{n_img} image + {q} question + {a} answer tokens"])
+                f"{n_img} image + {q} question + {a} answer tokens"], default)
 
 
 def knee_row(v) -> Row:
@@ -497,6 +506,18 @@ def derm_row(v) -> Row:
                 "the label-aware losses' class-text embeddings are not counted"])
 
 
+LARGER_LMS = {"Gemma 3 4B": "google/gemma-3-4b-it", "Gemma 3 12B": "google/gemma-3-12b-it",
+              "Gemma 3 27B": "google/gemma-3-27b-it"}  # MedGemma 4B and 27B: the 4B and 27B shapes
+
+
+def larger_lm_rows(v, stage1_vars) -> list[Row]:
+    """Stage2 with a larger Gemma 3 as LLM_NAME, in full and through LoRA r=16, one sample per
+    GPU (GRAD_ACCUM makes up the global batch): which engine and how many GPUs each needs."""
+    return [stage2_row({**v, "LLM_NAME": lm, "LORA_R": str(r), "BATCH_SIZE": "1"}, stage1_vars, f" ({name})",
+                       f"stage2 {name}", False)
+            for name, lm in LARGER_LMS.items() for r in (0, 16)]
+
+
 def build_rows(root=ROOT) -> list[Row]:
     s0 = _launcher("stage0", root)
     s1 = _launcher("stage1", root)
@@ -514,6 +535,7 @@ def build_rows(root=ROOT) -> list[Row]:
                    ["MODEL_NAME=google/siglip-so400m-patch14-384"], default=False),
         stage1_row(s1),
         stage2_row(_launcher("stage2", root), s1),
+        *larger_lm_rows(_launcher("stage2", root), s1),
         knee_row(_launcher("knee", root)),
         ct_row(ct, 1),
         *sorted(ct2, key=lambda row: not row.default),
@@ -535,6 +557,39 @@ def trained_buffer_bytes(model) -> int:
     return total
 
 
+def shard_units(model) -> tuple[int, int]:
+    """(parameters of the largest block, parameters no block holds) for FSDP's per-block
+    wrapping; blocks are the outermost modules named in any submodel's `_no_split_modules`."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    blocks = []
+
+    def walk(module):
+        if type(module).__name__ in names:
+            blocks.append(module)
+            return
+        for child in module.children():
+            walk(child)
+    walk(model)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)  # a tied tensor once
+    return max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0), root
+
+
+def _engines(trained, weights, grads, adam, autocast, act, gathered, n) -> dict:
+    return {
+        "one_gpu": {"gpus": 1, "weights": weights, "gradients": grads, "optimizer": adam,
+                    "autocast_copies": autocast, "activations": act},
+        "ddp": {"gpus": n, "weights": weights, "gradients": grads + DDP_BUCKET_BYTES * trained,
+                "optimizer": adam, "autocast_copies": autocast, "activations": act},
+        "zero2": {"gpus": n, "weights": weights, "gradients": grads / n,
+                  "optimizer": adam / n, "autocast_copies": 0, "activations": act},
+        "fsdp2": {"gpus": n, "weights": weights / n + (gathered if n > 1 else 0), "gradients": grads / n,
+                  "optimizer": adam / n, "autocast_copies": 0, "activations": act},
+    }
+
+
 def account(row: Row, num_gpus: int, gpu_bytes: float) -> dict:
     total, trained = _numel(row.model), _numel(row.model, trained=True)
     frozen = total - trained
@@ -543,23 +598,24 @@ def account(row: Row, num_gpus: int, gpu_bytes: float) -> dict:
     grads, adam = GRAD_BYTES * trained, ADAM_BYTES * trained
     autocast = AUTOCAST_COPY_BYTES * trained if row.mixed_precision in ("bf16", "fp16") else 0
     act = sum(row.activations.values())
-    engines = {
-        "one_gpu": {"gpus": 1, "weights": weights, "gradients": grads, "optimizer": adam,
-                    "autocast_copies": autocast, "activations": act},
-        "ddp": {"gpus": num_gpus, "weights": weights, "gradients": grads + DDP_BUCKET_BYTES * trained,
-                "optimizer": adam, "autocast_copies": autocast, "activations": act},
-        "zero2": {"gpus": num_gpus, "weights": weights, "gradients": grads / num_gpus,
-                  "optimizer": adam / num_gpus, "autocast_copies": 0, "activations": act},
-    }
-    for e in engines.values():
-        e["total"] = sum(v for k, v in e.items() if k != "gpus")
-        e["fits"] = e["total"] <= gpu_bytes
+    block, root = shard_units(row.model)
+    gathered = (BF16 if row.mixed_precision in ("bf16", "fp16") else FP32) * (2 * block + root)
+
+    def totals(n):
+        out = _engines(trained, weights, grads, adam, autocast, act, gathered, n)
+        for e in out.values():
+            e["total"] = sum(v for k, v in e.items() if k != "gpus")
+            e["fits"] = e["total"] <= gpu_bytes
+        return out
+    engines = totals(num_gpus)
+    # The fewest GPUs (of GPU_COUNTS) with which each sharded engine fits, or None.
+    gpus_needed = {k: next((n for n in GPU_COUNTS if totals(n)[k]["fits"]), None) for k in SHARDED}
     buffers = trained_buffer_bytes(row.model)
     return {
         "name": row.name, "launcher": row.launcher, "group": row.group, "launcher_default": row.default,
         "sources": row.sources, "batch_size": row.batch_size, "mixed_precision": row.mixed_precision,
         "params_total": total, "params_trained": trained, "params_frozen": frozen,
-        "engines": engines, "activations_detail": row.activations,
+        "engines": engines, "gpus_needed": gpus_needed, "activations_detail": row.activations,
         "resume_checkpoint_bytes": FP32 * trained + ADAM_BYTES * trained + buffers + SMALL_STATE_BYTES,
         "resume_detail": {"trained_tensors": FP32 * trained, "optimizer_state": ADAM_BYTES * trained,
                           "trained_buffers": buffers, "small_state": SMALL_STATE_BYTES},
@@ -567,7 +623,7 @@ def account(row: Row, num_gpus: int, gpu_bytes: float) -> dict:
     }
 
 
-ENGINE_NAMES = {"one_gpu": "one GPU", "ddp": "DDP x{n}", "zero2": "ZeRO-2 x{n}"}
+ENGINE_NAMES = {"one_gpu": "one GPU", "ddp": "DDP x{n}", "zero2": "ZeRO-2 x{n}", "fsdp2": "FSDP2 x{n}"}
 
 
 def verdicts(rows: list[dict], num_gpus: int) -> None:
@@ -575,7 +631,7 @@ def verdicts(rows: list[dict], num_gpus: int) -> None:
     which alternative row of the same run does."""
     for r in rows:
         r["fits_one_gpu"] = r["engines"]["one_gpu"]["fits"]
-        fits_with = [ENGINE_NAMES[e].format(n=num_gpus) for e in ENGINES if r["engines"][e]["fits"]]
+        fits_with = [ENGINE_NAMES[e].format(n=num_gpus) for e in WORKING_ENGINES if r["engines"][e]["fits"]]
         alternatives = [o["name"] for o in rows if o is not r and o["group"] == r["group"]
                         and o["engines"]["one_gpu"]["fits"]]
         r["fits_with"] = fits_with + [f"{a} (one GPU)" for a in alternatives if not r["fits_one_gpu"]]
@@ -619,7 +675,7 @@ def _size(n: float) -> str:
 def markdown(result: dict) -> str:
     n, gb = result["num_gpus"], result["gpu_gb"]
     head = (f"| run | params | trained | batch/GPU | weights | grads | AdamW | activations (est.) | one GPU | "
-            f"DDP x{n} | ZeRO-2 x{n} | resume ckpt | export | fits {gb:g} GB |")
+            f"DDP x{n} | ZeRO-2 x{n} | FSDP2 x{n} | GPUs: ZeRO-2 / FSDP2 | resume ckpt | export | fits {gb:g} GB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         e = r["engines"]
@@ -634,11 +690,15 @@ def markdown(result: dict) -> str:
             r["name"] + ("" if r["launcher_default"] else " *"), _params_str(r["params_total"]),
             _params_str(r["params_trained"]), str(r["batch_size"]), _gib(one["weights"]), _gib(one["gradients"]),
             _gib(one["optimizer"]), _gib(one["activations"]),
-            *(_gib(e[k]["total"]) for k in ENGINES), _size(r["resume_checkpoint_bytes"]), _size(r["export_bytes"]),
+            *(_gib(e[k]["total"]) for k in ENGINES),
+            " / ".join(str(r["gpus_needed"][k] or "-") for k in SHARDED),
+            _size(r["resume_checkpoint_bytes"]), _size(r["export_bytes"]),
             verdict]) + " |")
     note = (f"GiB per GPU, bf16 mixed precision, AdamW. weights/grads/AdamW/activations: one GPU; the engine "
             f"columns are totals (autocast's bf16 copies of trained weights under one GPU and DDP, DDP's gradient "
-            f"buckets; ZeRO-2 shards gradients and AdamW state over {n} GPUs, not weights). Activations are a "
+            f"buckets; ZeRO-2 shards gradients and AdamW state over {n} GPUs, not weights; FSDP2 shards all "
+            f"three and gathers the root unit and two blocks; the trainers do not run FSDP2 yet). GPUs: the fewest "
+            f"of {', '.join(map(str, GPU_COUNTS))} with which that engine fits ('-': none). Activations are a "
             f"rough estimate (python scripts/bench/size_audit.py --help). Fits: within {1 - result['headroom']:.0%} of "
             f"{gb:g} GiB. * an alternative to the launcher's default.")
     lines += ["", textwrap.fill(note, width=100)]

@@ -59,6 +59,22 @@ GEMMA3_1B = {
     "torch_dtype": "bfloat16",
 }
 
+# The language models of the larger Gemma 3 checkpoints (google/gemma-3-{4b,12b,27b}-it are
+# Gemma3ForConditionalGeneration; these are their text_config architectures). MedGemma 4B and
+# 27B have exactly these shapes (ALIASES).
+_GEMMA3_TEXT = {
+    "model_type": "gemma3_text", "vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "sliding_window": 1024, "attention_bias": False,
+    "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0,
+    "torch_dtype": "bfloat16",
+}
+GEMMA3_4B = {**_GEMMA3_TEXT, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256}
+GEMMA3_12B = {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
+              "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "query_pre_attn_scalar": 256}
+GEMMA3_27B = {**_GEMMA3_TEXT, "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
+              "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168}
+
 LLAMA3_8B = {
     "model_type": "llama",
     "vocab_size": 128256,
@@ -109,6 +125,9 @@ CONFIGS = {
     "google/siglip-so400m-patch14-384": SIGLIP_SO400M_384,
     "google/siglip-base-patch16-224": SIGLIP_B16_224,
     "google/gemma-3-1b-it": GEMMA3_1B,
+    "google/gemma-3-4b-it": GEMMA3_4B,
+    "google/gemma-3-12b-it": GEMMA3_12B,
+    "google/gemma-3-27b-it": GEMMA3_27B,
     "meta-llama/Meta-Llama-3-8B-Instruct": LLAMA3_8B,
     "microsoft/rad-dino": RAD_DINO,
     "merlin": MERLIN_I3RESNET152,
@@ -118,6 +137,8 @@ CONFIGS = {
 # the base LLM it names, so the text tower is that LLM's shape.
 ALIASES = {
     "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "google/medgemma-4b-it": "google/gemma-3-4b-it",
+    "google/medgemma-27b-it": "google/gemma-3-27b-it",
 }
 
 
