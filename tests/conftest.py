@@ -90,15 +90,16 @@ def fresh_accelerator_state():
     GradientState._reset_state()
 
 
-def accelerate_two_processes(script: str, argv, timeout: int = 600):
+def accelerate_two_processes(script: str, argv, timeout: int = 600, site: Path | None = None):
     """`accelerate launch` with the committed DDP config on 2 CPU processes (gloo), as a user
-    runs it; returns the finished process (stdout and stderr together in .stdout)."""
+    runs it; returns the finished process (stdout and stderr together in .stdout). `site`: a
+    folder put first on PYTHONPATH (a sitecustomize.py there runs in every process)."""
     import socket
     import subprocess
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}:{ROOT}" if site else str(ROOT),
            "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: gloo instead of NCCL
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "scripts/accelerate/ddp.yaml",
            "--num_processes", "2", "--main_process_port", str(port), script, *map(str, argv)]

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
+from test_reliability_loop import _same_safetensors
 
 import cli
 import data_check
@@ -339,12 +340,67 @@ def test_stage0_training_stops_before_step_one_or_skips_and_survives_a_file_brok
     warned = [ln for ln in log.splitlines() if "victim.png" in ln]
     assert len(warned) == 1 and "Using the sample of row 7 in its place" in warned[0], log
 
-    shutil.copy(files["root"] / files["stage0"][15]["image"], victim)  # readable again for the check
-    clean = _write(tmp_path / "clean.json", good[:12])
-    with pytest.raises(ImageLoadError, match=r"victim\.png.*row 5 of .*clean\.json"):
-        main(_stage0_argv(tiny_siglip, tmp_path / "err_mid", clean, _write(tmp_path / "v.json", good[12:]),
-                          files["root"], "--on_bad_sample", "error"))
-    assert not (tmp_path / "err_mid" / "final_model").exists()
+    # --on_bad_sample error: the run stops at the broken row, after checkpointing the last finished
+    # step; with the file fixed, a resume ends on the weights of a run that never met it.
+    readable = files["root"] / files["stage0"][15]["image"]
+    shutil.copy(readable, victim)  # readable again for the check
+    clean, val = _write(tmp_path / "clean.json", good[:12]), _write(tmp_path / "v.json", good[12:])
+    err_mid = tmp_path / "err_mid"
+    with pytest.raises(ImageLoadError, match=r"victim\.png.*row 5 of .*clean\.json") as e:
+        main(_stage0_argv(tiny_siglip, err_mid, clean, val, files["root"], "--on_bad_sample", "error",
+                          "--num_epochs", "2", "--seed", "3"))
+    from training.checkpoints import list_checkpoints
+    saved = list_checkpoints(err_mid)
+    assert not (err_mid / "final_model").exists() and saved, str(e.value)
+    step = int(saved[-1].name[5:])
+    assert step > 0 and f"A resume checkpoint of step {step} was written" in str(e.value)
+    assert "--resume_from_checkpoint latest" in str(e.value)
+    shutil.copy(readable, victim)
+    monkeypatch.undo()
+    main(_stage0_argv(tiny_siglip, err_mid, clean, val, files["root"], "--num_epochs", "2", "--seed", "3",
+                      "--resume_from_checkpoint", "latest"))
+    main(_stage0_argv(tiny_siglip, tmp_path / "never_broken", clean, val, files["root"], "--num_epochs", "2",
+                      "--seed", "3"))
+    _same_safetensors(err_mid / "final_model" / "model.safetensors",
+                      tmp_path / "never_broken" / "final_model" / "model.safetensors")
+
+
+BREAK_AFTER_CHECK = """
+import data_check
+_check = data_check.check_datasets
+def _check_then_break(*a, **kw):
+    bad = _check(*a, **kw)
+    open({victim!r}, "wb").write(b"\\x89PNG\\r\\n\\x1a\\n" + b"\\x00" * 40)
+    return bad
+data_check.check_datasets = _check_then_break
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_at_a_row_broken_mid_run_and_keep_the_finished_steps(files, tiny_siglip, tmp_path):
+    """One process meets the broken row; without agreeing first, the other would wait at the next
+    gradient all-reduce until the collective timeout. Both stop after the same step, and the
+    checkpoint of that step is written."""
+    from conftest import accelerate_two_processes
+
+    from training.checkpoints import list_checkpoints
+    good = [{"image": r["image"], "caption": r["caption"]} for r in files["stage0"][10:26]]
+    victim = tmp_path / "victim.png"
+    shutil.copy(files["root"] / good[5]["image"], victim)
+    good[5]["image"] = str(victim)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_AFTER_CHECK.format(victim=str(victim)))
+    out = tmp_path / "run"
+    argv = _stage0_argv(tiny_siglip, out, _write(tmp_path / "train.json", good),
+                        _write(tmp_path / "val.json", good[12:]), files["root"], "--batch_size", "2",
+                        "--num_epochs", "2", "--seed", "2")
+    proc = accelerate_two_processes("Stage0/train_vision_encoder_stage0.py", argv, timeout=300,
+                                    site=tmp_path / "site")
+    assert proc.returncode != 0 and "victim.png" in proc.stdout, proc.stdout[-3000:]
+    assert "every process stopped after the same step" in proc.stdout, proc.stdout[-3000:]
+    saved = list_checkpoints(out)
+    assert saved and not (out / "final_model").exists(), proc.stdout[-3000:]
+    assert f"resume checkpoint of step {saved[-1].name[5:]} was written" in proc.stdout
 
 
 def test_stage2_training_error_then_skip(files, tiny_siglip, gemma, tmp_path, monkeypatch):

@@ -10,12 +10,17 @@
 and the attributes args, accelerator, stepper (training.step.OptimizerStep), scheduler,
 train_loader, total_steps and num_epochs (training.step.plan_steps). The loop owns the rest,
 the same in every stage: resume, what --max_steps and --num_epochs mean, step counting,
-accumulation windows, logging, the checkpoint cadence and the preemption stop.
+accumulation windows, logging, the checkpoint cadence, the preemption stop, and the stop on a
+file that turned unreadable after the data check (under --on_bad_sample error), which also
+checkpoints the last finished step first.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from image_loader import ImageLoadError
 from training.checkpoints import resume_from, save_checkpoint
 from training.data import EvalShard, accumulation_windows, epoch_batches
 from training.exports import ExportCopies
@@ -45,8 +50,12 @@ def run_training(trainer, name: str) -> int:
         trainer.start_epoch(epoch)
         done = state["batches_done"] if epoch == state["epoch"] else 0
         batches = epoch_batches(acc, trainer.train_loader, epoch, skip_batches=done)
-        for window in accumulation_windows(batches, args.gradient_accumulation_steps):
-            if step >= total:  # resumed from a checkpoint written at the last step
+        windows = accumulation_windows(batches, args.gradient_accumulation_steps)
+        while step < total:  # (a run resumed from its last step's checkpoint trains nothing more)
+            window, error = _next_window(windows, acc)
+            if error is not None:
+                _stop_on_unreadable(error, step, lambda: checkpoint(epoch, done))
+            if window is None:  # the epoch's end
                 break
             loss, grad_norm = trainer.train_step(window, step)
             step, done = step + 1, done + len(window)
@@ -54,8 +63,6 @@ def run_training(trainer, name: str) -> int:
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoint(epoch, done)
             trainer.stepper.stop_if_requested(step, {"epoch": epoch, "batches_done": done}, args, log.divergence)
-            if step >= total:
-                break
         if done >= len(trainer.train_loader):
             trainer.end_of_epoch(epoch, step)
             checkpoint(epoch + 1, 0)
@@ -68,6 +75,41 @@ def run_training(trainer, name: str) -> int:
     trainer.finish(step)
     acc.end_training()
     return step
+
+
+def _next_window(windows, acc):
+    """The next accumulation window (None at the epoch's end) and the error of a process that
+    could not read a row of its own (a file that turned unreadable after the data check, under
+    --on_bad_sample error; `skip` replaces such rows in the dataset). The processes agree on
+    whether any failed, so that all of them stop at the same step instead of the others waiting
+    at the next collective: one small all-reduce per step, with several processes only."""
+    try:
+        window, error = next(windows), None
+    except StopIteration:
+        window, error = None, None
+    except ImageLoadError as e:
+        window, error = None, e
+    if acc.num_processes > 1:
+        failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum").item()
+        if failed and error is None:
+            error = SystemExit("error: another process could not read a row of its data (its message is above); "
+                               "every process stopped after the same step")
+    return window, error
+
+
+def _stop_on_unreadable(error, step: int, checkpoint) -> None:
+    """Write a resume checkpoint of the last finished step (nothing trained is lost, and no row
+    of the failed window had trained: the resume refetches it), then stop with the row's error."""
+    if step > 0:
+        checkpoint()
+        fix = (f"a resume checkpoint of step {step} was written: fix or replace the file, then rerun with "
+               "--resume_from_checkpoint latest (or train past such rows with --on_bad_sample skip)")
+    else:
+        fix = "no step had finished; fix or replace the file, or pass --on_bad_sample skip"
+    if isinstance(error, SystemExit):
+        raise SystemExit(f"{error.code}; {fix}")
+    raise ImageLoadError(f"{error} {fix[0].upper()}{fix[1:]}.", path=error.path, row=error.row,
+                         source=error.source) from error
 
 
 class OneLossTrainer:
