@@ -3,14 +3,24 @@
     python Stage2/evaluate.py --model_path runs/stage2/final_model --image_root data/demo \\
         --test_json data/demo/stage2_test.json --output_json runs/stage2/eval_test.json
 
-Per question type (the rows' `question_type`; without one, a yes/no reference is "closed"
-and anything else "open"):
-  closed    accuracy of the yes/no verdict (metrics.yes_no) against the reference; `answered` is
-            the share of predictions that hold a verdict at all. The majority-answer baseline
-            (always giving the most common reference verdict) is reported next to it, because
-            a model that learned only the answer prior already scores that much.
+    python Stage2/evaluate.py --predictions_json published_run.json --test_json vqa_rad_test.json
+
+Per question type (the rows' `question_type`, any case: VQA-RAD's and SLAKE's answer_type
+CLOSED/OPEN included; without one, a yes/no reference is "closed" and anything else "open"):
+  closed    accuracy. A yes/no reference is matched by the prediction's verdict, its first whole
+            word "yes" or "no" (metrics.yes_no): "Not sure." is no verdict, so wrong for "no",
+            where a substring test (LLaVA-Med's scorer) finds "no" in it and counts it right.
+            Any other closed reference ("left", "CT") must equal the prediction after
+            normalisation: "right" is wrong for "left". `answered` is the share of yes/no
+            predictions that hold a verdict at all. The majority-answer baseline (always the
+            most common reference verdict) is reported beside it, because a model that learned
+            only the answer prior already scores that much.
   location  exact match after normalisation (metrics.normalize_answer), plus token F1.
-  open      token F1 and recall against the reference (metrics.token_f1).
+  open      recall, the share of the reference's words found in the prediction (LLaVA-Med's
+            open-question metric, on whole words), and token F1 (metrics.token_f1).
+--predictions_json scores saved predictions without a model: a JSON list with one item per
+test row in order (a string, or an object with a `prediction` key), or this script's own
+OUTPUT_JSON, whose predictions carry their rows; it gives the summary the model run gave.
 The table goes to standard output, OUTPUT_JSON gets the summary and every prediction, and
 OUTPUT_JSON with a .md suffix the same table in Markdown; existing ones are replaced only with
 --force.
@@ -39,14 +49,16 @@ import preflight
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
+    g = p.add_argument_group("model (--model_path, or --llm_path + --projector_path, or --predictions_json)")
     g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
     g.add_argument("--llm_path", default=None)
     g.add_argument("--projector_path", default=None)
     g.add_argument("--vision_model_name", default=None)
+    g.add_argument("--predictions_json", default=None,
+                   help="score these saved predictions instead of running a model (see above)")
     g = p.add_argument_group("data")
     g.add_argument("--test_json", required=True, help="Stage 2 format, optionally with question_type/finding")
-    g.add_argument("--image_root", required=True)
+    g.add_argument("--image_root", default=None, help="required with a model (the images are read)")
     g.add_argument("--output_json", default=None,
                    help="summary + predictions (default: MODEL/eval_<test json name>.json); a .md table beside it")
     g.add_argument("--force", action="store_true", help="replace an existing OUTPUT_JSON (and its .md table)")
@@ -63,8 +75,13 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     g.add_argument("--num_workers", type=int, default=0)
     args = p.parse_args(argv)
-    if not args.model_path and not (args.llm_path and args.projector_path):
-        p.error("pass --model_path, or both --llm_path and --projector_path")
+    if args.predictions_json:
+        if args.model_path or args.llm_path or args.projector_path:
+            p.error("--predictions_json scores saved predictions: pass it without a model")
+    elif not args.model_path and not (args.llm_path and args.projector_path):
+        p.error("pass --model_path, or both --llm_path and --projector_path, or --predictions_json")
+    elif not args.image_root:
+        p.error("--image_root is required to run a model (the test rows' images are read)")
     for flag in ("num_beams", "max_new_tokens", "batch_size", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
@@ -72,8 +89,10 @@ def parse_args(argv=None):
         p.error("--num_workers must be >= 0")
     args.device = cli.check_device(p, args.device)
     if args.output_json is None:
-        base = Path(args.model_path) if args.model_path else Path(args.llm_path).parent
-        args.output_json = str(base / f"eval_{Path(args.test_json).stem}.json")
+        base = (Path(args.predictions_json).parent if args.predictions_json else Path(args.model_path)
+                if args.model_path else Path(args.llm_path).parent)
+        prefix = "rescored" if args.predictions_json else "eval"
+        args.output_json = str(base / f"{prefix}_{Path(args.test_json).stem}.json")
     for path in (args.output_json, Path(args.output_json).with_suffix(".md")):
         preflight.check_output_file(path, "--output_json", args.force)
     return args
@@ -98,8 +117,20 @@ TYPES = ("closed", "location", "open")
 def question_type(row) -> str:
     qt = row.get("question_type")
     if qt:
-        return str(qt)
-    return "closed" if normalize_answer(str(row[ANSWER_KEY])) in (["yes"], ["no"]) else "open"
+        return str(qt).strip().lower()
+    return "closed" if _is_yes_no(str(row[ANSWER_KEY])) else "open"
+
+
+def _is_yes_no(reference: str) -> bool:
+    return normalize_answer(reference) in (["yes"], ["no"])
+
+
+def closed_correct(prediction: str, reference: str) -> bool:
+    """A closed answer's verdict: the yes/no verdict for a yes/no reference, else the whole
+    normalised answer."""
+    if _is_yes_no(reference):
+        return yes_no(prediction) is not None and yes_no(prediction) == yes_no(reference)
+    return normalize_answer(prediction) == normalize_answer(reference)
 
 
 def score(rows, predictions) -> tuple[dict, list[dict]]:
@@ -109,7 +140,7 @@ def score(rows, predictions) -> tuple[dict, list[dict]]:
         ref, qt = str(row[ANSWER_KEY]), question_type(row)
         p, r, f1 = token_f1(pred, ref)
         if qt == "closed":
-            correct = yes_no(pred) is not None and yes_no(pred) == yes_no(ref)
+            correct = closed_correct(pred, ref)
         else:
             correct = normalize_answer(pred) == normalize_answer(ref)
         records.append({"row": row["row"], "image": row["image"], "question": row[QUESTION_KEY], "reference": ref,
@@ -131,17 +162,64 @@ def score(rows, predictions) -> tuple[dict, list[dict]]:
                        "precision": mean(r["precision"] for r in recs)}
     closed = groups.get("closed", [])
     if closed:
-        verdicts = Counter(yes_no(r["reference"]) for r in closed)
+        verdicts = Counter(yes_no(r["reference"]) if _is_yes_no(r["reference"]) else
+                           " ".join(normalize_answer(r["reference"])) for r in closed)
         # Ties go to "no", the usual prior of screening questions; sorted() keeps it deterministic.
         majority, count = sorted(verdicts.items(), key=lambda kv: (-kv[1], kv[0] != "no", str(kv[0])))[0]
         summary["closed"].update(
-            answered=mean(yes_no(r["prediction"]) is not None for r in closed),
+            answered=mean(yes_no(r["prediction"]) is not None for r in closed if _is_yes_no(r["reference"])),
             majority_answer=majority, majority_accuracy=count / len(closed),
             by_finding={f: mean(r["correct"] for r in closed if r["finding"] == f)
                         for f in sorted({r["finding"] for r in closed if r["finding"]})})
     summary["all"] = {"n": len(records), "accuracy": mean(r["correct"] for r in records),
                       "token_f1": mean(r["token_f1"] for r in records), "recall": mean(r["recall"] for r in records)}
     return summary, records
+
+
+def _rows_without_images(test_json) -> list[dict]:
+    """The test rows for rescoring: questions and references only (images are not read)."""
+    from data_rows import load_table
+    rows, _ = load_table(test_json)
+    if not isinstance(rows, list):
+        raise cli.UserError(f"--test_json {test_json}: expected a JSON list of rows")
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)
+           or not str(r.get(QUESTION_KEY) or "").strip() or not str(r.get(ANSWER_KEY) or "").strip()]
+    if bad:
+        raise cli.UserError(f"--test_json {test_json}: rows {bad[:10]}{' ...' if len(bad) > 10 else ''} lack a "
+                            f"{QUESTION_KEY!r} or an {ANSWER_KEY!r}; scoring needs both")
+    return [{**r, "row": i, "image": r.get("image")} for i, r in enumerate(rows)]
+
+
+def saved_predictions(path, rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """(the rows scored, their predictions) from a predictions file: one item per row in order
+    (a string, or an object with `prediction`), or this script's OUTPUT_JSON, whose items name
+    their row (a run that skipped bad rows scored only the others, and so does this)."""
+    where = f"--predictions_json {path}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise cli.UserError(f"{where}: not readable as JSON ({e})") from e
+    items = data.get("predictions") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise cli.UserError(f"{where}: expected a JSON list of predictions, or an evaluation's OUTPUT_JSON")
+
+    def text(i, item):
+        value = item.get("prediction") if isinstance(item, dict) else item
+        if not isinstance(value, str):
+            raise cli.UserError(f"{where}: item {i} is {type(value).__name__}, not a string or an object with a "
+                                "'prediction' string")
+        return value
+    if items and all(isinstance(it, dict) and "row" in it for it in items):
+        by_row = {it["row"]: text(i, it) for i, it in enumerate(items)}
+        known = {r["row"] for r in rows}
+        if set(by_row) - known:
+            raise cli.UserError(f"{where}: predictions for rows the test file lacks: {sorted(set(by_row) - known)[:10]}"
+                                "; pass the --test_json they were made on")
+        kept = [r for r in rows if r["row"] in by_row]
+        return kept, [by_row[r["row"]] for r in kept]
+    if len(items) != len(rows):
+        raise cli.UserError(f"{where}: {len(items)} predictions for {len(rows)} test rows; one per row, in order")
+    return rows, [text(i, it) for i, it in enumerate(items)]
 
 
 def format_table(summary: dict, markdown: bool = False) -> str:
@@ -161,8 +239,9 @@ def format_table(summary: dict, markdown: bool = False) -> str:
     if "closed" in summary:
         c = summary["closed"]
         lines += ["", f"closed: majority-answer baseline (always \"{c['majority_answer']}\") "
-                      f"{c['majority_accuracy']:.3f}; model {c['accuracy']:.3f}; "
-                      f"{c['answered']:.3f} of answers hold a yes/no verdict"]
+                      f"{c['majority_accuracy']:.3f}; model {c['accuracy']:.3f}"
+                      + (f"; {c['answered']:.3f} of yes/no answers hold a verdict" if c["answered"] is not None
+                         else "")]
     return "\n".join(lines)
 
 
@@ -171,6 +250,11 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, level=logging.INFO, force=True)
     preflight.check_data_file(args.test_json, "--test_json")
+    if args.predictions_json:
+        rows, predictions = saved_predictions(args.predictions_json, _rows_without_images(args.test_json))
+        if args.limit:
+            rows, predictions = rows[: args.limit], predictions[: args.limit]
+        return _report(args, rows, predictions, f"predictions {args.predictions_json}", [])
     # References are required here, not for generation; every row is checked before the model loads.
     rows, bad = check_rows(args.test_json, args.image_root, ("image", QUESTION_KEY, ANSWER_KEY), image_key="image",
                            on_bad_sample=args.on_bad_sample)
@@ -191,6 +275,11 @@ def main(argv=None) -> dict:
     for batch in tqdm(loader, desc="evaluate", file=sys.stderr):
         for i, answer in zip(batch["index"].tolist(), generate_answers(model, tokenizer, batch, **gen)):
             predictions[i] = answer
+    return _report(args, rows, predictions, source, bad)
+
+
+def _report(args, rows, predictions, source, bad) -> dict:
+    """Score, print the table, write OUTPUT_JSON and its Markdown table; the summary."""
     summary, records = score(rows, predictions)
     summary.update(model=source, test_json=str(args.test_json))
     if bad:

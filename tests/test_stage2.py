@@ -604,6 +604,19 @@ def test_model_beats_majority_answer_on_held_out_closed_questions(s2, learned, e
     assert correct >= 6, f"{correct}/10 right through the CLI"
 
 
+def test_saved_predictions_rescore_to_the_summary_of_the_run_that_wrote_them(s2, evaluated, tmp_path, capsys):
+    summary, saved, out, _ = evaluated
+    test_json = s2["data"] / "stage2_test.json"
+    plain = tmp_path / "plain.json"  # a published run's form: one string per test row, in order
+    plain.write_text(json.dumps([p["prediction"] for p in saved["predictions"]]))
+    for source in (out, plain):
+        again = evaluate_main(["--predictions_json", str(source), "--test_json", str(test_json),
+                               "--output_json", str(tmp_path / f"rescored_{source.stem}.json")])
+        assert again.pop("model") == f"predictions {source}"
+        assert again == {k: v for k, v in summary.items() if k != "model"}
+    assert "closed" in capsys.readouterr().out
+
+
 def test_export_loads_in_plain_transformers_and_matches_cli(s2, learned, evaluated):
     _, model_path = learned
     p = next(r for r in evaluated[1]["predictions"] if r["question_type"] == "closed")
