@@ -1,0 +1,94 @@
+"""scripts/data/convert_dataset.py on small copies of each release's layout, written here with
+the releases' own file, folder and key names, including rows the converter must skip."""
+import json
+
+import pytest
+from PIL import Image
+
+import cli
+from data_check import check_rows
+from scripts.data.convert_dataset import main
+
+
+def _image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (24, 20), 128).save(path)
+
+
+def _vqa_rad(root):
+    images = root / "VQA_RAD Image Folder"
+    for name in ("synpic54610.jpg", "synpic29265.jpg", "synpic42202.jpg"):
+        _image(images / name)
+
+    def q(qid, phrase, image, question, answer, kind):
+        return {"qid": qid, "phrase_type": phrase, "qid_linked_id": f"{qid:05d}", "image_case_url": "https://medpix",
+                "image_name": image, "image_organ": "HEAD", "evaluation": "evaluated", "question": question,
+                "question_rephrase": "NULL", "question_relation": "NULL", "question_frame": "NULL",
+                "question_type": "PRES", "answer": answer, "answer_type": kind}
+    rows = [q(1, "freeform", "synpic54610.jpg", "Are regions of the brain infarcted?", "Yes", "CLOSED"),
+            q(2, "para", "synpic54610.jpg", "Which side is the lesion on?", "Left", "CLOSED"),
+            q(3, "freeform", "synpic29265.jpg", "How many lesions are there?", 2, "OPEN"),
+            q(4, "test_freeform", "synpic42202.jpg", "What is  the abnormality?", " ring enhancing lesion ", "OPEN"),
+            q(5, "test_para", "synpic42202.jpg", "Is this an MRI?", "no", "CLOSED"),
+            q(6, "freeform", "synpic00000.jpg", "Is there a mass?", "yes", "CLOSED"),  # image not in the folder
+            q(7, "test_freeform", "synpic42202.jpg", "Where is it?", "", "OPEN")]  # no answer
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+
+
+def test_vqa_rad_splits_on_phrase_type_and_keeps_answer_types(tmp_path, capsys):
+    _vqa_rad(tmp_path / "VQA_RAD")
+    written = main(["vqa_rad", "--input", str(tmp_path / "VQA_RAD"), "--out_dir", str(tmp_path / "out")])
+    train, test = (json.loads(written[s].read_text()) for s in ("train", "test"))
+    assert [r["qid"] for r in train] == [1, 2, 3] and [r["qid"] for r in test] == [4, 5]
+    assert test[0] == {"image": "synpic42202.jpg", "problem": "What is the abnormality?",
+                       "normal_caption": "ring enhancing lesion", "question_type": "open", "qid": 4, "organ": "HEAD"}
+    assert train[2]["normal_caption"] == "2" and [r["question_type"] for r in train] == ["closed", "closed", "open"]
+    out = capsys.readouterr().out
+    assert "train:      3 rows (2 closed, 1 open)" in out and "test:      2 rows (1 closed, 1 open)" in out
+    assert "skipped 2 rows" in out and "train 6: no image 'synpic00000.jpg'" in out and "test 7: an empty answer" in out
+    image_root = tmp_path / "VQA_RAD" / "VQA_RAD Image Folder"
+    assert f"--image_root {image_root}" in out
+    for path in written.values():  # Stage2 reads every converted row
+        rows, bad = check_rows(path, image_root, ("image", "problem", "normal_caption"), image_key="image",
+                               on_bad_sample="error")
+        assert not bad and len(rows) == len(json.loads(path.read_text()))
+
+
+def test_slake_keeps_english_questions_per_split(tmp_path, capsys):
+    root = tmp_path / "Slake1.0"
+    for i in (1, 2):
+        _image(root / "imgs" / f"xmlab{i}" / "source.jpg")
+
+    def q(qid, image, question, answer, kind, lang="en"):
+        return {"img_id": int(image[5]), "img_name": image, "question": question, "answer": answer, "q_lang": lang,
+                "location": "Lung", "modality": "CT", "answer_type": kind, "base_type": "vqa",
+                "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": qid}
+    splits = {"train.json": [q(1, "xmlab1/source.jpg", "Does the picture contain lung?", "Yes", "CLOSED"),
+                             q(2, "xmlab1/source.jpg", "图片中包含肺吗?", "是", "CLOSED", "zh")],
+              "validate.json": [q(3, "xmlab2/source.jpg", "What modality is used?", "CT", "OPEN")],
+              "test.json": [q(4, "xmlab2/source.jpg", "Which organ is abnormal?", "Left Lung", "OPEN"),
+                            q(5, "xmlab2/source.jpg", "这是什么模态?", "CT", "OPEN", "zh")]}
+    for name, rows in splits.items():
+        (root / name).write_text(json.dumps(rows, ensure_ascii=False))
+    written = main(["slake", "--input", str(root), "--out_dir", str(tmp_path / "out")])
+    rows = {s: json.loads(p.read_text()) for s, p in written.items()}
+    assert {s: [r["qid"] for r in v] for s, v in rows.items()} == {"train": [1], "val": [3], "test": [4]}
+    assert rows["test"][0] == {"image": "xmlab2/source.jpg", "problem": "Which organ is abnormal?",
+                               "normal_caption": "Left Lung", "question_type": "open", "qid": 4, "modality": "CT",
+                               "location": "Lung"}
+    assert "left out 2 rows: not English (q_lang 'zh')" in capsys.readouterr().out
+
+
+def test_a_folder_that_is_not_the_release_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "VQA_RAD Dataset Public.json").write_text("[]")
+    for fmt, words in [("vqa_rad", "not a VQA-RAD release: no 'VQA_RAD Image Folder' there"),
+                       ("slake", "not a SLAKE release: no 'train.json', 'validate.json', 'test.json', 'imgs'")]:
+        with pytest.raises(SystemExit):
+            cli.run(main, [fmt, "--input", str(tmp_path), "--out_dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    _vqa_rad(tmp_path / "again")
+    main(["vqa_rad", "--input", str(tmp_path / "again"), "--out_dir", str(tmp_path / "out2")])
+    with pytest.raises(SystemExit):  # a second run does not replace the files without --force
+        cli.run(main, ["vqa_rad", "--input", str(tmp_path / "again"), "--out_dir", str(tmp_path / "out2")])
+    assert "--force" in capsys.readouterr().err
