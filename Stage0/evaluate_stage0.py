@@ -86,7 +86,10 @@ logger = logging.getLogger("siglip_med")
 
 
 @torch.no_grad()
-def zero_shot_auc(encoder, dataset, findings, tokenizer, max_len, batch_size, device) -> dict[str, float]:
+def zero_shot_auc(encoder, dataset, findings, tokenizer, max_len, batch_size, device,
+                  curves: dict | None = None) -> dict[str, float]:
+    """Per finding, the AUC of (positive prompt - negative prompt) similarity; `curves` gets
+    each finding's ROC curve (false and true positive rates, AUC) for the picture."""
     prompts = [f[k] for f in findings for k in ("positive_prompt", "negative_prompt")]
     ids, mask = encoder.model.text.tokenize(tokenizer, prompts, max_len)
     _, txt, _, _ = encoder(input_ids=ids.to(device), attention_mask=mask.to(device))
@@ -98,14 +101,20 @@ def zero_shot_auc(encoder, dataset, findings, tokenizer, max_len, batch_size, de
     out = {}
     for j, f in enumerate(findings):
         labels = [int(r.get("labels", {}).get(f["name"], 0)) for r in dataset.rows]
-        out[f"AUC {f['name']}"] = auc((sim[:, 2 * j] - sim[:, 2 * j + 1]).cpu().numpy(), labels)
+        margin = (sim[:, 2 * j] - sim[:, 2 * j + 1]).cpu().numpy()
+        out[f"AUC {f['name']}"] = auc(margin, labels)
+        if curves is not None and len(set(labels)) == 2:
+            from sklearn.metrics import roc_curve
+            fpr, tpr, _ = roc_curve(labels, margin)
+            curves[f["name"]] = (fpr.tolist(), tpr.tolist(), out[f"AUC {f['name']}"])
     vals = [v for v in out.values() if v == v]
     out["AUC mean"] = sum(vals) / len(vals) if vals else float("nan")
     return out
 
 
-def evaluate_model(path, args, findings, reinit=False, skip=()) -> dict[str, float]:
-    """`skip`: the rows (`row` ids) left out under --on_bad_sample skip."""
+def evaluate_model(path, args, findings, reinit=False, skip=(), curves: dict | None = None) -> dict[str, float]:
+    """`skip`: the rows (`row` ids) left out under --on_bad_sample skip; `curves`: filled with
+    each finding's ROC curve."""
     torch.manual_seed(args.seed)
     model, tokenizer, image_processor = load_model(path)
     if reinit:
@@ -120,14 +129,14 @@ def evaluate_model(path, args, findings, reinit=False, skip=()) -> dict[str, flo
     encoder = DualEncoder(model)
     out = evaluate_contrastive(encoder, ds, args.batch_size, args.device)
     if findings:
-        out.update(zero_shot_auc(encoder, ds, findings, tokenizer, max_len, args.batch_size, args.device))
+        out.update(zero_shot_auc(encoder, ds, findings, tokenizer, max_len, args.batch_size, args.device, curves))
     if skip:
         out["skipped_rows"] = len(skip)
     return out
 
 
 @torch.no_grad()
-def evaluate_classes(path, args, rows=None) -> dict:
+def evaluate_classes(path, args, rows=None, plot_path=None) -> dict:
     """Labelled data (seed 004): each image against every class prompt (one matrix product of
     image embeddings, computed once, by the class text embeddings); top-1 accuracy, macro
     precision/recall/F1, R@1/R@5 over all classes, the 1-in-10 distractor test, per-class table.
@@ -165,6 +174,12 @@ def evaluate_classes(path, args, rows=None) -> dict:
                                              seed=args.seed)
     out["n_images"], out["n_classes"] = len(rows), len(names)
     out["class_prompt_template"], out["class_prompts"] = template, dict(zip(names, prompts))
+    if plot_path:  # true class (a row's first label) x top-1 predicted class
+        from plots import confusion
+        counts = torch.zeros(len(names), len(names), dtype=torch.long)
+        for s, pred in zip(label_sets, scores.argmax(dim=1).tolist()):
+            counts[index[s[0]], pred] += 1
+        out["plots"] = [str(confusion(counts.numpy(), names, plot_path))]
     return out
 
 
@@ -213,7 +228,9 @@ def main(argv=None):
     if args.label_column:
         if len(args.model_path) != 1:
             raise SystemExit("--label_column evaluates one --model_path")
-        m = evaluate_classes(args.model_path[0], args, rows=rows)
+        plot = Path(args.output_json).with_name(Path(args.output_json).stem + "_confusion.png") \
+            if args.output_json else None
+        m = evaluate_classes(args.model_path[0], args, rows=rows, plot_path=plot)
         if bad:
             m["skipped_rows"] = len(bad)
         table = class_table(m)
@@ -223,12 +240,20 @@ def main(argv=None):
             Path(args.output_json).with_suffix(".md").write_text(table + "\n")
         return m
     findings = json.loads(Path(args.findings_json).read_text()) if args.findings_json else None
+    curves = {lab: {} for lab in labels}
     results = {lab: evaluate_model(p, args, findings, reinit=lab in args.reinit_vision_tower,
-                                   skip={b.row for b in bad})
+                                   skip={b.row for b in bad}, curves=curves[lab])
                for lab, p in zip(labels, args.model_path)}
     print(format_table(results))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
+        from plots import roc_curves
+        out = Path(args.output_json)
+        for lab in labels:
+            if curves[lab]:
+                path = roc_curves(curves[lab], out.with_name(f"{out.stem}_roc_{Path(lab).name}.png"),
+                                  title=f"zero-shot ROC: {lab}")
+                logger.info("wrote %s", path)
     return results
 
 

@@ -93,7 +93,8 @@ def parse_args(argv=None):
                 if args.model_path else Path(args.llm_path).parent)
         prefix = "rescored" if args.predictions_json else "eval"
         args.output_json = str(base / f"{prefix}_{Path(args.test_json).stem}.json")
-    for path in (args.output_json, Path(args.output_json).with_suffix(".md")):
+    out = Path(args.output_json)  # the summary, its table and its pictures
+    for path in (out, out.with_suffix(".md"), out.with_suffix(".png"), out.with_name(out.stem + "_examples.png")):
         preflight.check_output_file(path, "--output_json", args.force)
     return args
 
@@ -291,7 +292,11 @@ def _report(args, rows, predictions, source, bad) -> dict:
     out.write_text(json.dumps({"summary": summary, "predictions": records}, indent=1))
     out.with_suffix(".md").write_text(f"# VQA evaluation: {args.test_json}\n\nModel: {source}\n\n"
                                       + format_table(summary, markdown=True) + "\n")
-    logger.info("wrote %s and %s", out, out.with_suffix(".md"))
+    from plots import vqa_accuracy, vqa_examples
+    written = [vqa_accuracy(summary, out.with_suffix(".png"))]
+    if args.image_root and records:  # rescoring may have no images at hand
+        written.append(vqa_examples(records, args.image_root, out.with_name(out.stem + "_examples.png")))
+    logger.info("wrote %s, %s and %s", out, out.with_suffix(".md"), ", ".join(map(str, written)))
     return summary
 
 

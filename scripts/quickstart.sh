@@ -113,4 +113,7 @@ for Q in "Is there cardiomegaly?" "Which side is the pleural effusion on?" "Desc
     printf 'Q: %s\nA: %s\n' "$Q" "$A"
 done
 echo
+for run in stage0 stage1 stage2; do python scripts/plot_run.py "$OUT/$run" >/dev/null; done
 echo "Tables: $OUT/stage0_table.md $OUT/stage1_table.md $OUT/stage2_table.md (small config-built models, synthetic images)"
+echo "Pictures: $OUT/{stage0,stage1,stage2}/training_curves.png, $OUT/stage0_test_metrics_roc_*.png," \
+     "$OUT/stage2_vqa_test.png (accuracy), $OUT/stage2_vqa_test_examples.png"

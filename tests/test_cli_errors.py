@@ -451,7 +451,8 @@ def test_evaluations_skip_bad_rows_and_say_so(fx, tmp_path, capsys):
 ENTRY_POINTS = ["Stage0/train_vision_encoder_stage0.py", "Stage1/train_projection_stage1.py",
                 "Stage2/train_vqa_stage2.py", "Stage0/evaluate_stage0.py", "Stage0/inference_stage0.py",
                 "Stage2/evaluate.py", "Stage2/inference_vqa_stage2.py", "scripts/data/preprocess_images.py",
-                "scripts/data/validate_data.py", "scripts/data/convert_dataset.py", "scripts/bench/size_audit.py"]
+                "scripts/data/validate_data.py", "scripts/data/convert_dataset.py", "scripts/bench/size_audit.py",
+                "scripts/plot_run.py"]
 HELP_PROBE = """
 import runpy, sys
 sys.argv = [sys.argv[1], "--help"]

@@ -61,6 +61,7 @@ def test_short_lora_run_beats_the_untrained_model(derm, lora_run, tmp_path, capl
                   str(derm["classes"]), "--split", "test", "--output_json", str(result)])
         results[name] = json.loads(result.read_text())
         assert result.with_suffix(".md").is_file()
+        assert (result.parent / f"{result.stem}_confusion.png").stat().st_size > 1000
     before, after = results["untrained"], results["lora"]
     assert set(after) >= {"accuracy", "macro_precision", "macro_recall", "macro_f1", "R@1", "R@5", "distractor_top1",
                           "per_class"}

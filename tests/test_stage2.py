@@ -615,6 +615,9 @@ def test_saved_predictions_rescore_to_the_summary_of_the_run_that_wrote_them(s2,
         assert again.pop("model") == f"predictions {source}"
         assert again == {k: v for k, v in summary.items() if k != "model"}
     assert "closed" in capsys.readouterr().out
+    from test_plots import assert_png
+    assert_png(out.with_suffix(".png"))  # accuracy by question type and finding
+    assert_png(out.with_name(out.stem + "_examples.png"))
 
 
 def test_export_loads_in_plain_transformers_and_matches_cli(s2, learned, evaluated):
