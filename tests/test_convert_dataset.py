@@ -92,3 +92,77 @@ def test_a_folder_that_is_not_the_release_is_refused_in_one_line(tmp_path, capsy
     with pytest.raises(SystemExit):  # a second run does not replace the files without --force
         cli.run(main, ["vqa_rad", "--input", str(tmp_path / "again"), "--out_dir", str(tmp_path / "out2")])
     assert "--force" in capsys.readouterr().err
+
+
+def _gz_csv(path, header, rows):
+    import csv
+    import gzip
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with cough
+
+ FINDINGS:
+ 
+ The heart is mildly enlarged.  Small left pleural
+ effusion.
+
+ IMPRESSION:
+ 
+ Cardiomegaly and small left effusion.
+"""
+
+
+def test_mimic_cxr_frontal_images_with_report_sections_and_chexpert_labels(tmp_path, capsys):
+    from scripts.data.convert_dataset import CHEXPERT_LABELS
+    root, reports = tmp_path / "mimic-cxr-jpg" / "2.0.0", tmp_path / "mimic-cxr-reports"
+    images = [("d1", "10000032", "50414267", "train", "PA"), ("d2", "10000032", "50414267", "train", "LATERAL"),
+              ("d3", "10000764", "57375967", "validate", "AP"), ("d4", "10000898", "50771383", "test", "PA"),
+              ("d5", "10001122", "54000000", "test", "PA")]  # d5's report has an impression only
+    for dicom, subject, study, _, _ in images:
+        _image(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
+        report = REPORT if study != "54000000" else "IMPRESSION: No acute process."
+        path = reports / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report)
+    _gz_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
+            [(d, st, su, sp) for d, su, st, sp, _ in images])
+    _gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows"],
+            [(d, su, st, v, 3056) for d, su, st, _, v in images])
+    chexpert = {"50414267": {"Cardiomegaly": "1.0", "Pleural Effusion": "-1.0", "Edema": "0.0"},
+                "57375967": {"No Finding": "1.0"}, "50771383": {"Pneumothorax": "1.0"}, "54000000": {}}
+    _gz_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *CHEXPERT_LABELS],
+            [("1", st, *(labels.get(n, "") for n in CHEXPERT_LABELS)) for st, labels in chexpert.items()])
+
+    written = main(["mimic_cxr", "--input", str(root), "--reports", str(reports), "--out_dir", str(tmp_path / "out")])
+    rows = {s: json.loads(p.read_text()) for s, p in written.items()}
+    assert {s: len(v) for s, v in rows.items()} == {"train": 1, "report_train": 1, "val": 1, "report_val": 1,
+                                                   "test": 1, "report_test": 1}
+    train = rows["train"][0]
+    assert train["image"] == "files/p10/p10000032/s50414267/d1.jpg" and train["view"] == "PA"
+    assert train["caption"] == "The heart is mildly enlarged. Small left pleural effusion."
+    assert {k for k, v in train["labels"].items() if v} == {"Cardiomegaly"}  # -1 (uncertain) is negative
+    assert rows["report_test"][0] == {"image": "files/p10/p10000898/s50771383/d4.jpg",
+                                      "problem": "Describe the findings.",
+                                      "normal_caption": "The heart is mildly enlarged. Small left pleural effusion.",
+                                      "question_type": "report", "study_id": "50771383"}
+    out = capsys.readouterr().out
+    assert "left out 1 rows: not frontal (ViewPosition LATERAL)" in out
+    assert "test d5: no FINDINGS section in its report" in out and f"--image_root {root}" in out
+    findings = json.loads((tmp_path / "out" / "chexpert_findings.json").read_text())
+    assert {f["name"] for f in findings} == set(CHEXPERT_LABELS) - {"No Finding"}
+
+    both = main(["mimic_cxr", "--input", str(root), "--reports", str(reports), "--out_dir", str(tmp_path / "both"),
+                 "--section", "both", "--uncertain", "positive"])
+    first = json.loads(both["train"].read_text())[0]
+    assert first["caption"].endswith("Cardiomegaly and small left effusion.")
+    assert {k for k, v in first["labels"].items() if v} == {"Cardiomegaly", "Pleural Effusion"}
+    assert len(json.loads(both["test"].read_text())) == 2  # d5's impression is a caption now
+    rows, bad = check_rows(both["train"], root, ("image", "caption"), image_key="image", on_bad_sample="error")
+    assert not bad and len(rows) == 1

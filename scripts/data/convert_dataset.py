@@ -1,8 +1,10 @@
-"""Convert a public VQA release, as downloaded, into Stage2's JSON (image, problem, normal_caption,
-question_type), with the split papers report on.
+"""Convert a public release, as downloaded, into the stages' formats, with the split papers
+report on.
 
     python scripts/data/convert_dataset.py vqa_rad --input ~/data/VQA_RAD --out_dir data/vqa_rad
     python scripts/data/convert_dataset.py slake --input ~/data/Slake1.0 --out_dir data/slake
+    python scripts/data/convert_dataset.py mimic_cxr --input ~/data/mimic-cxr-jpg/2.0.0 \
+        --reports ~/data/mimic-cxr-reports --out_dir data/mimic
 
 Formats:
   vqa_rad  `VQA_RAD Dataset Public.json` and `VQA_RAD Image Folder/` (the OSF release). The usual
@@ -11,7 +13,16 @@ Formats:
   slake    `train.json`, `validate.json`, `test.json` and `imgs/` (SLAKE 1.0): the English
            questions (q_lang "en"). OUT/slake_{train,val,test}.json.
 
-Each row keeps the release's answer_type (CLOSED/OPEN) as question_type closed/open, which
+  mimic_cxr  MIMIC-CXR-JPG (`files/`, `mimic-cxr-2.0.0-split.csv.gz`, `-metadata.csv.gz`,
+           `-chexpert.csv.gz`) with MIMIC-CXR's reports (--reports: the folder holding
+           `files/pNN/pSUBJECT/sSTUDY.txt`). Frontal images only (ViewPosition PA or AP), the
+           release's split (validate -> val): OUT/mimic_cxr_{split}.json for Stage0/Stage1 (image,
+           caption = the report's --section, labels = the 14 CheXpert labels, 1 positive and 0,
+           blank or -1 negative, or -1 positive with --uncertain positive) and
+           OUT/mimic_cxr_report_{split}.json for Stage2 ("Describe the findings." -> FINDINGS),
+           plus OUT/chexpert_findings.json (the labels' prompts, for --findings_json).
+
+Each VQA row keeps the release's answer_type (CLOSED/OPEN) as question_type closed/open, which
 Stage2/evaluate.py scores by (closed accuracy, open recall), and its id (`qid`) and organ or
 modality. Image paths are relative to the image folder, which is printed as the --image_root to
 train and evaluate with. A summary gives the rows per split and every skipped row's reason
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -88,12 +100,12 @@ class Converted:
     def summary(self, written: dict[str, Path]) -> str:
         lines = []
         for split, path in written.items():
-            types = Counter(r.get("question_type", "-") for r in self.splits[split])
-            kinds = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
-            lines.append(f"{split:>6}: {len(self.splits[split]):>6} rows ({kinds}) -> {path}")
+            types = Counter(r["question_type"] for r in self.splits[split] if "question_type" in r)
+            kinds = f" ({', '.join(f'{n} {t}' for t, n in sorted(types.items()))})" if types else ""
+            lines.append(f"{split:>12}: {len(self.splits[split]):>6} rows{kinds} -> {path}")
         lines += [f"left out {n} rows: {why}" for why, n in self.left_out.items()]
         if self.skipped:
-            reasons = Counter(reason.split(" '")[0] if reason.startswith("no image") else reason
+            reasons = Counter(re.sub(r" ('[^']*'|s\d+\.txt|under \S+|in \S+)", "", reason)
                               for _, _, reason in self.skipped)
             lines.append(f"skipped {len(self.skipped)} rows: " + "; ".join(f"{n} with {r}" for r, n in reasons.items()))
             lines += [f"  {split} {item}: {reason}" for split, item, reason in self.skipped[:20]]
@@ -134,7 +146,93 @@ def convert_slake(folder: Path) -> Converted:
     return out
 
 
-FORMATS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake}
+CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+                   "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
+                   "Pneumonia", "Pneumothorax", "Support Devices")
+REPORT_QUESTION = "Describe the findings."
+_SECTION = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]{2,}):", re.M)
+
+
+def report_sections(text: str) -> dict[str, str]:
+    """A radiology report's sections by their upper-case header ("FINDINGS:", "IMPRESSION:"),
+    each whitespace-collapsed; text before the first header is left out."""
+    heads = list(_SECTION.finditer(text))
+    out = {}
+    for m, nxt in zip(heads, heads[1:] + [None]):
+        body = _text(text[m.end(): nxt.start() if nxt else len(text)])
+        if body:
+            out[m.group(1).strip()] = body
+    return out
+
+
+def _csv_gz(path: Path) -> list[dict]:
+    import csv
+    import gzip
+    try:
+        with gzip.open(path, "rt", newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise cli.UserError(f"{path}: not a readable gzipped CSV ({e})") from e
+
+
+def convert_mimic_cxr(folder: Path, reports: Path | None, section: str = "findings",
+                      uncertain: str = "negative") -> Converted:
+    names = ["files", "mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-metadata.csv.gz",
+             "mimic-cxr-2.0.0-chexpert.csv.gz"]
+    _require(folder, "MIMIC-CXR-JPG", names)
+    if reports is None or not reports.is_dir():
+        raise cli.UserError(f"--reports {reports}: the MIMIC-CXR reports folder (holding files/pNN/pSUBJECT/"
+                            "sSTUDY.txt) is needed for the captions; pass it")
+    report_root = reports / "files" if (reports / "files").is_dir() else reports
+    views = {r["dicom_id"]: r.get("ViewPosition", "") for r in _csv_gz(folder / names[2])}
+    labels = {r["study_id"]: r for r in _csv_gz(folder / names[3])}
+    positive = {"1.0", "1"} | ({"-1.0", "-1"} if uncertain == "positive" else set())
+    out = Converted(folder)
+    texts: dict[str, dict] = {}
+    for r in _csv_gz(folder / names[1]):
+        split = {"validate": "val"}.get(r["split"], r["split"])
+        view = views.get(r["dicom_id"], "")
+        if view not in ("PA", "AP"):
+            out.left_out[f"not frontal (ViewPosition {view or 'blank'})"] += 1
+            continue
+        subject, study = r["subject_id"], r["study_id"]
+        rel = f"files/p{subject[:2]}/p{subject}/s{study}"
+        image = f"{rel}/{r['dicom_id']}.jpg"
+        if study not in texts:
+            path = report_root / f"p{subject[:2]}/p{subject}/s{study}.txt"
+            texts[study] = report_sections(path.read_text(errors="replace")) if path.is_file() else None
+        sections = texts[study]
+        if sections is None:
+            out.skipped.append((split, r["dicom_id"], f"no report s{study}.txt under {report_root}"))
+            continue
+        findings, impression = sections.get("FINDINGS", ""), sections.get("IMPRESSION", "")
+        caption = {"findings": findings, "impression": impression,
+                   "both": " ".join(t for t in (findings, impression) if t)}[section]
+        if not caption:
+            out.skipped.append((split, r["dicom_id"], f"no {section.upper()} section in its report"
+                                if section != "both" else "no FINDINGS or IMPRESSION section in its report"))
+            continue
+        if not (folder / image).is_file():
+            out.skipped.append((split, r["dicom_id"], f"no image {image!r} in {folder}"))
+            continue
+        row_labels = {name: int(str((labels.get(study) or {}).get(name, "")).strip() in positive)
+                      for name in CHEXPERT_LABELS}
+        out.splits.setdefault(split, []).append({"image": image, "caption": caption, "labels": row_labels,
+                                                 "study_id": study, "view": view})
+        if findings:
+            out.splits.setdefault(f"report_{split}", []).append(
+                {"image": image, "problem": REPORT_QUESTION, "normal_caption": findings, "question_type": "report",
+                 "study_id": study})
+    return out
+
+
+def chexpert_findings() -> list[dict]:
+    """The 14 labels as findings.json entries, the prompts Stage0's zero-shot AUC contrasts."""
+    return [{"name": n, "positive_prompt": n.lower(), "negative_prompt": f"no {n.lower()}"}
+            for n in CHEXPERT_LABELS if n != "No Finding"]
+
+
+FORMATS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake, "mimic_cxr": convert_mimic_cxr}
 
 
 def parse_args(argv=None):
@@ -143,6 +241,13 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, type=Path, help="the release folder as downloaded and unpacked")
     p.add_argument("--out_dir", required=True, type=Path, help="where the Stage2 JSON files go")
     p.add_argument("--force", action="store_true", help="replace JSON files of the same names in --out_dir")
+    g = p.add_argument_group("mimic_cxr")
+    g.add_argument("--reports", type=Path, default=None, help="MIMIC-CXR's reports folder (files/pNN/pSUBJECT/"
+                   "sSTUDY.txt)")
+    g.add_argument("--section", choices=["findings", "impression", "both"], default="findings",
+                   help="the report section that becomes the Stage0/Stage1 caption")
+    g.add_argument("--uncertain", choices=["negative", "positive"], default="negative",
+                   help="what a CheXpert label of -1 (uncertain) counts as")
     return p.parse_args(argv)
 
 
@@ -150,13 +255,18 @@ def main(argv=None) -> dict[str, Path]:
     args = parse_args(argv)
     if not args.input.is_dir():
         raise FileNotFoundError(f"--input {args.input}: no such folder; pass the unpacked release's folder")
-    converted = FORMATS[args.format](args.input.expanduser())
+    extra = ({"reports": args.reports and args.reports.expanduser(), "section": args.section,
+              "uncertain": args.uncertain} if args.format == "mimic_cxr" else {})
+    converted = FORMATS[args.format](args.input.expanduser(), **extra)
     if not converted.splits:
         raise cli.UserError(f"--input {args.input}: no usable {args.format} rows "
                             f"({len(converted.skipped)} skipped, e.g. {converted.skipped[:1]})")
     for split in converted.splits:
         preflight.check_output_file(args.out_dir / f"{args.format}_{split}.json", "--out_dir", args.force)
     written = converted.write(args.out_dir, args.format)
+    if args.format == "mimic_cxr":
+        findings = args.out_dir / "chexpert_findings.json"
+        findings.write_text(json.dumps(chexpert_findings(), indent=1))
     print(converted.summary(written))
     return written
 
