@@ -166,3 +166,59 @@ def test_mimic_cxr_frontal_images_with_report_sections_and_chexpert_labels(tmp_p
     assert len(json.loads(both["test"].read_text())) == 2  # d5's impression is a caption now
     rows, bad = check_rows(both["train"], root, ("image", "caption"), image_key="image", on_bad_sample="error")
     assert not bad and len(rows) == 1
+
+
+def test_chexpert_labelled_csv_and_the_5x200_list(tmp_path, capsys):
+    import csv
+
+    from scripts.data.convert_dataset import CHEXPERT_LABELS, FIVE_BY_200
+    release = tmp_path / "CheXpert-v1.0-small"
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
+
+    def row(path, view, **labels):
+        _image(tmp_path / path)
+        return [path, "Female", 68, view, "AP" if view == "Frontal" else "", *(labels.get(n.replace(" ", "_"), "")
+                                                                              for n in CHEXPERT_LABELS)]
+    for name, rows in {"train.csv": [row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal",
+                                         Cardiomegaly="1.0", Edema="-1.0", Pleural_Effusion="0.0"),
+                                     row("CheXpert-v1.0-small/train/patient00001/study1/view2_lateral.jpg", "Lateral",
+                                         Cardiomegaly="1.0")],
+                       "valid.csv": [row("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", "Frontal",
+                                         No_Finding="1.0")]}.items():
+        release.mkdir(exist_ok=True)
+        with (release / name).open("w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    five = tmp_path / "chexpert_5x200.csv"
+    with five.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Path", *FIVE_BY_200])
+        w.writerow(["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", 0, 1, 0, 0, 0])
+        w.writerow(["CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", 1, 0, 0, 1, 0])  # two: skipped
+    written = main(["chexpert", "--input", str(release), "--out_dir", str(tmp_path / "out"), "--five_by_200", str(five)])
+    table = list(csv.DictReader(written["chexpert"].open()))
+    assert table == [{"img_path": "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
+                      "labels": "Cardiomegaly", "split": "train"},
+                     {"img_path": "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg",
+                      "labels": "No Finding", "split": "val"}]
+    assert [r["labels"] for r in csv.DictReader(written["chexpert_5x200"].open())] == ["Cardiomegaly"]
+    assert [r["condition"] for r in csv.DictReader(written["classes"].open())] == list(FIVE_BY_200)
+    out = capsys.readouterr().out
+    assert "left out 1 rows: not frontal (Lateral)" in out and "2 of the five classes positive, not one" in out
+    assert f"--image_root {tmp_path}" in out
+    positive = main(["chexpert", "--input", str(release), "--out_dir", str(tmp_path / "u"), "--uncertain", "positive"])
+    assert next(csv.DictReader(positive["chexpert"].open()))["labels"] == "Cardiomegaly;Edema"
+
+
+def test_the_5x200_protocol_is_top1_accuracy_over_the_five_class_prompts():
+    import torch
+
+    from metrics import top1_classification
+    from scripts.data.convert_dataset import FIVE_BY_200
+    # 200 images per class; for 150 of each the true class scores highest, for the other 50 the next class
+    true = [k for k in range(5) for _ in range(200)]
+    scores = torch.zeros(1000, 5)
+    for i, k in enumerate(true):
+        scores[i, k if i % 200 < 150 else (k + 1) % 5] = 1.0
+    result = top1_classification(scores, [[k] for k in true], list(FIVE_BY_200))
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert all(v["recall"] == pytest.approx(0.75) for v in result["per_class"].values())

@@ -5,6 +5,8 @@ report on.
     python scripts/data/convert_dataset.py slake --input ~/data/Slake1.0 --out_dir data/slake
     python scripts/data/convert_dataset.py mimic_cxr --input ~/data/mimic-cxr-jpg/2.0.0 \
         --reports ~/data/mimic-cxr-reports --out_dir data/mimic
+    python scripts/data/convert_dataset.py chexpert --input ~/data/CheXpert-v1.0-small --out_dir data/chexpert \
+        --five_by_200 chexpert_5x200.csv
 
 Formats:
   vqa_rad  `VQA_RAD Dataset Public.json` and `VQA_RAD Image Folder/` (the OSF release). The usual
@@ -21,6 +23,14 @@ Formats:
            blank or -1 negative, or -1 positive with --uncertain positive) and
            OUT/mimic_cxr_report_{split}.json for Stage2 ("Describe the findings." -> FINDINGS),
            plus OUT/chexpert_findings.json (the labels' prompts, for --findings_json).
+  chexpert  `train.csv` and `valid.csv` (CheXpert-v1.0 or -small; `Path` is relative to the
+           folder above the release): OUT/chexpert.csv, a labelled CSV of the frontal images
+           (img_path, labels: the positive labels ';'-separated, -1 as --uncertain says, split
+           train/val) for Stage0's labelled evaluation. With --five_by_200 (the CheXpert 5x200
+           list of ConVIRT and GLoRIA: a CSV of `Path` and the five classes, one positive per
+           row) also OUT/chexpert_5x200.csv and OUT/chexpert_5x200_classes.csv: the zero-shot
+           protocol, top-1 accuracy over the five class prompts (Stage0/evaluate_stage0.py
+           --label_column labels --classes_file OUT/chexpert_5x200_classes.csv).
 
 Each VQA row keeps the release's answer_type (CLOSED/OPEN) as question_type closed/open, which
 Stage2/evaluate.py scores by (closed accuracy, open recall), and its id (`qid`) and organ or
@@ -97,12 +107,14 @@ class Converted:
             written[split] = path
         return written
 
-    def summary(self, written: dict[str, Path]) -> str:
+    def summary(self, written: dict[str, Path], rows: dict[str, list] | None = None) -> str:
+        """`rows`: what each written file holds, when not one split each (CheXpert's tables)."""
+        rows = rows if rows is not None else self.splits
         lines = []
         for split, path in written.items():
-            types = Counter(r["question_type"] for r in self.splits[split] if "question_type" in r)
+            types = Counter(r["question_type"] for r in rows[split] if "question_type" in r)
             kinds = f" ({', '.join(f'{n} {t}' for t, n in sorted(types.items()))})" if types else ""
-            lines.append(f"{split:>12}: {len(self.splits[split]):>6} rows{kinds} -> {path}")
+            lines.append(f"{split:>14}: {len(rows[split]):>6} rows{kinds} -> {path}")
         lines += [f"left out {n} rows: {why}" for why, n in self.left_out.items()]
         if self.skipped:
             reasons = Counter(re.sub(r" ('[^']*'|s\d+\.txt|under \S+|in \S+)", "", reason)
@@ -232,7 +244,85 @@ def chexpert_findings() -> list[dict]:
             for n in CHEXPERT_LABELS if n != "No Finding"]
 
 
-FORMATS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake, "mimic_cxr": convert_mimic_cxr}
+FIVE_BY_200 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+
+
+def _csv(path: Path) -> tuple[list[dict], list[str]]:
+    import csv
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise cli.UserError(f"{path}: not a readable CSV ({e})") from e
+
+
+def convert_chexpert(folder: Path, uncertain: str = "negative", five_by_200: Path | None = None) -> Converted:
+    _require(folder, "CheXpert", ["train.csv", "valid.csv"])
+    out = Converted(folder.parent)  # `Path` starts with the release folder's own name
+    positive = {"1.0", "1"} | ({"-1.0", "-1"} if uncertain == "positive" else set())
+    for split, name in (("train", "train.csv"), ("val", "valid.csv")):
+        rows, columns = _csv(folder / name)
+        missing = [c for c in ("Path", *FIVE_BY_200) if c not in columns]
+        if missing:
+            raise cli.UserError(f"{folder / name}: no column {missing} (columns: {columns[:8]}...); is it CheXpert's?")
+        for r in rows:
+            if str(r.get("Frontal/Lateral", "Frontal")).strip() != "Frontal":
+                out.left_out[f"not frontal ({r.get('Frontal/Lateral')})"] += 1
+                continue
+            image = r["Path"].strip()
+            if not (out.image_root / image).is_file():
+                out.skipped.append((split, image, f"no image in {out.image_root}"))
+                continue
+            labels = [c for c in CHEXPERT_LABELS if str(r.get(c, "")).strip() in positive]
+            out.splits.setdefault(split, []).append({"img_path": image, "labels": ";".join(labels), "split": split})
+    if five_by_200 is not None:
+        rows, columns = _csv(five_by_200)
+        missing = [c for c in ("Path", *FIVE_BY_200) if c not in columns]
+        if missing:
+            raise cli.UserError(f"--five_by_200 {five_by_200}: no column {missing}; expected Path and the five "
+                                f"classes {list(FIVE_BY_200)}, one positive per row")
+        for i, r in enumerate(rows):
+            hits = [c for c in FIVE_BY_200 if str(r.get(c, "")).strip() in ("1", "1.0")]
+            image = r["Path"].strip()
+            if len(hits) != 1:
+                out.skipped.append(("5x200", f"row {i + 2}", f"{len(hits)} of the five classes positive, not one"))
+            elif not (out.image_root / image).is_file():
+                out.skipped.append(("5x200", image, f"no image in {out.image_root}"))
+            else:
+                out.splits.setdefault("5x200", []).append({"img_path": image, "labels": hits[0], "split": "test"})
+    return out
+
+
+def write_tables(converted: Converted, out_dir: Path) -> tuple[dict[str, Path], dict[str, list]]:
+    """CheXpert's outputs are CSVs (Stage0's labelled layout): one for the train and val
+    splits, one for the 5x200 list, and its classes file; (written files, their rows)."""
+    import csv
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    tables = {"chexpert": [r for s in ("train", "val") for r in converted.splits.get(s, [])],
+              "chexpert_5x200": converted.splits.get("5x200", [])}
+    for name, rows in tables.items():
+        if rows:
+            path = out_dir / f"{name}.csv"
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["img_path", "labels", "split"])
+                w.writeheader()
+                w.writerows(rows)
+            written[name] = path
+    if "chexpert_5x200" in written:
+        path = out_dir / "chexpert_5x200_classes.csv"
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["condition", "description", "icd10"])
+            w.writerows([(c, c.lower(), "") for c in FIVE_BY_200])
+        written["classes"] = path
+        tables["classes"] = list(FIVE_BY_200)
+    return written, tables
+
+
+FORMATS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake, "mimic_cxr": convert_mimic_cxr,
+           "chexpert": convert_chexpert}
 
 
 def parse_args(argv=None):
@@ -247,7 +337,9 @@ def parse_args(argv=None):
     g.add_argument("--section", choices=["findings", "impression", "both"], default="findings",
                    help="the report section that becomes the Stage0/Stage1 caption")
     g.add_argument("--uncertain", choices=["negative", "positive"], default="negative",
-                   help="what a CheXpert label of -1 (uncertain) counts as")
+                   help="mimic_cxr, chexpert: what a CheXpert label of -1 (uncertain) counts as")
+    g.add_argument("--five_by_200", type=Path, default=None,
+                   help="chexpert: the CheXpert 5x200 list (Path and the five classes) for the zero-shot protocol")
     return p.parse_args(argv)
 
 
@@ -256,18 +348,24 @@ def main(argv=None) -> dict[str, Path]:
     if not args.input.is_dir():
         raise FileNotFoundError(f"--input {args.input}: no such folder; pass the unpacked release's folder")
     extra = ({"reports": args.reports and args.reports.expanduser(), "section": args.section,
-              "uncertain": args.uncertain} if args.format == "mimic_cxr" else {})
+              "uncertain": args.uncertain} if args.format == "mimic_cxr" else
+             {"uncertain": args.uncertain, "five_by_200": args.five_by_200} if args.format == "chexpert" else {})
     converted = FORMATS[args.format](args.input.expanduser(), **extra)
     if not converted.splits:
         raise cli.UserError(f"--input {args.input}: no usable {args.format} rows "
                             f"({len(converted.skipped)} skipped, e.g. {converted.skipped[:1]})")
-    for split in converted.splits:
-        preflight.check_output_file(args.out_dir / f"{args.format}_{split}.json", "--out_dir", args.force)
-    written = converted.write(args.out_dir, args.format)
+    targets = ([args.out_dir / f"{n}.csv" for n in ("chexpert", "chexpert_5x200", "chexpert_5x200_classes")]
+               if args.format == "chexpert" else [args.out_dir / f"{args.format}_{s}.json" for s in converted.splits])
+    for path in targets:
+        preflight.check_output_file(path, "--out_dir", args.force)
+    if args.format == "chexpert":
+        written, shown = write_tables(converted, args.out_dir)
+    else:
+        written, shown = converted.write(args.out_dir, args.format), None
     if args.format == "mimic_cxr":
         findings = args.out_dir / "chexpert_findings.json"
         findings.write_text(json.dumps(chexpert_findings(), indent=1))
-    print(converted.summary(written))
+    print(converted.summary(written, shown))
     return written
 
 
