@@ -111,6 +111,50 @@ def yes_no(text: str) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- report generation
+
+def _report_tokens(text: str) -> list[str]:
+    """Lower-case words and numbers, punctuation dropped (articles kept, unlike VQA answers:
+    BLEU's n-grams run across them)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def report_metrics(predictions: list[str], references: list[str]) -> dict:
+    """The natural-language metrics report-generation papers give, from maintained libraries:
+    corpus BLEU-1 and BLEU-4 (NLTK), mean ROUGE-L F1 (Google's rouge-score), mean METEOR (NLTK,
+    when its WordNet data is installed; otherwise None with the reason). `implementations`
+    names each library and version, so a table says what it was computed with."""
+    import warnings
+    from importlib.metadata import version
+
+    from nltk.translate.bleu_score import corpus_bleu
+    from rouge_score import rouge_scorer
+    hyps = [_report_tokens(p) for p in predictions]
+    refs = [[_report_tokens(r)] for r in references]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    def bleu(weights):
+        if not hyps:
+            return None
+        with warnings.catch_warnings():  # NLTK warns when an n-gram order has no overlap ...
+            warnings.simplefilter("ignore")
+            value = float(corpus_bleu(refs, hyps, weights=weights))
+        return value if value > 1e-100 else 0.0  # ... and returns 1e-155 for the 0 it means
+    out = {"n": len(predictions), "BLEU-1": bleu((1, 0, 0, 0)), "BLEU-4": bleu((0.25,) * 4),
+           "ROUGE-L": (sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references))
+                       / len(predictions)) if predictions else None}
+    impl = {"BLEU": f"nltk {version('nltk')} corpus_bleu", "ROUGE-L": f"rouge-score {version('rouge-score')}"}
+    try:
+        from nltk.translate.meteor_score import meteor_score
+        out["METEOR"] = (sum(meteor_score(r, h) for h, r in zip(hyps, refs)) / len(hyps)) if hyps else None
+        impl["METEOR"] = f"nltk {version('nltk')} meteor_score"
+    except LookupError:  # NLTK's WordNet corpus is a separate download
+        out["METEOR"] = None
+        impl["METEOR"] = ("unavailable: NLTK's WordNet data is not installed (python -m nltk.downloader wordnet "
+                          "where the network is reachable, or point NLTK_DATA at a copy)")
+    out["implementations"] = impl
+    return out
+
+
 # ---------------------------------------------------------------- class retrieval (seed 004)
 
 def classification_metrics(y_true: list[int], y_pred: list[int], class_names: list[str],

@@ -18,6 +18,9 @@ CLOSED/OPEN included; without one, a yes/no reference is "closed" and anything e
   location  exact match after normalisation (metrics.normalize_answer), plus token F1.
   open      recall, the share of the reference's words found in the prediction (LLaVA-Med's
             open-question metric, on whole words), and token F1 (metrics.token_f1).
+  report    report generation (question_type "report", as convert_dataset.py writes MIMIC-CXR's):
+            corpus BLEU-1 and BLEU-4, ROUGE-L, and METEOR where NLTK's WordNet data is installed
+            (metrics.report_metrics), each with the library and version that computed it.
 --predictions_json scores saved predictions without a model: a JSON list with one item per
 test row in order (a string, or an object with a `prediction` key), or this script's own
 OUTPUT_JSON, whose predictions carry their rows; it gives the summary the model run gave.
@@ -106,7 +109,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from metrics import normalize_answer, token_f1, yes_no
+from metrics import normalize_answer, report_metrics, token_f1, yes_no
 from data_check import check_rows
 from Stage2.dataset import ANSWER_KEY, QUESTION_KEY, VQACollator, VQADataset, pad_token_id
 from Stage2.inference_vqa_stage2 import generate_answers, generation_kwargs, load_model, resolve_dtype
@@ -161,6 +164,9 @@ def score(rows, predictions) -> tuple[dict, list[dict]]:
         summary[qt] = {"n": len(recs), "accuracy": mean(r["correct"] for r in recs),
                        "token_f1": mean(r["token_f1"] for r in recs), "recall": mean(r["recall"] for r in recs),
                        "precision": mean(r["precision"] for r in recs)}
+    reports = groups.get("report", [])
+    if reports:
+        summary["report"].update(report_metrics([r["prediction"] for r in reports], [r["reference"] for r in reports]))
     closed = groups.get("closed", [])
     if closed:
         verdicts = Counter(yes_no(r["reference"]) if _is_yes_no(r["reference"]) else
@@ -237,6 +243,10 @@ def format_table(summary: dict, markdown: bool = False) -> str:
     else:
         lines = [f"{head[0]:<10}{head[1]:>6}{head[2]:>10}{head[3]:>10}{head[4]:>8}"]
         lines += [f"{r[0]:<10}{r[1]:>6}{r[2]:>10}{r[3]:>10}{r[4]:>8}" for r in rows]
+    if "report" in summary:
+        r = summary["report"]
+        lines += ["", "report: " + ", ".join(f"{k} {cell(r.get(k))}" for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "METEOR"))
+                  + " (" + "; ".join(f"{k}: {v}" for k, v in r["implementations"].items()) + ")"]
     if "closed" in summary:
         c = summary["closed"]
         lines += ["", f"closed: majority-answer baseline (always \"{c['majority_answer']}\") "

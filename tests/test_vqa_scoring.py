@@ -53,3 +53,27 @@ def test_predictions_json_scores_a_list_in_row_order_and_refuses_a_mismatch(tmp_
     with pytest.raises(SystemExit):
         main(["--predictions_json", str(tmp_path / "p.json"), "--model_path", "m", "--test_json", str(test)])
     assert "without a model" in capsys.readouterr().err
+
+
+def test_report_generation_metrics_on_known_pairs():
+    from metrics import report_metrics
+    # "heart is mildly enlarged" against "the heart is enlarged": 3 of the 4 words match, equal
+    # lengths (no brevity penalty), so BLEU-1 = 3/4; the longest common subsequence "heart is
+    # enlarged" gives ROUGE-L precision = recall = 3/4
+    m = report_metrics(["Heart is mildly enlarged."], ["The heart is enlarged."])
+    assert m["BLEU-1"] == pytest.approx(0.75) and m["ROUGE-L"] == pytest.approx(0.75)
+    assert m["BLEU-4"] == 0.0  # no 3-gram in common
+    same = report_metrics(["No acute cardiopulmonary process."], ["No acute cardiopulmonary process."])
+    assert same["BLEU-4"] == pytest.approx(1.0) and same["ROUGE-L"] == pytest.approx(1.0)
+    assert m["implementations"]["BLEU"].startswith("nltk ") and m["implementations"]["ROUGE-L"].startswith("rouge-score")
+    assert (m["METEOR"] is None) == m["implementations"]["METEOR"].startswith("unavailable: NLTK's WordNet")
+
+
+def test_report_rows_are_scored_with_the_report_metrics(tmp_path, capsys):
+    rows = _rows(("Describe the findings.", "The heart is enlarged.", "report"),
+                 ("Is there an effusion?", "no", "closed"))
+    summary, _ = score(rows, ["Heart is mildly enlarged.", "no"])
+    assert summary["report"]["BLEU-1"] == pytest.approx(0.75) and summary["report"]["n"] == 1
+    assert summary["closed"]["accuracy"] == 1.0
+    from Stage2.evaluate import format_table
+    assert "report: BLEU-1 0.750" in format_table(summary)
