@@ -1,7 +1,7 @@
 """The pictures of a run and of an evaluation, as PNG files (matplotlib, headless):
 
     training_curves(run_dir)        loss, learning rate and validation metrics from metrics.jsonl
-    vqa_accuracy(summary, path)     Stage2: accuracy by question type, and of closed questions by
+    vqa_accuracy(summary, path)     Stage2: each question type's score, and closed accuracy by
                                     finding, with the majority-answer baseline
     vqa_examples(records, ...)      Stage2: a page of test images with question, answer, reference
     roc_curves(curves, path)        Stage0: one ROC curve per finding, its AUC in the legend
@@ -79,23 +79,26 @@ def training_curves(run_dir, path=None) -> Path:
 
 
 def vqa_accuracy(summary: dict, path) -> Path:
-    """Bars of accuracy per question type and, for closed questions, per finding, with the
-    majority-answer baseline as a line."""
+    """Bars of each question type's own score (closed and location: accuracy; open: recall of
+    the reference's words; report: ROUGE-L) and, for closed questions, accuracy per finding,
+    with the majority-answer baseline as a line."""
     plt = _pyplot()
-    kinds = [k for k in summary if isinstance(summary[k], dict) and summary[k].get("accuracy") is not None
-             and k != "all"]
+    metric = {"open": "recall", "report": "ROUGE-L"}
+    kinds = [k for k in summary if isinstance(summary[k], dict) and k != "all"
+             and summary[k].get(metric.get(k, "accuracy")) is not None]
     by_finding = (summary.get("closed") or {}).get("by_finding") or {}
     fig, axes = plt.subplots(1, 2 if by_finding else 1, figsize=(9 if by_finding else 4.5, 3.2), squeeze=False)
     ax = axes[0][0]
-    ax.bar(kinds, [summary[k]["accuracy"] for k in kinds], color="tab:blue")
-    for x, k in enumerate(kinds):
-        ax.text(x, summary[k]["accuracy"], f"n={summary[k]['n']}", ha="center", va="bottom", fontsize=8)
+    values = [summary[k][metric.get(k, "accuracy")] for k in kinds]
+    ax.bar([f"{k}\n({metric.get(k, 'accuracy')})" for k in kinds], values, color="tab:blue")
+    for x, (k, v) in enumerate(zip(kinds, values)):
+        ax.text(x, v, f"n={summary[k]['n']}", ha="center", va="bottom", fontsize=8)
     base = (summary.get("closed") or {}).get("majority_accuracy")
     if base is not None:
         ax.axhline(base, color="tab:red", linestyle="--", label="closed: majority answer")
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("accuracy by question type")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylim(0, 1.15)
+    ax.set_title("score by question type")
     if by_finding:
         ax = axes[0][1]
         names = list(by_finding)
