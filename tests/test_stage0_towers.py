@@ -208,8 +208,8 @@ def test_real_minilm_as_the_text_tower(knee, tmp_path):
 
 
 def test_knee_launcher_runs_the_seed(tmp_path):
-    from test_stage0_ct import _launch_argv
-    args = parse_args(_launch_argv("scripts/run_knee_raddino.sh", tmp_path, IMAGE_SIZE="448"))
+    from conftest import launch_argv
+    args = parse_args(launch_argv("scripts/run_knee_raddino.sh", tmp_path, IMAGE_SIZE="448"))
     assert args.image_model_name == "microsoft/rad-dino" and args.text_model_name == "google/siglip-base-patch16-224"
     assert args.image_size == 448 and args.lr_scheduler == "one_cycle" and args.num_epochs == 20
     assert args.train_json == "data/knee/knee.csv" and args.run_name == "raddino-siglip-448"
