@@ -79,7 +79,7 @@ def test_slake_keeps_english_questions_per_split(tmp_path, capsys):
     assert "left out 2 rows: not English (q_lang 'zh')" in capsys.readouterr().out
 
 
-def test_a_folder_that_is_not_the_release_is_refused_in_one_line(tmp_path, capsys):
+def test_a_folder_that_is_not_the_release_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "VQA_RAD Dataset Public.json").write_text("[]")
     for fmt, words in [("vqa_rad", "not a VQA-RAD release: no 'VQA_RAD Image Folder' there"),
                        ("slake", "not a SLAKE release: no 'train.json', 'validate.json', 'test.json', 'imgs'")]:
@@ -88,7 +88,9 @@ def test_a_folder_that_is_not_the_release_is_refused_in_one_line(tmp_path, capsy
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
     _vqa_rad(tmp_path / "again")
-    main(["vqa_rad", "--input", str(tmp_path / "again"), "--out_dir", str(tmp_path / "out2")])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    main(["vqa_rad", "--input", "~/again", "--out_dir", "~/out2"])  # as a shell leaves a quoted ~
+    assert (tmp_path / "out2" / "vqa_rad_train.json").is_file()
     with pytest.raises(SystemExit):  # a second run does not replace the files without --force
         cli.run(main, ["vqa_rad", "--input", str(tmp_path / "again"), "--out_dir", str(tmp_path / "out2")])
     assert "--force" in capsys.readouterr().err

@@ -329,8 +329,8 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("format", choices=sorted(FORMATS), help="the release's format")
     p.add_argument("--input", required=True, type=Path, help="the release folder as downloaded and unpacked")
-    p.add_argument("--out_dir", required=True, type=Path, help="where the Stage2 JSON files go")
-    p.add_argument("--force", action="store_true", help="replace JSON files of the same names in --out_dir")
+    p.add_argument("--out_dir", required=True, type=Path, help="where the converted files go")
+    p.add_argument("--force", action="store_true", help="replace files of the same names in --out_dir")
     g = p.add_argument_group("mimic_cxr")
     g.add_argument("--reports", type=Path, default=None, help="MIMIC-CXR's reports folder (files/pNN/pSUBJECT/"
                    "sSTUDY.txt)")
@@ -345,17 +345,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict[str, Path]:
     args = parse_args(argv)
+    args.input, args.out_dir = args.input.expanduser(), args.out_dir.expanduser()
     if not args.input.is_dir():
         raise FileNotFoundError(f"--input {args.input}: no such folder; pass the unpacked release's folder")
     extra = ({"reports": args.reports and args.reports.expanduser(), "section": args.section,
               "uncertain": args.uncertain} if args.format == "mimic_cxr" else
              {"uncertain": args.uncertain, "five_by_200": args.five_by_200} if args.format == "chexpert" else {})
-    converted = FORMATS[args.format](args.input.expanduser(), **extra)
+    converted = FORMATS[args.format](args.input, **extra)
     if not converted.splits:
         raise cli.UserError(f"--input {args.input}: no usable {args.format} rows "
                             f"({len(converted.skipped)} skipped, e.g. {converted.skipped[:1]})")
     targets = ([args.out_dir / f"{n}.csv" for n in ("chexpert", "chexpert_5x200", "chexpert_5x200_classes")]
-               if args.format == "chexpert" else [args.out_dir / f"{args.format}_{s}.json" for s in converted.splits])
+               if args.format == "chexpert" else [args.out_dir / f"{args.format}_{s}.json" for s in converted.splits]
+               + ([args.out_dir / "chexpert_findings.json"] if args.format == "mimic_cxr" else []))
     for path in targets:
         preflight.check_output_file(path, "--out_dir", args.force)
     if args.format == "chexpert":
