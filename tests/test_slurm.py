@@ -39,7 +39,10 @@ sig=${1#--signal=}
 echo "$*" >> "$STUB_DIR/scancel.log"
 while read -r pid; do kill -"$sig" "$pid" 2>/dev/null; done < "$STUB_DIR/steps.pids"
 '''
-ACCELERATE = '#!/usr/bin/env python3\nimport json, os, sys\nprint(json.dumps(sys.argv[1:]), flush=True)\n'
+# One write per line: the nodes' stand-ins share one pipe, and print() writes the text and its
+# newline apart, so two nodes' lines could run together.
+ACCELERATE = ('#!/usr/bin/env python3\nimport json, os, sys\n'
+              'os.write(1, (json.dumps(sys.argv[1:]) + "\\n").encode())\n')
 
 
 def _stubs(tmp_path, fake_accelerate=False) -> dict:
