@@ -13,18 +13,30 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def launch_argv(script, tmp_path, **env) -> list[str]:
-    """The trainer's argv as a launcher builds it, from running the launcher itself with a
-    stand-in `accelerate` first on PATH that prints its arguments (no bash is re-implemented)."""
+def run_launcher(script, tmp_path, **env):
+    """A launcher run as a user runs it, with a stand-in `accelerate` first on PATH that prints
+    its arguments as JSON: the finished process (no bash is re-implemented)."""
     import subprocess
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     (fake / "accelerate").write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
     (fake / "accelerate").chmod(0o755)
-    out = subprocess.run(["bash", str(ROOT / script)], env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
-                                                           **env}, capture_output=True, text=True, check=True)
-    argv = json.loads(out.stdout.strip().splitlines()[-1])
-    return argv[next(i for i, a in enumerate(argv) if a.endswith(".py")) + 1:]
+    return subprocess.run(["bash", str(ROOT / script)], env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
+                                                            **env}, capture_output=True, text=True)
+
+
+def launcher_argv(proc) -> tuple[list[str], list[str]]:
+    """(accelerate's own arguments, the trainer's) from a run_launcher process."""
+    argv = json.loads(proc.stdout.strip().splitlines()[-1])
+    script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    return argv[:script], argv[script + 1:]
+
+
+def launch_argv(script, tmp_path, **env) -> list[str]:
+    """The trainer's argv as the launcher builds it."""
+    proc = run_launcher(script, tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    return launcher_argv(proc)[1]
 
 
 def pytest_configure(config):

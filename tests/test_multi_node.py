@@ -4,29 +4,21 @@ trains, and a machine that cannot see the shared output folder stopping the whol
 import socket
 
 import pytest
-from conftest import launch_argv
+from conftest import launcher_argv, run_launcher
 from test_preemption_workers import _run_launcher, _stage0_launch, _stage2_launch, vlm, vlm_stage1  # noqa: F401
-from test_reliability_loop import _same_safetensors
+from test_reliability_loop import _free_port, _same_safetensors
 
 LAUNCHERS = ["Stage0/run_train_vision_encoder_stage0.sh", "scripts/run_stage1.sh", "scripts/run_stage2.sh",
              "scripts/run_knee_raddino.sh", "scripts/run_ct_clip.sh", "scripts/run_derm_lora.sh"]
 
 
 def _accelerate_flags(script, tmp_path, **env) -> list[str]:
-    """`accelerate launch`'s own arguments as the launcher passes them (before the trainer)."""
-    import json
-    import os
-    import subprocess
-
-    from conftest import ROOT
-    launch_argv(script, tmp_path)  # writes the stand-in accelerate
-    out = subprocess.run(["bash", str(ROOT / script)], env={**os.environ, "PATH": f"{tmp_path / 'bin'}:"
-                                                            f"{os.environ['PATH']}", **env},
-                         capture_output=True, text=True)
-    if out.returncode:
-        return ["exit", str(out.returncode), out.stderr.strip()]
-    argv = json.loads(out.stdout.strip().splitlines()[-1])
-    return argv[:next(i for i, a in enumerate(argv) if a.endswith(".py"))]
+    """`accelerate launch`'s own arguments as the launcher passes them (before the trainer), or
+    ["exit", status, stderr] when the launcher refuses."""
+    proc = run_launcher(script, tmp_path, **env)
+    if proc.returncode:
+        return ["exit", str(proc.returncode), proc.stderr.strip()]
+    return launcher_argv(proc)[0]
 
 
 def _flag(argv, name):
@@ -58,12 +50,6 @@ def test_a_bad_machine_layout_is_refused_in_one_line(tmp_path):
                        ({"NUM_GPUS": "two"}, "NUM_GPUS=two: expected a whole number")]:
         result = _accelerate_flags(script, tmp_path, **env)
         assert result[:2] == ["exit", "2"] and words in result[2] and len(result[2].splitlines()) == 1, result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_machines(tmp_path, launcher, env, flags, out0, out1, name):
