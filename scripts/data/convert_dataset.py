@@ -53,13 +53,14 @@ if __package__ in (None, ""):  # `python scripts/data/convert_dataset.py` from a
 
 import cli
 import preflight
+from data_rows import DataFileError, load_table
 
 
 def _load_list(path: Path, what: str) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise cli.UserError(f"{path}: not readable as JSON ({e}); is it the release's {what}?") from e
+        data, _ = load_table(path)
+    except DataFileError as e:
+        raise cli.UserError(f"{e}; is it the release's {what}?") from e
     if not isinstance(data, list):
         raise cli.UserError(f"{path}: expected a JSON list of questions, got a JSON {type(data).__name__}")
     return data
@@ -248,13 +249,10 @@ FIVE_BY_200 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural
 
 
 def _csv(path: Path) -> tuple[list[dict], list[str]]:
-    import csv
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            return list(reader), list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise cli.UserError(f"{path}: not a readable CSV ({e})") from e
+    rows, columns = load_table(path)
+    if columns is None:
+        raise cli.UserError(f"{path}: expected a CSV file (a .csv with a header)")
+    return rows, columns
 
 
 def convert_chexpert(folder: Path, uncertain: str = "negative", five_by_200: Path | None = None) -> Converted:
