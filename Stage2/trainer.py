@@ -22,6 +22,7 @@ from torch import nn
 from accelerator_setup import count_parameters
 from training.checkpoints import TrainableOnlyCheckpoints
 from training.exports import add_lora_deltas
+from training.fsdp import full_state_dict
 from training.loop import OneLossTrainer
 from training.precision import master_weights
 from training.speed import speed_options
@@ -100,6 +101,14 @@ def vlm_name(peft_name: str) -> str | None:
     return name.replace(".modules_to_save.default", "").replace(".base_layer", "")
 
 
+def _adapter_state(peft_model, full: dict | None) -> dict | None:
+    """Under FSDP, the adapter's tensors (and modules_to_save) from the gathered state dict, named
+    as peft names them; None: peft reads the live model."""
+    if full is None:
+        return None
+    return {"base_model.model." + k.removeprefix("vlm."): v for k, v in full.items()}
+
+
 class VQATrainerStage2(OneLossTrainer):
     """The loop (training/loop.py) with Stage2's step, validation and export."""
     loop_name = "stage2"
@@ -166,11 +175,10 @@ class VQATrainerStage2(OneLossTrainer):
             part.requires_grad_(lm_full)
         model.model.multi_modal_projector.requires_grad_(args.unfreeze_projection_layer)
         model.model.vision_tower.requires_grad_(self.train_vision)
-        from accelerate.utils import DistributedType
-        if args.mixed_precision == "bf16" and self.accelerator.distributed_type != DistributedType.FSDP:
+        if args.mixed_precision == "bf16":
             # Weights that never train are stored in bf16 (half the memory); trained ones are
             # fp32 (master_weights below) and autocast computes in bf16. fp16 storage overflows in Gemma.
-            # Not under FSDP: a shard unit needs one dtype, and FSDP already splits the memory.
+            # FSDP takes both in one shard unit: torch asks one dtype only of a unit's trained parameters.
             for part, trained in ((model.model.vision_tower, self.train_vision),
                                   (model.model.multi_modal_projector, args.unfreeze_projection_layer),
                                   (model.model.language_model, lm_full)):
@@ -266,15 +274,17 @@ class VQATrainerStage2(OneLossTrainer):
         self._evaluated = (step, val)
         return val
 
-    def export_model(self):
+    def export_model(self, full: dict | None = None):
         """A plain LlavaForConditionalGeneration to save, as if trained in full precision:
         - weights that never trained are the checkpoint's own (not their bf16 training copies);
         - trained weights are cast once, to the checkpoint's dtype;
         - LoRA is merged in fp32 on CPU into the checkpoint's weights: W + B·A·alpha/r. Merging
           into bf16 copies (merge_and_unload) applies the delta off by 3-30% at real magnitudes.
-        Without LoRA, with everything stored and trained in fp32, the live model is already exactly that."""
+        Without LoRA, with everything stored and trained in fp32, the live model is already exactly that.
+        `full`: under FSDP, the gathered state dict of the trainer's module (its keys start with
+        `vlm.`); the live parameters are shards."""
         downcast = any(p.dtype != torch.float32 for p in self.vlm.parameters()) or bool(self.stored_dtypes)
-        if self.base_loader is None or (self.peft is None and not downcast):
+        if full is None and (self.base_loader is None or (self.peft is None and not downcast)):
             model = self.vlm
             dtype = model.model.language_model.embed_tokens.weight.dtype
             if any(p.dtype != dtype for p in model.parameters()):
@@ -283,13 +293,17 @@ class VQATrainerStage2(OneLossTrainer):
         model = self.base_loader()
         state = model.state_dict()
         live = self.peft if self.peft is not None else self.vlm
+        peft_prefix = "base_model.model." if self.peft is not None else ""
+        # {name under `live`: tensor}: the gathered full tensors under FSDP, else the live ones.
+        tensors = ({peft_prefix + k.removeprefix("vlm."): v for k, v in full.items()} if full is not None
+                   else dict(live.named_parameters()))
         with torch.no_grad():
-            for name, p in live.named_parameters():
+            for name, p in tensors.items():
                 key = vlm_name(name)
                 if key is not None and part_of(key) in self.trained_parts:
                     state[key] = p.detach().to("cpu", state[key].dtype)
             if self.peft is not None:
-                add_lora_deltas(state, self.peft, key_of=vlm_name)
+                add_lora_deltas(state, self.peft, key_of=vlm_name, weights=tensors)
         model.load_state_dict(state, strict=True)
         return model
 
@@ -301,9 +315,10 @@ class VQATrainerStage2(OneLossTrainer):
         hard link to that copy."""
         acc, out = self.accelerator, self.out / name
         acc.wait_for_everyone()
+        full = full_state_dict(acc, self.module)  # FSDP: every process sends its shards to the main one
         if acc.is_main_process:
             self.exports.before_write(out)
-            model = self.export_model()
+            model = self.export_model(full)
             if "vision" in self.trained_parts:  # the projector now reads the fine-tuned tower
                 model.vision_tower_source = str(out / VISION_TOWER_DIR)
             save_vlm(model, self.tokenizer, self.image_processor, out)
@@ -316,7 +331,7 @@ class VQATrainerStage2(OneLossTrainer):
                 model.model.vision_tower.save_pretrained(out / VISION_TOWER_DIR, safe_serialization=True)
                 self.image_processor.save_pretrained(out / VISION_TOWER_DIR)
             if self.peft is not None:
-                self.peft.save_pretrained(out / LORA_DIR)
+                self.peft.save_pretrained(out / LORA_DIR, state_dict=_adapter_state(self.peft, full))
             self.exports.after_write(out)
             logger.info("saved %s", out)
         acc.wait_for_everyone()

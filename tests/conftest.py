@@ -102,10 +102,12 @@ def fresh_accelerator_state():
     GradientState._reset_state()
 
 
-def accelerate_two_processes(script: str, argv, timeout: int = 600, site: Path | None = None):
-    """`accelerate launch` with the committed DDP config on 2 CPU processes (gloo), as a user
-    runs it; returns the finished process (stdout and stderr together in .stdout). `site`: a
-    folder put first on PYTHONPATH (a sitecustomize.py there runs in every process)."""
+def accelerate_two_processes(script: str, argv, timeout: int = 600, site: Path | None = None,
+                             config: str = "scripts/accelerate/ddp.yaml"):
+    """`accelerate launch` with the committed DDP config (or another, `config`) on 2 CPU
+    processes (gloo), as a user runs it; returns the finished process (stdout and stderr together
+    in .stdout). `site`: a folder put first on PYTHONPATH (a sitecustomize.py there runs in
+    every process)."""
     import socket
     import subprocess
     with socket.socket() as s:
@@ -113,7 +115,7 @@ def accelerate_two_processes(script: str, argv, timeout: int = 600, site: Path |
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}:{ROOT}" if site else str(ROOT),
            "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: gloo instead of NCCL
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "scripts/accelerate/ddp.yaml",
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", config,
            "--num_processes", "2", "--main_process_port", str(port), script, *map(str, argv)]
     return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)

@@ -101,10 +101,13 @@ def test_refused_engines_missing_packages_and_failed_dependencies_are_skipped_no
     assert rows["stage1"] == "FAIL (3)" and rows["stage0_bf16"] == "ok" and rows["knee"] == "ok"
     assert rows["stage2_full"] == "skipped (needs stage1, which did not pass)"
     assert rows["infer_stage2_full"] == "skipped (needs stage2_full, which did not pass)"
-    # what the project refuses today (FSDP, until it is wired) is skipped with the project's own words
+    # what the project refuses (FSDP for Stage0) is skipped with the project's own words; a stage it
+    # serves runs, after what it needs
     for stage, name in (("Stage0", "stage0_fsdp"), ("Stage1", "stage1_fsdp"), ("Stage2", "stage2_fsdp")):
         why = _refusal(stage, "fsdp.yaml")
-        assert rows[name] == (f"skipped (refused by the project: {why})" if why else "ok"), rows[name]
+        runs = "skipped (needs stage1, which did not pass)" if stage == "Stage2" else "ok"
+        assert rows[name] == (f"skipped (refused by the project: {why})" if why else runs), rows[name]
+    assert _refusal("Stage0", "fsdp.yaml") and not _refusal("Stage2", "fsdp.yaml")
     if importlib.util.find_spec("deepspeed") is None:
         assert rows["stage0_deepspeed"] == rows["stage1_deepspeed"] == "skipped (deepspeed not installed)"
     # the summary opens with this GPU's size audit, then one row per check with the audit's estimate

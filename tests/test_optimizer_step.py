@@ -138,22 +138,26 @@ def test_committed_accelerate_configs_load_and_leave_accumulation_to_the_flags()
     assert fsdp["fsdp_version"] == 2
 
 
-@pytest.mark.parametrize("engine,flags,ok", [
-    (DistributedType.NO, {}, True),
-    (DistributedType.MULTI_GPU, {"train_ve_first_epoch": True}, True),
-    (DistributedType.DEEPSPEED, {}, True),
-    (DistributedType.DEEPSPEED, {"train_ve_first_epoch": True}, False),
-    (DistributedType.FSDP, {}, False),
+@pytest.mark.parametrize("stage,engine,flags,works", [
+    ("Stage2", DistributedType.NO, {}, None),
+    ("Stage2", DistributedType.MULTI_GPU, {"train_ve_first_epoch": True}, None),
+    ("Stage2", DistributedType.DEEPSPEED, {}, None),
+    ("Stage2", DistributedType.FSDP, {}, None),
+    ("Stage1", DistributedType.FSDP, {}, None),
+    ("Stage2", DistributedType.DEEPSPEED, {"train_ve_first_epoch": True}, "one process (scripts/accelerate/single.yaml), DDP (ddp.yaml)."),
+    ("Stage2", DistributedType.FSDP, {"train_ve_first_epoch": True}, "one process (scripts/accelerate/single.yaml), DDP (ddp.yaml)."),
+    ("Stage0", DistributedType.FSDP, {}, "DDP (ddp.yaml), DeepSpeed ZeRO-2 (deepspeed_zero2.yaml)."),
 ])
-def test_engine_refusal_names_the_engines_that_work(engine, flags, ok):
+def test_engine_refusal_names_the_engines_that_work(stage, engine, flags, works):
     acc = SimpleNamespace(distributed_type=engine)
     args = SimpleNamespace(**flags)
-    if ok:
-        check_engine(acc, "Stage2", args)
+    if works is None:
+        check_engine(acc, stage, args)
         return
     with pytest.raises(SystemExit) as e:
-        check_engine(acc, "Stage2", args)
-    assert "Stage2 cannot run under" in str(e.value) and "deepspeed_zero2.yaml" in str(e.value)
+        check_engine(acc, stage, args)
+    assert str(e.value).startswith(f"error: {stage} cannot run under {engine.value}: ")
+    assert str(e.value).endswith(works)
 
 
 def test_every_stage_checks_its_engine_before_loading_models(monkeypatch, tmp_path):

@@ -147,7 +147,7 @@ def test_a_run_that_does_not_fit_one_gpu_names_what_does():
 def test_every_launcher_default_fits_80gb_or_its_row_names_a_config_that_does(run):
     result, stdout, _ = run
     rows = rows_by_name(result)
-    engines = {"one GPU": "one_gpu", "DDP x8": "ddp", "ZeRO-2 x8": "zero2"}
+    engines = {"one GPU": "one_gpu", "DDP x8": "ddp", "ZeRO-2 x8": "zero2", "FSDP2 x8": "fsdp2"}
     for r in result["rows"]:
         if r["launcher_default"] and not r["fits_one_gpu"]:
             assert r["fits_with"], r["name"]
@@ -167,6 +167,10 @@ def test_every_launcher_default_fits_80gb_or_its_row_names_a_config_that_does(ru
     assert rows["CT phase 2, LoRA r=16"]["launcher_default"] == lora_default != full["launcher_default"]
     line = next(line for line in stdout.splitlines() if line.startswith("| CT phase 2, full"))
     assert line.endswith("| no: ZeRO-2 x8; CT phase 2, LoRA r=16 (one GPU) |")
+    # FSDP2 is named where the stage runs it: Stage2's 27B full fine-tune fits with it alone; never for Stage0's recipes
+    assert rows["Stage2 LM full (Gemma 3 27B)"]["fits_with"] == ["FSDP2 x8"]
+    assert not any("FSDP2" in n for r in result["rows"] if r["launcher"] != "scripts/run_stage2.sh"
+                   and r["launcher"] != "scripts/run_stage1.sh" for n in r["fits_with"])
     assert {r["name"] for r in result["rows"] if not r["fits_one_gpu"]} == {
         "CT phase 2, full", "Stage2 LM full (Gemma 3 12B)", "Stage2 LM full (Gemma 3 27B)",
         "Stage2 LoRA r=16 on the LM (Gemma 3 27B)"}

@@ -8,12 +8,14 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from training import fsdp
 from training.shared_folder import from_main_process
 
 logger = logging.getLogger("siglip_med")
@@ -137,7 +139,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, state: dict
             shutil.rmtree(stale, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with fsdp.accelerate_saves_the_rest(accelerator) as held:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    if held is not None:  # FSDP: the trained tensors and the optimizer, each process its shards
+        fsdp.save_sharded(tmp, held, _trained_tensors(accelerator, held))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / _STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
@@ -190,7 +195,10 @@ def resolve_resume(output_dir, resume_from_checkpoint) -> Path | None:
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     """Restore model/optimizer/scheduler/RNG state; return the trainer state dict
     (step, epoch, batches done in that epoch, ...)."""
-    accelerator.load_state(str(path))
+    with fsdp.accelerate_saves_the_rest(accelerator) as held:
+        accelerator.load_state(str(path))
+    if held is not None:
+        fsdp.load_sharded(path, held, _trained_tensors(accelerator, held))
     state = json.loads((Path(path) / _STATE_FILE).read_text())
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state
@@ -228,6 +236,17 @@ def resume_from(accelerator: Accelerator, output_dir, resume_from_checkpoint) ->
 
 
 FROZEN_FINGERPRINT_FILE = "frozen_weights.json"
+
+_registered = weakref.WeakKeyDictionary()  # accelerator -> its TrainableOnlyCheckpoints
+
+
+def _trained_tensors(accelerator, held) -> dict:
+    """What an FSDP checkpoint holds: the registered TrainableOnlyCheckpoints' tensors, else
+    every parameter of the prepared model that requires grad."""
+    ckpt = _registered.get(accelerator)
+    if ckpt is not None:
+        return ckpt.state()
+    return {n: p for n, p in held[0][0].named_parameters() if p.requires_grad}
 
 ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate's own name for a checkpoint's model file
 
@@ -287,7 +306,7 @@ class TrainableOnlyCheckpoints:
     def __init__(self, accelerator: Accelerator, module: torch.nn.Module, keeps=None,
                  filename: str = ACCELERATE_MODEL_FILE, stored_dtypes: dict | None = None):
         from accelerate.utils import DistributedType
-        self.acc, self.filename = accelerator, filename
+        self.acc, self.filename, self.module = accelerator, filename, module
         keeps = keeps or (lambda name, p: p.requires_grad)
         params = dict(module.named_parameters())
         self._params = {n: p for n, p in params.items() if keeps(n, p)}
@@ -312,6 +331,7 @@ class TrainableOnlyCheckpoints:
                         self.fingerprint["bytes"] / 1e9, time.time() - t0)
             accelerator.register_save_state_pre_hook(self._save)
             accelerator.register_load_state_pre_hook(self._load)
+            _registered[accelerator] = self
 
     def _owner_trains(self, mod_name: str, modules: dict) -> bool:
         owner = mod_name
@@ -329,6 +349,12 @@ class TrainableOnlyCheckpoints:
         return any(n.startswith(prefix) for n in self.names)
 
     def state(self) -> dict[str, torch.Tensor]:
+        if fsdp.is_fsdp(self.acc):
+            # fully_shard replaced each parameter by a sharded one, in place and under its name.
+            live = dict(self.module.named_parameters())
+            out = {n: live[n] for n in self._params}
+            out.update({n: m._buffers[b] for n, (m, b) in self._buffers.items()})
+            return out
         out = dict(self._params)
         out.update({n: m._buffers[b] for n, (m, b) in self._buffers.items()})
         return out
@@ -340,6 +366,9 @@ class TrainableOnlyCheckpoints:
         from safetensors.torch import save_file
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if fsdp.is_fsdp(self.acc):  # the trained tensors go into the sharded checkpoint
+            (out / FROZEN_FINGERPRINT_FILE).write_text(json.dumps(self.fingerprint, indent=2))
+            return
         save_file({n: t.detach().to("cpu").contiguous() for n, t in self.state().items()}, str(out / self.filename))
         (out / FROZEN_FINGERPRINT_FILE).write_text(json.dumps(self.fingerprint, indent=2))
 
@@ -360,6 +389,8 @@ class TrainableOnlyCheckpoints:
                            "with the towers/checkpoints that run started from, or start over with "
                            "--overwrite_output_dir.")
                 raise SystemExit(message if self.acc.is_main_process else 1)
+        if fsdp.is_fsdp(self.acc):
+            return  # the trained tensors are the sharded checkpoint's (load_checkpoint)
         from safetensors.torch import load_file
         held = load_file(str(path))  # a missing file raises: `latest` then takes the checkpoint before
         mine = self.state()

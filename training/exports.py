@@ -122,17 +122,25 @@ class ExportCopies:
                 self.written.setdefault(part, []).append(out)
 
 
-def add_lora_deltas(state: dict, peft_module, key_of=lambda name: name) -> dict:
+def add_lora_deltas(state: dict, peft_module, key_of=lambda name: name, weights: dict | None = None) -> dict:
     """Merge every LoRA adapter of `peft_module` into `state` (a state dict of the weights as
     loaded from the checkpoint): W + B·A·alpha/r computed in fp32 on CPU and stored in W's own
     dtype. `key_of` maps a LoRA module's name to its key prefix in `state`. merge_and_unload
-    would add the delta into whatever copy the model trains (bf16), misplacing it by 3-30%."""
+    would add the delta into whatever copy the model trains (bf16), misplacing it by 3-30%.
+    `weights`: {name under `peft_module`: full tensor} to read the adapters from instead of the
+    modules (under FSDP the modules hold shards)."""
     from peft.tuners.lora import LoraLayer
+
+    def adapter(name, module, part):
+        if weights is not None:
+            return weights[f"{name}.{part}.default.weight"]
+        return getattr(module, part)["default"].weight
+
     with torch.no_grad():
         for name, module in peft_module.named_modules():
             if isinstance(module, LoraLayer) and "default" in module.lora_A:
                 key = key_of(name) + ".weight"
-                a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
-                b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
+                a = adapter(name, module, "lora_A").detach().to("cpu", torch.float32)
+                b = adapter(name, module, "lora_B").detach().to("cpu", torch.float32)
                 state[key] = (state[key].float() + (b @ a) * module.scaling["default"]).to(state[key].dtype)
     return state

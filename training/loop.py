@@ -24,6 +24,7 @@ from image_loader import ImageLoadError
 from training.checkpoints import resume_from, save_checkpoint
 from training.data import EvalShard, accumulation_windows, epoch_batches
 from training.exports import ExportCopies
+from training.fsdp import is_fsdp
 from training.step import OptimizerStep, make_scheduler, plan_steps, steps_per_epoch
 from training.watch import StepLogger, warn_if_nothing_to_train
 
@@ -131,6 +132,8 @@ class OneLossTrainer:
         # counted on the per-process loader. Registered so resume restores it.
         self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
         acc.register_for_checkpointing(self.scheduler)
+        if is_fsdp(acc):  # fully_shard replaced the parameters the trainer listed, in place
+            self.params = [p for p in module.parameters() if p.requires_grad]
         self.stepper = OptimizerStep(acc, self.optimizer, module, self.params, args.max_grad_norm,
                                      patience=args.max_nonfinite_steps, dataset=train_loader.dataset)
         self.out = Path(args.output_dir)

@@ -1,0 +1,151 @@
+"""FSDP2 on 2 CPU processes (gloo), through accelerate's own FSDP2 `prepare` (fully_shard per
+block, the root unit holding the tied embedding and LM head) and the project's sharded resume
+checkpoints and gathered exports. accelerate serves FSDP on accelerators only; the
+sitecustomize in tests/engines/fsdp_on_cpu sets its state to what scripts/accelerate/fsdp.yaml
+builds on GPUs (see there). Each run is checked against the same run under DDP."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, accelerate_two_processes
+from test_reliability_loop import _same_safetensors, tiny_vlm_parts
+
+pytestmark = pytest.mark.slow
+
+FSDP_ON_CPU = ROOT / "tests" / "engines" / "fsdp_on_cpu"
+STAGE1, STAGE2 = "Stage1/train_projection_stage1.py", "Stage2/train_vqa_stage2.py"
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory, demo_dir):
+    return tiny_vlm_parts(tmp_path_factory.mktemp("fsdp_vlm"), demo_dir, 16)
+
+
+def _run(script, argv, engine):
+    if engine == "fsdp":
+        proc = accelerate_two_processes(script, argv, site=FSDP_ON_CPU, config="scripts/accelerate/fsdp.yaml")
+    else:
+        proc = accelerate_two_processes(script, argv)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc
+
+
+def _stage2_argv(vlm, demo_dir, out, *extra):
+    # A clip norm small enough to clip every step: the clip must see the sharded gradients.
+    return ["--image_root", demo_dir, "--train_json", vlm["root"] / "train.json", "--output_dir", out,
+            "--vision_model_name", vlm["siglip"], "--llm_name", vlm["gemma3"], "--batch_size", "2",
+            "--learning_rate", "2e-3", "--max_steps", "4", "--report_to", "none", "--max_a_len", "12",
+            "--warmup_steps", "1", "--logging_steps", "1", "--no-save_every_epoch", "--max_grad_norm", "0.05",
+            "--seed", "3", *extra]
+
+
+def _close_safetensors(a, b, atol=1e-6):
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys()
+    worst = {k: (x[k].float() - y[k].float()).abs().max().item() for k in x}
+    far = {k: d for k, d in worst.items() if d > atol}
+    assert not far, f"{len(far)} tensors differ by more than {atol}, e.g. {sorted(far.items())[:3]}"
+
+
+@pytest.mark.parametrize("what", ["full", "lora"])
+def test_stage2_under_fsdp_exports_what_ddp_exports(vlm, demo_dir, tmp_path, what):
+    """A full fine-tune (the LM's tied embedding and head train) and LoRA with the projector in
+    modules_to_save: the gathered export equals DDP's within float32 rounding, the exported LM
+    head is still the embedding, and the adapter folder holds the same adapter."""
+    extra = ["--mixed_precision", "no"]
+    if what == "lora":
+        extra += ["--lora_r", "4", "--unfreeze_projection_layer"]
+    runs = {}
+    for engine in ("ddp", "fsdp"):
+        runs[engine] = tmp_path / engine
+        _run(STAGE2, _stage2_argv(vlm, demo_dir, runs[engine], *extra), engine)
+    _close_safetensors(runs["ddp"] / "final_model" / "model.safetensors", runs["fsdp"] / "final_model" / "model.safetensors")
+    if what == "lora":
+        _close_safetensors(runs["ddp"] / "final_model/lora_adapter/adapter_model.safetensors",
+                           runs["fsdp"] / "final_model/lora_adapter/adapter_model.safetensors")
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(runs["fsdp"] / "final_model")
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    base = load_file(str(Path(vlm["gemma3"]) / "model.safetensors"))
+    q = "layers.0.self_attn.q_proj.weight"
+    trained = model.model.language_model.get_parameter(q).detach()
+    assert not torch.allclose(trained, base[f"model.{q}"].to(trained.dtype)), "the run did not train"
+
+
+def test_stage2_under_fsdp_resumes_exactly(vlm, demo_dir, tmp_path):
+    """A sharded checkpoint at step 2 (each process writes its shards of the trained tensors and
+    of AdamW's state), resumed, ends where the uninterrupted run ends, bit for bit; the
+    checkpoint holds no frozen weight."""
+    run = tmp_path / "run"
+    argv = _stage2_argv(vlm, demo_dir, run, "--mixed_precision", "no", "--checkpointing_steps", "2")
+    _run(STAGE2, argv, "fsdp")
+    step2 = run / "checkpoints" / "step_2"
+    assert (step2 / "sharded" / ".metadata").is_file()
+    assert not list(step2.glob("*.safetensors")), "the sharded checkpoint replaces the trained-tensor file"
+    import torch.distributed.checkpoint as dcp
+    meta = dcp.FileSystemReader(str(step2 / "sharded")).read_metadata()
+    saved = {k.removeprefix("model.") for k in meta.state_dict_metadata if k.startswith("model.")}
+    assert saved and all(k.startswith("vlm.model.language_model.") or k == "vlm.lm_head.weight" for k in saved), saved
+    assert not any("vision_tower" in k for k in saved)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    shutil.rmtree(resumed / "final_model")
+    args = _stage2_argv(vlm, demo_dir, resumed, "--mixed_precision", "no", "--checkpointing_steps", "2",
+                        "--resume_from_checkpoint", "latest")
+    proc = _run(STAGE2, args, "fsdp")
+    assert "resumed from" in proc.stdout and "step_2" in proc.stdout
+    _same_safetensors(run / "final_model" / "model.safetensors", resumed / "final_model" / "model.safetensors")
+
+
+def test_stage2_under_fsdp_keeps_frozen_parts_in_bf16_beside_fp32_trained_ones(vlm, demo_dir, tmp_path):
+    """bf16: the frozen vision tower and projector stay in their stored bf16 inside shard units
+    whose trained parameters are fp32 (torch asks one dtype of the trained ones only). The run
+    trains, the export keeps the frozen tower byte for byte, and it is close to DDP's."""
+    runs = {}
+    for engine in ("ddp", "fsdp"):
+        runs[engine] = tmp_path / engine
+        _run(STAGE2, _stage2_argv(vlm, demo_dir, runs[engine], "--mixed_precision", "bf16"), engine)
+    ddp = load_file(str(runs["ddp"] / "final_model" / "model.safetensors"))
+    fsdp = load_file(str(runs["fsdp"] / "final_model" / "model.safetensors"))
+    tower = [k for k in fsdp if "vision_tower" in k]
+    assert tower and all(torch.equal(ddp[k], fsdp[k]) for k in tower)
+    lm = [k for k in fsdp if "language_model" in k]
+    worst = max((ddp[k].float() - fsdp[k].float()).abs().max().item() for k in lm)
+    assert worst < 5e-3, worst  # bf16 compute, cast at the gather (FSDP) or per op (autocast)
+
+
+def test_stage1_under_fsdp_exports_what_ddp_exports(vlm, demo_dir, tmp_path):
+    """Stage 1 trains the projector alone: sharded, it is gathered for the export."""
+    import json
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps(json.loads((demo_dir / "stage1_train.json").read_text())[:16]))
+    runs = {}
+    for engine in ("ddp", "fsdp"):
+        runs[engine] = tmp_path / engine
+        argv = ["--image_root", demo_dir, "--train_json", captions, "--output_dir", runs[engine],
+                "--vision_model_name", vlm["siglip"], "--llm_name", vlm["gemma3"], "--batch_size", "2",
+                "--learning_rate", "2e-3", "--max_steps", "4", "--report_to", "none", "--warmup_steps", "1",
+                "--no-save_every_epoch", "--max_grad_norm", "0.05", "--seed", "3", "--mixed_precision", "no"]
+        _run(STAGE1, argv, engine)
+    from projectors import PROJECTOR_DIR, PROJECTOR_WEIGHTS
+    for f in ("model.safetensors", f"{PROJECTOR_DIR}/{PROJECTOR_WEIGHTS}"):
+        _close_safetensors(runs["ddp"] / "final_model" / f, runs["fsdp"] / "final_model" / f)
+
+
+def test_stage0_and_train_ve_first_epoch_are_refused_under_fsdp():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from accelerator_setup import check_engine
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    check_engine(fsdp, "Stage2", SimpleNamespace())
+    check_engine(fsdp, "Stage1", SimpleNamespace())
+    with pytest.raises(SystemExit, match="Stage0 cannot run under FSDP.*DeepSpeed ZeRO-2"):
+        check_engine(fsdp, "Stage0", SimpleNamespace())
+    with pytest.raises(SystemExit, match="--train_ve_first_epoch"):
+        check_engine(fsdp, "Stage2", SimpleNamespace(train_ve_first_epoch=True))

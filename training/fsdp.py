@@ -1,0 +1,83 @@
+"""FSDP2 (torch's fully_shard, through accelerate's `fsdp_version: 2` in scripts/accelerate/fsdp.yaml):
+what the project adds to accelerate's wrapping.
+
+accelerate's `prepare` shards the model: one unit per block class of the model's
+`_no_split_modules`, the rest in the root unit (which keeps Gemma's tied embedding and LM head
+together, as the wrapper the trainers hand it has no `get_input_embeddings`), trained parameters
+fp32 and cast to bf16 when gathered. torch requires one dtype only among a unit's *trained*
+parameters, so frozen parts stay in their stored bf16 beside fp32 trained ones.
+
+What accelerate does not do for this project, and this module does:
+- resume checkpoints of the trained tensors only (a torch distributed checkpoint: each process
+  writes its own shards of them and of the AdamW state, nothing is gathered), instead of
+  accelerate's sharded copy of the whole model, frozen towers included;
+- exports: the full state dict gathered to the main process on CPU, shard by shard, so the
+  export code writes the same plain Hugging Face folder as under DDP.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+SHARDED_DIR = "sharded"  # inside a resume checkpoint: the torch distributed checkpoint
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+
+
+def full_state_dict(accelerator, module) -> dict | None:
+    """Under FSDP: {name: full tensor on CPU} on the main process, {} on the others (every
+    process must call it: each gathers its shards in turn). Otherwise None (read the module)."""
+    if not is_fsdp(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def accelerate_saves_the_rest(accelerator):
+    """Under FSDP, accelerate's save_state/load_state handle the schedulers, samplers, RNG and
+    scaler only; the model and optimizer are the sharded checkpoint's (save_sharded). Yields
+    (models, optimizers) as accelerate holds them, or None when not under FSDP."""
+    if not is_fsdp(accelerator):
+        yield None
+        return
+    held = (accelerator._models, accelerator._optimizers)
+    accelerator._models, accelerator._optimizers = [], []
+    try:
+        yield held
+    finally:
+        accelerator._models, accelerator._optimizers = held
+
+
+def save_sharded(folder, held, tensors: dict) -> None:
+    """Every process writes its shards of `tensors` (the trained ones, {name: live tensor}) and
+    of the optimizer state."""
+    import torch.distributed.checkpoint as dcp
+    dcp.save(_sharded_state(held, tensors), checkpoint_id=str(Path(folder) / SHARDED_DIR))
+
+
+def load_sharded(folder, held, tensors: dict) -> None:
+    """Load save_sharded's checkpoint in place, each process its own shards (resharded if the
+    process count changed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    path = Path(folder) / SHARDED_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: missing; this checkpoint was not written under FSDP")
+    state = _sharded_state(held, tensors)
+    dcp.load(state, checkpoint_id=str(path))
+    models, optimizers = held
+    for i, opt in enumerate(optimizers):
+        set_optimizer_state_dict(models[0], opt, state[f"optimizer_{i}"])
+
+
+def _sharded_state(held, tensors: dict) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    models, optimizers = held
+    if len(models) != 1:
+        raise ValueError(f"FSDP checkpoints expect one prepared model, found {len(models)}")
+    return {"model": tensors, **{f"optimizer_{i}": get_optimizer_state_dict(models[0], opt)
+                                 for i, opt in enumerate(optimizers)}}
