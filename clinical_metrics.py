@@ -171,7 +171,8 @@ class CheXbert:
                             f"checkpoint's {config.vocab_size}; CheXbert reads bert-base-uncased's tokenizer")
         from transformers import __version__ as tf_version
         from sklearn import __version__ as sk_version
-        digest = hashlib.sha256(Path(checkpoint).expanduser().read_bytes()).hexdigest()[:12]
+        with open(Path(checkpoint).expanduser(), "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
         self.implementation = (f"CheXbert labeller ({Path(checkpoint).name}, sha256 {digest}...) on transformers "
                                f"{tf_version}, tokenizer {tokenizer}; positive or uncertain = present; "
                                f"scikit-learn {sk_version} f1_score")

@@ -80,7 +80,12 @@ def _chexbert_checkpoint(path, planted=None, vocab_size=30522, seed=0):
         if planted is not None:
             weight, bias = torch.zeros(n, 128), torch.nn.functional.one_hot(torch.tensor(planted[i]), n).float()
         state[f"module.linear_heads.{i}.weight"], state[f"module.linear_heads.{i}.bias"] = weight, bias
-    torch.save({"epoch": 7, "model_state_dict": state}, path)
+    # CheXbert's run_bert.py saves the epoch and the Adam state beside the weights
+    layer = torch.nn.Linear(2, 2)
+    adam = torch.optim.Adam(layer.parameters())
+    layer(torch.ones(1, 2)).sum().backward()
+    adam.step()
+    torch.save({"epoch": 7, "model_state_dict": state, "optimizer_state_dict": adam.state_dict()}, path)
     return path
 
 
