@@ -326,7 +326,7 @@ def main(argv=None) -> dict:
 def _report_scorers(args, rows) -> list:
     """The model-based report metrics the flags ask for, loaded; none without report rows."""
     if not any(question_type(r) == "report" for r in rows):
-        if args.chexbert_path or args.bertscore_model:
+        if args.chexbert_path or (args.bertscore_model or "none").lower() != "none":
             logger.warning("no test row has question_type report: --chexbert_path and --bertscore_model are unused")
         return []
     from clinical_metrics import BertScore, CheXbert
