@@ -20,7 +20,11 @@ CLOSED/OPEN included; without one, a yes/no reference is "closed" and anything e
             open-question metric, on whole words), and token F1 (metrics.token_f1).
   report    report generation (question_type "report", as convert_dataset.py writes MIMIC-CXR's):
             corpus BLEU-1 and BLEU-4, ROUGE-L, and METEOR where NLTK's WordNet data is installed
-            (metrics.report_metrics), each with the library and version that computed it.
+            (metrics.report_metrics); BERTScore (bert-score) when its model is at hand
+            (--bertscore_model); CheXbert F1, micro and macro over the 14 labels and the five
+            findings, with --chexbert_path (clinical_metrics). Each names the library, version and
+            settings that computed it. RadGraph F1 cannot run with transformers 5 (--radgraph_path
+            says why).
 --predictions_json scores saved predictions without a model: a JSON list with one item per
 test row in order (a string, or an object with a `prediction` key), or this script's own
 OUTPUT_JSON, whose predictions carry their rows; it gives the summary the model run gave.
@@ -70,6 +74,23 @@ def parse_args(argv=None):
                         "lists them all and stops before the model loads; skip evaluates without them")
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     g.add_argument("--max_q_len", type=int, default=None, help="truncate questions as in training")
+    g = p.add_argument_group("report generation metrics (rows of question_type report)")
+    g.add_argument("--bertscore_model", default=None, metavar="NAME_OR_PATH",
+                   help="BERTScore's model, a hub id or a local folder; default: bert-score's for English "
+                        "(roberta-large) when it is in the Hugging Face cache, else BERTScore is reported "
+                        "unavailable; 'none' skips BERTScore")
+    g.add_argument("--bertscore_num_layers", type=cli.positive_int, default=None,
+                   help="the layer whose embeddings are compared (default: bert-score's tuned layer for the "
+                        "model, else its last)")
+    g.add_argument("--bertscore_idf", action="store_true", help="idf weights from the references")
+    g.add_argument("--bertscore_rescale_with_baseline", action="store_true",
+                   help="rescale with bert-score's baseline for the model (it has them for hub models such as "
+                        "roberta-large, distilbert-base-uncased)")
+    g.add_argument("--chexbert_path", default=None, metavar="FILE",
+                   help="CheXbert's chexbert.pth: CheXbert F1 on the 14 labels and the five findings")
+    g.add_argument("--chexbert_tokenizer", default="bert-base-uncased", metavar="NAME_OR_PATH",
+                   help="the tokenizer CheXbert reads (bert-base-uncased's), a hub id or a local folder")
+    g.add_argument("--radgraph_path", default=None, help="RadGraph F1: not available with transformers 5 (says why)")
     g = p.add_argument_group("generation")
     g.add_argument("--batch_size", type=cli.positive_int, default=16)
     g.add_argument("--max_new_tokens", type=int, default=128)
@@ -91,6 +112,10 @@ def parse_args(argv=None):
     if args.num_workers < 0:
         p.error("--num_workers must be >= 0")
     args.device = cli.check_device(p, args.device)
+    if args.radgraph_path:
+        from clinical_metrics import RADGRAPH_UNAVAILABLE
+        p.error(f"--radgraph_path {args.radgraph_path}: {RADGRAPH_UNAVAILABLE}")
+    preflight.require_file(args.chexbert_path, "--chexbert_path", "checkpoint file (CheXbert's chexbert.pth)")
     if args.output_json is None:
         base = (Path(args.predictions_json).parent if args.predictions_json else Path(args.model_path)
                 if args.model_path else Path(args.llm_path).parent)
@@ -137,8 +162,9 @@ def closed_correct(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
-def score(rows, predictions) -> tuple[dict, list[dict]]:
-    """(summary, per-example records) for references in `rows` and predicted strings."""
+def score(rows, predictions, report_scorers=()) -> tuple[dict, list[dict]]:
+    """(summary, per-example records) for references in `rows` and predicted strings.
+    report_scorers (clinical_metrics') add their metrics to the report rows' summary."""
     records = []
     for row, pred in zip(rows, predictions):
         ref, qt = str(row[ANSWER_KEY]), question_type(row)
@@ -166,7 +192,12 @@ def score(rows, predictions) -> tuple[dict, list[dict]]:
                        "precision": mean(r["precision"] for r in recs)}
     reports = groups.get("report", [])
     if reports:
-        summary["report"].update(report_metrics([r["prediction"] for r in reports], [r["reference"] for r in reports]))
+        hyps, refs = [r["prediction"] for r in reports], [r["reference"] for r in reports]
+        summary["report"].update(report_metrics(hyps, refs))
+        for scorer in report_scorers:
+            values, implementation = scorer(hyps, refs)
+            summary["report"].update(values)
+            summary["report"]["implementations"][scorer.name] = implementation
     closed = groups.get("closed", [])
     if closed:
         verdicts = Counter(yes_no(r["reference"]) if _is_yes_no(r["reference"]) else
@@ -245,8 +276,10 @@ def format_table(summary: dict, markdown: bool = False) -> str:
         lines += [f"{r[0]:<10}{r[1]:>6}{r[2]:>10}{r[3]:>10}{r[4]:>8}" for r in rows]
     if "report" in summary:
         r = summary["report"]
-        lines += ["", "report: " + ", ".join(f"{k} {cell(r.get(k))}" for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "METEOR"))
-                  + " (" + "; ".join(f"{k}: {v}" for k, v in r["implementations"].items()) + ")"]
+        keys = ["BLEU-1", "BLEU-4", "ROUGE-L", "METEOR", "BERTScore-F1"]
+        keys += [f"CheXbert-F1-{a}-{n}" for n in ("14", "5") for a in ("micro", "macro")]
+        lines += ["", "report: " + ", ".join(f"{k} {cell(r.get(k))}" for k in keys if k in r)]
+        lines += [f"  {k}: {v}" for k, v in r["implementations"].items()]
     if "closed" in summary:
         c = summary["closed"]
         lines += ["", f"closed: majority-answer baseline (always \"{c['majority_answer']}\") "
@@ -265,10 +298,11 @@ def main(argv=None) -> dict:
         rows, predictions = saved_predictions(args.predictions_json, _rows_without_images(args.test_json))
         if args.limit:
             rows, predictions = rows[: args.limit], predictions[: args.limit]
-        return _report(args, rows, predictions, f"predictions {args.predictions_json}", [])
+        return _report(args, rows, predictions, f"predictions {args.predictions_json}", [], _report_scorers(args, rows))
     # References are required here, not for generation; every row is checked before the model loads.
     rows, bad = check_rows(args.test_json, args.image_root, ("image", QUESTION_KEY, ANSWER_KEY), image_key="image",
                            on_bad_sample=args.on_bad_sample)
+    scorers = _report_scorers(args, rows)  # before the model: a wrong CheXbert path fails in seconds
     model, tokenizer, image_processor, source = load_model(
         args.model_path, llm_path=args.llm_path, projector_path=args.projector_path,
         vision_model_name=args.vision_model_name, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
@@ -286,12 +320,29 @@ def main(argv=None) -> dict:
     for batch in tqdm(loader, desc="evaluate", file=sys.stderr):
         for i, answer in zip(batch["index"].tolist(), generate_answers(model, tokenizer, batch, **gen)):
             predictions[i] = answer
-    return _report(args, rows, predictions, source, bad)
+    return _report(args, rows, predictions, source, bad, scorers)
 
 
-def _report(args, rows, predictions, source, bad) -> dict:
+def _report_scorers(args, rows) -> list:
+    """The model-based report metrics the flags ask for, loaded; none without report rows."""
+    if not any(question_type(r) == "report" for r in rows):
+        if args.chexbert_path or (args.bertscore_model or "none").lower() != "none":
+            logger.warning("no test row has question_type report: --chexbert_path and --bertscore_model are unused")
+        return []
+    from clinical_metrics import BertScore, CheXbert
+    scorers = []
+    if (args.bertscore_model or "").lower() != "none":
+        scorers.append(BertScore(args.bertscore_model, num_layers=args.bertscore_num_layers, idf=args.bertscore_idf,
+                                 rescale_with_baseline=args.bertscore_rescale_with_baseline, device=args.device))
+        logger.info("BERTScore: %s", scorers[-1].implementation)
+    if args.chexbert_path:
+        scorers.append(CheXbert(args.chexbert_path, tokenizer=args.chexbert_tokenizer, device=args.device))
+    return scorers
+
+
+def _report(args, rows, predictions, source, bad, scorers=()) -> dict:
     """Score, print the table, write OUTPUT_JSON and its Markdown table; the summary."""
-    summary, records = score(rows, predictions)
+    summary, records = score(rows, predictions, scorers)
     summary.update(model=source, test_json=str(args.test_json))
     if bad:
         summary["skipped"] = [asdict(b) for b in bad]
