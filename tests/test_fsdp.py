@@ -3,6 +3,7 @@ block, the root unit holding the tied embedding and LM head) and the project's s
 checkpoints and gathered exports. accelerate serves FSDP on accelerators only; the
 sitecustomize in tests/engines/fsdp_on_cpu sets its state to what scripts/accelerate/fsdp.yaml
 builds on GPUs (see there). Each run is checked against the same run under DDP."""
+import json
 import shutil
 from pathlib import Path
 
@@ -54,10 +55,14 @@ def _close_safetensors(a, b, atol=1e-6):
 def test_stage2_under_fsdp_exports_what_ddp_exports(vlm, demo_dir, tmp_path, what):
     """A full fine-tune (the LM's tied embedding and head train) and LoRA with the projector in
     modules_to_save: the gathered export equals DDP's within float32 rounding, the exported LM
-    head is still the embedding, and the adapter folder holds the same adapter."""
+    head is still the embedding, and the adapter folder holds the same adapter. With LoRA, a
+    validation set of 3 batches over 2 processes: under FSDP the process with one batch runs a
+    blank second one (every forward gathers shards on every process), and the loss is DDP's."""
     extra = ["--mixed_precision", "no"]
     if what == "lora":
-        extra += ["--lora_r", "4", "--unfreeze_projection_layer"]
+        val = tmp_path / "val.json"
+        val.write_text(json.dumps(json.loads((demo_dir / "stage2_val.json").read_text())[:5]))
+        extra += ["--lora_r", "4", "--unfreeze_projection_layer", "--val_json", val]
     runs = {}
     for engine in ("ddp", "fsdp"):
         runs[engine] = tmp_path / engine
@@ -66,6 +71,9 @@ def test_stage2_under_fsdp_exports_what_ddp_exports(vlm, demo_dir, tmp_path, wha
     if what == "lora":
         _close_safetensors(runs["ddp"] / "final_model/lora_adapter/adapter_model.safetensors",
                            runs["fsdp"] / "final_model/lora_adapter/adapter_model.safetensors")
+        losses = {e: [m["val/loss"] for m in map(json.loads, (runs[e] / "metrics.jsonl").read_text().splitlines())
+                      if "val/loss" in m] for e in runs}
+        assert len(losses["fsdp"]) >= 2 and losses["fsdp"] == pytest.approx(losses["ddp"], abs=1e-5), losses
     from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(runs["fsdp"] / "final_model")
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
@@ -120,7 +128,6 @@ def test_stage2_under_fsdp_keeps_frozen_parts_in_bf16_beside_fp32_trained_ones(v
 
 def test_stage1_under_fsdp_exports_what_ddp_exports(vlm, demo_dir, tmp_path):
     """Stage 1 trains the projector alone: sharded, it is gathered for the export."""
-    import json
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps(json.loads((demo_dir / "stage1_train.json").read_text())[:16]))
     runs = {}

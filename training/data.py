@@ -49,20 +49,32 @@ class EvalShard:
     reduces: process r takes batches r, r + P, r + 2P, ... of the file-order batches, with no
     sample padded in or repeated (accelerate's even batches would count some twice). Batches
     come moved to the device. Every process must evaluate: rank 0 alone, while the others wait
-    at a collective, trips the NCCL watchdog on a large val set."""
+    at a collective, trips the NCCL watchdog on a large val set.
 
-    def __init__(self, accelerator: Accelerator, loader):
+    `blank(batch)`: under FSDP every forward is a collective (each unit gathers its shards), so
+    every process must run as many batches as the one with the most; the ones short of it run
+    the first batch again, passed through `blank` (the LM stages clear its labels: it then
+    counts nothing)."""
+
+    def __init__(self, accelerator: Accelerator, loader, blank=None):
         from torch.utils.data import DataLoader
+
+        from training.fsdp import is_fsdp
         self.device = accelerator.device
         n, bs = len(loader.dataset), loader.batch_size
         batches = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
-        self.loader = DataLoader(loader.dataset, batch_sampler=batches[accelerator.process_index::accelerator.num_processes],
-                                 collate_fn=loader.collate_fn, num_workers=loader.num_workers,
-                                 pin_memory=loader.pin_memory)
+        mine = batches[accelerator.process_index::accelerator.num_processes]
+        self.real, self.blank = len(mine), blank
+        if blank is not None and is_fsdp(accelerator) and batches:
+            mine += [batches[0]] * (-(-len(batches) // accelerator.num_processes) - len(mine))
+        self.loader = DataLoader(loader.dataset, batch_sampler=mine, collate_fn=loader.collate_fn,
+                                 num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
     def __iter__(self):
         from accelerate.utils import send_to_device
-        for batch in self.loader:
+        for i, batch in enumerate(self.loader):
+            if i >= self.real:
+                batch = self.blank(batch)
             yield send_to_device(batch, self.device)
 
     def __len__(self):

@@ -45,11 +45,24 @@ def accelerate_saves_the_rest(accelerator):
         yield None
         return
     held = (accelerator._models, accelerator._optimizers)
+    for model in held[0]:
+        resharded(model)
     accelerator._models, accelerator._optimizers = [], []
     try:
         yield held
     finally:
         accelerator._models, accelerator._optimizers = held
+
+
+def resharded(module):
+    """`module` with every unit's parameters back in their sharded form, the ones the optimizer
+    holds. The root unit stays gathered after a forward until its backward (torch's default for
+    it), so after a validation pass, which has no backward, its parameters are full tensors."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return module
 
 
 def save_sharded(folder, held, tensors: dict) -> None:

@@ -113,6 +113,11 @@ def _stop_on_unreadable(error, step: int, checkpoint) -> None:
                          source=error.source) from error
 
 
+def _unsupervised(batch: dict) -> dict:
+    """A batch whose every label is ignored: its loss and token count are 0."""
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
 class OneLossTrainer:
     """The loop's calls for a trainer whose validation is one loss, `evaluate(step)`, and whose
     export is one folder, `save(name)` (Stage1 and Stage2): its results dict records the loss
@@ -125,7 +130,7 @@ class OneLossTrainer:
         shard, the step plan, the LR schedule, the optimizer step over `module`'s `self.params`,
         and the export folder."""
         args, acc = self.args, self.accelerator
-        self.val_loader = EvalShard(acc, val_loader) if val_loader is not None else None
+        self.val_loader = EvalShard(acc, val_loader, blank=_unsupervised) if val_loader is not None else None
         self.steps_per_epoch = steps_per_epoch(len(self.train_loader), args.gradient_accumulation_steps)
         self.total_steps, self.num_epochs = plan_steps(args, self.steps_per_epoch)
         # Not prepared: accelerate would step it once per process, but total_steps is already
