@@ -12,7 +12,10 @@ Where the cache lives (no flag needed in training):
     <data file's folder>/.image_cache/<key>/ab/<hash>.npy  one image, uint8, H x W (grey) or H x W x 3
 
 `<key>` names the target and the filter: `384x384-bicubic` for a fixed size ({"height", "width"}),
-`se518-bicubic` for {"shortest_edge": 518} (aspect kept; the processor's centre crop still runs).
+`se518-bicubic` for {"shortest_edge": 518} (aspect kept; the processor's centre crop still runs),
+and `-padsquare` after it for a tower trained with --pad_to_square (the image zero-padded to a
+square before the resize, image_loader.pad_to_square): a padded entry never serves an unpadded
+tower or the other way round.
 Set SIGLIP_MED_IMAGE_CACHE=DIR to keep caches under DIR/<key>/ instead (a read-only data folder,
 a fast local disk), or SIGLIP_MED_IMAGE_CACHE=off to ignore every cache. Train, val and test files
 in one folder share one cache; entries are keyed by the source's path relative to the cache, so a
@@ -43,7 +46,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from image_loader import ImageLoadError, load_image
+from image_loader import ImageLoadError, load_image, pad_to_square, pads_to_square, prepare_image
 from volume_loader import load_input
 
 __all__ = ["ENV_VAR", "ImageCache", "Target", "build_cache", "cache_folder", "decode_resized", "load_cached",
@@ -62,12 +65,14 @@ _RESAMPLE_NAME = {v: k for k, v in RESAMPLE.items()}
 
 @dataclass(frozen=True)
 class Target:
-    """The size an image processor resizes to: (height, width), or its shortest edge; plus the
-    PIL resample filter (an int, as processors store it)."""
+    """The size an image processor resizes to: (height, width), or its shortest edge; the PIL
+    resample filter (an int, as processors store it); whether the image is zero-padded to a
+    square before the resize (--pad_to_square)."""
     height: int | None = None
     width: int | None = None
     shortest_edge: int | None = None
     resample: int = RESAMPLE["bicubic"]
+    pad_to_square: bool = False
 
     def __post_init__(self):
         if not ((self.height and self.width) or self.shortest_edge):
@@ -78,7 +83,15 @@ class Target:
     @property
     def key(self) -> str:
         size = f"{self.height}x{self.width}" if self.height else f"se{self.shortest_edge}"
-        return f"{size}-{_RESAMPLE_NAME[int(self.resample)]}"
+        return f"{size}-{_RESAMPLE_NAME[int(self.resample)]}" + ("-padsquare" if self.pad_to_square else "")
+
+    def record(self) -> dict:
+        """The target as the index stores it; an unpadded one exactly as before the pad existed, so
+        caches built then stay valid."""
+        out = asdict(self)
+        if not self.pad_to_square:
+            del out["pad_to_square"]
+        return out
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the resize, as PIL's `Image.resize` takes it."""
@@ -102,10 +115,11 @@ def target_from_processor(processor) -> Target | None:
     resample = int(resample) if resample is not None else RESAMPLE["bilinear"]  # the backends' default
     if resample not in _RESAMPLE_NAME:
         return None
+    pad = pads_to_square(processor)
     if get("height") and get("width") and not get("shortest_edge"):
-        return Target(height=int(get("height")), width=int(get("width")), resample=resample)
+        return Target(height=int(get("height")), width=int(get("width")), resample=resample, pad_to_square=pad)
     if get("shortest_edge") and not get("longest_edge") and not get("height"):
-        return Target(shortest_edge=int(get("shortest_edge")), resample=resample)
+        return Target(shortest_edge=int(get("shortest_edge")), resample=resample, pad_to_square=pad)
     return None
 
 
@@ -128,9 +142,12 @@ def cache_folder(data_file, target: Target, cache_dir=None) -> pathlib.Path | No
 
 
 def decode_resized(path, target: Target, *, row=None, source=None) -> np.ndarray:
-    """`load_image(path)` resized to `target`: uint8 H x W when the channels are equal (grey
-    radiographs), else H x W x 3. Raises ImageLoadError like load_image."""
+    """`load_image(path)` (padded to a square first when the target says so) resized to `target`:
+    uint8 H x W when the channels are equal (grey radiographs), else H x W x 3. Raises
+    ImageLoadError like load_image."""
     image = load_image(path, row=row, source=source)
+    if target.pad_to_square:  # the full decoded image, before any resize (as the tower was trained)
+        image = pad_to_square(image)
     arr = np.asarray(image)
     if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
         # One band instead of three: a third of the disk and of the resize time. PIL resizes
@@ -206,7 +223,7 @@ class ImageCache:
     def save(self) -> None:
         """Write the index atomically (a reader sees the old or the new one, never half)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        data = {"version": VERSION, "target": asdict(self.target), "entries": self.entries}
+        data = {"version": VERSION, "target": self.target.record(), "entries": self.entries}
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".index.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, separators=(",", ":"))
@@ -274,6 +291,8 @@ def refresh_command(data_file, target: Target, *, image_root=None, image_key=Non
     else:
         cmd += ["--shortest_edge", str(target.shortest_edge)]
     cmd += ["--resample", _RESAMPLE_NAME[int(target.resample)]]
+    if target.pad_to_square:
+        cmd += ["--pad_to_square"]
     if cache_dir:
         cmd += ["--cache_dir", _abs(cache_dir)]
     return shlex.join(cmd)
@@ -306,14 +325,17 @@ def open_cache(data_file, processor, rows, *, cache_dir=None, image_root=None, i
     return cache
 
 
-def load_cached(path, *, row=None, source=None, cache: ImageCache | None = None):
+def load_cached(path, *, row=None, source=None, cache: ImageCache | None = None, processor=None):
     """What the datasets call instead of `load_input`: the pre-resized image when `cache` has a
-    fresh entry for `path`, else the decoded source (a CT volume always comes from its NPZ)."""
+    fresh entry for `path`, else the decoded source (a CT volume always comes from its NPZ) as the
+    tower behind `processor` sees it (image_loader.prepare_image: padded to a square when the
+    processor records --pad_to_square). An entry is already padded: open_cache chose the cache
+    folder by the same processor, padding included."""
     if cache is not None and not _is_volume(path):
         image = cache.get(path)
         if image is not None:
             return image
-    return load_input(path, row=row, source=source)
+    return prepare_image(load_input(path, row=row, source=source), processor)
 
 
 # ---------------------------------------------------------------- building

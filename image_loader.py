@@ -14,9 +14,10 @@ import pathlib
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "check_image", "load_image", "resolve_image_path"]
+__all__ = ["PAD_TO_SQUARE_KEY", "ImageLoadError", "check_image", "load_image", "pad_to_square", "pads_to_square",
+           "prepare_image", "record_pad_to_square", "resolve_image_path"]
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -246,6 +247,55 @@ def load_image(path, *, row=None, source=None) -> Image.Image:
     if _is_dicom(path):
         return _load_dicom(path, row, source)
     return _load_pil(path, row, source)
+
+
+# ---------------------------------------------------------------- padding to a square
+
+# The record of --pad_to_square: a key of the tower's image processor, so it is saved in
+# preprocessor_config.json by every save_pretrained of the processor (a Stage0 export, the VLM
+# folders of Stage1 and Stage2, Stage2's vision_tower/) and read back by from_pretrained, which
+# keeps unknown keys as attributes and ignores them when processing: plain transformers still
+# loads the folder. The prefix keeps it clear of processors' own `pad_to_square` methods (LLaVA's).
+PAD_TO_SQUARE_KEY = "siglip_med_pad_to_square"
+
+
+def pad_to_square(image: Image.Image) -> Image.Image:
+    """Zero-pad `image` to a square, centred (an odd pixel of padding goes after it, on the right or
+    bottom). Zero is black in every mode load_image returns, MONOCHROME1 DICOM included (inverted
+    there before this runs).
+
+    MedSigLIP's own preprocessing, `_zero_pad_image_to_square` in google-health/medsiglip
+    (python/serving/predictor.py: "method performed in training"), pads with zeros, d // 2 before
+    and d - d // 2 after, before the SigLIP processor's resize. transformers' LLaVA processor pads
+    with the image mean instead (its background_color is ignored), so the pad is this function's."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    left, top = (side - w) // 2, (side - h) // 2
+    return ImageOps.expand(image, border=(left, top, side - w - left, side - h - top), fill=0)
+
+
+def pads_to_square(processor) -> bool:
+    """Whether the tower behind this image processor was trained on images padded to a square."""
+    return bool(getattr(processor, PAD_TO_SQUARE_KEY, False))
+
+
+def record_pad_to_square(processor, on: bool) -> None:
+    """Record (or clear) --pad_to_square on the processor; its save_pretrained writes the record."""
+    if on:
+        setattr(processor, PAD_TO_SQUARE_KEY, True)
+    elif hasattr(processor, PAD_TO_SQUARE_KEY):
+        delattr(processor, PAD_TO_SQUARE_KEY)
+
+
+def prepare_image(image, processor):
+    """The decoded image as the tower behind `processor` was trained to see it, before the
+    processor's own resize: padded to a square when the processor records --pad_to_square.
+    Every dataset and CLI passes its images through here (CT volumes pass unchanged)."""
+    if isinstance(image, Image.Image) and pads_to_square(processor):
+        return pad_to_square(image)
+    return image
 
 
 def _existing_file(path, row, source) -> pathlib.Path:

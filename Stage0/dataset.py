@@ -105,7 +105,8 @@ class ImageTextContrastiveDataset(Dataset):
 
     def _item(self, i):
         r = self.rows[i]
-        image = load_cached(r["image_path"], row=r["row"], source=self.json_path, cache=self.image_cache)
+        image = load_cached(r["image_path"], row=r["row"], source=self.json_path, cache=self.image_cache,
+                            processor=self.image_processor)
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         c = int(self.caption_ids[i])
         item = {"pixel_values": pixel_values, "input_ids": self.input_ids[c],

@@ -91,7 +91,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_check import BadDataError, check_rows, position
 from data_rows import load_table
 from image_cache import load_cached, open_cache
-from image_loader import ImageLoadError
+from image_loader import ImageLoadError, prepare_image
 from Stage0.dataset import data_keys
 from Stage0.towers import embed, load_model, text_length
 from volume_loader import load_input
@@ -111,7 +111,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         r = self.rows[i]
-        image = load_cached(r["image_path"], row=r["row"], source=self.source, cache=self.cache)
+        image = load_cached(r["image_path"], row=r["row"], source=self.source, cache=self.cache,
+                            processor=self.processor)
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
@@ -185,7 +186,8 @@ def main(argv=None):
         parser.error(str(e))
     model.to(args.device).eval()
     if args.image_path:
-        px = processor(images=image, return_tensors="pt")["pixel_values"]
+        # As training saw it: padded to a square when the model records --pad_to_square.
+        px = processor(images=prepare_image(image, processor), return_tensors="pt")["pixel_values"]
         scores = score(model, tokenizer, [px], args.queries, args.device)[0]
         ranked = sorted(zip(args.queries, scores.tolist()), key=lambda x: -x[1])
         for q, s in ranked:

@@ -45,6 +45,11 @@ def parse_args(argv=None):
                    help="shared embedding width (default: the SigLIP tower's, else the text tower's)")
     g.add_argument("--image_size", type=int, default=None,
                    help="non-SigLIP image towers: resize and crop to this size (RAD-DINO: 224 or 448, not 518)")
+    g.add_argument("--pad_to_square", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero-pad each image to a square, centred, before the processor's resize, as MedSigLIP's "
+                        "own preprocessing does (google/medsiglip-448); recorded in the exported folder, so "
+                        "evaluation, inference, the image cache and Stage1/Stage2 pad too without being told "
+                        "(default: as --model_name records it, off for hub checkpoints)")
     g.add_argument("--image_model_path", default=None,
                    help="with --image_model_name merlin: a Merlin checkpoint file (the official release, or any "
                         "state dict of the I3ResNet-152)")
@@ -173,6 +178,9 @@ def parse_args(argv=None):
             check_template(args.class_prompt_template)
         except ValueError as e:
             p.error(str(e))
+    if args.pad_to_square and (args.image_model_name == "merlin" or args.train_data_dir):
+        p.error("--pad_to_square pads 2D images; the 3D tower reads CT volumes, which are resized by --volume_size: "
+                "drop --pad_to_square")
     if args.temperature is not None:
         if args.temperature <= 0:
             p.error("--temperature must be > 0")
@@ -263,6 +271,7 @@ def main(argv=None):
             csv_from_directories(args.train_data_dir, args.val_data_dir, args.text_reports_path, args.train_json)
         accelerator.wait_for_everyone()
     model, tokenizer, image_processor = build_model(args)
+    apply_pad_to_square(args, model, image_processor)
     if args.freeze_logit_scale is None:  # a pretrained pair keeps its own; new heads learn theirs
         args.freeze_logit_scale = model.siglip is not None
     if args.reinit_vision_tower:
@@ -335,6 +344,22 @@ def main(argv=None):
                                          prompt_record=prompts_used if args.label_column else None)
     trainer.train()
     return trainer
+
+
+def apply_pad_to_square(args, model, image_processor) -> None:
+    """--pad_to_square / --no-pad_to_square: recorded on the image processor, which every dataset
+    reads it from and every export saves it with (image_loader.PAD_TO_SQUARE_KEY). Without either,
+    a --model_name folder's own record stands (a Stage0 export trained padded goes on padded)."""
+    from image_loader import pads_to_square, record_pad_to_square
+    if args.pad_to_square is not None:
+        if args.pad_to_square and model.image.kind == "merlin":
+            raise cli.UserError("--pad_to_square pads 2D images; this model's image tower reads CT volumes: drop "
+                                "--pad_to_square")
+        record_pad_to_square(image_processor, args.pad_to_square)
+    if pads_to_square(image_processor):
+        logger.info("images are zero-padded to a square before the %s resize (%s); the export records it",
+                    type(image_processor).__name__, "--pad_to_square" if args.pad_to_square else
+                    f"recorded by {args.model_name}")
 
 
 def reinit_image_backbone(model):

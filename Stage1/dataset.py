@@ -64,7 +64,8 @@ class ImageCaptionDataset(Dataset):
 
     def _item(self, idx):
         row = self.rows[idx]
-        image = load_cached(row["image_path"], row=row["row"], source=self.source, cache=self.image_cache)
+        image = load_cached(row["image_path"], row=row["row"], source=self.source, cache=self.image_cache,
+                            processor=self.image_processor)
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         target = self.caption_ids(row["caption"])
         input_ids = self.prompt_ids + target

@@ -115,7 +115,8 @@ class VQADataset(Dataset):
 
     def pixel_values(self, idx) -> torch.Tensor:
         row = self.rows[idx]
-        image = load_cached(row["image_path"], row=row["row"], source=self.source, cache=self.image_cache)
+        image = load_cached(row["image_path"], row=row["row"], source=self.source, cache=self.image_cache,
+                            processor=self.image_processor)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def __getitem__(self, idx):

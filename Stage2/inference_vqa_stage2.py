@@ -83,7 +83,7 @@ if __name__ == "__main__" and cli.help_requested():
 
 import torch
 
-from image_loader import ImageLoadError, load_image
+from image_loader import ImageLoadError, load_image, prepare_image
 from projectors import PROJECTOR_DIR, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, build_prompt, chat_token_ids, pad_token_id
 from Stage2.trainer import VISION_TOWER_DIR
@@ -178,7 +178,9 @@ def answer_questions(model, tokenizer, image_processor, images, questions, *, ma
     exact prompt Stage 2 trained on."""
     collate = VQACollator(pad_token_id(tokenizer), padding_side="left")
     items = [{"input_ids": torch.tensor(build_prompt(tokenizer, model.config, q, max_q_len)),
-              "pixel_values": image_processor(images=im, return_tensors="pt")["pixel_values"][0]}
+              # As the tower was trained: padded to a square when its processor records --pad_to_square.
+              "pixel_values": image_processor(images=prepare_image(im, image_processor),
+                                              return_tensors="pt")["pixel_values"][0]}
              for im, q in zip(images, questions)]
     return generate_answers(model, tokenizer, collate(items), **gen)
 

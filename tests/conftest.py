@@ -166,6 +166,20 @@ def hub_siglip(tmp_path_factory, hub_texts):
 
 
 @pytest.fixture(scope="session")
+def hub_medsiglip(tmp_path_factory, hub_texts):
+    """google/medsiglip-448's shape, narrow and one layer deep: a SiglipModel at 448 px with
+    14 px patches (1024 image tokens), a 64-token text tower with the sentencepiece
+    SiglipTokenizer, weights stored in fp32 as the hub stores them, and the hub's
+    preprocessor_config.json (SiglipImageProcessor, 448 x 448, bicubic, mean = std = 0.5)."""
+    import torch
+
+    from scripts.demo.make_tiny_models import build_tiny_siglip
+    return build_tiny_siglip(tmp_path_factory.mktemp("hub") / "medsiglip-448", hub_texts, image_size=448,
+                             patch_size=14, hidden_size=32, num_layers=1, num_heads=2, hub_shaped=True,
+                             dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
 def hub_raddino(tmp_path_factory):
     """A DINOv2 with microsoft/rad-dino's patch size, 518 px position table and processor."""
     from scripts.demo.make_tiny_models import build_tiny_dinov2

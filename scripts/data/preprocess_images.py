@@ -8,6 +8,10 @@ data file (see image_cache.py). Give the model whose image processor training wi
     python scripts/data/preprocess_images.py --data knee.csv --size 384 384        # bicubic, as SigLIP
     python scripts/data/preprocess_images.py --data train.json --model runs/stage0/best_model --check
 
+A model trained with Stage0's --pad_to_square (its image processor records it) gets a cache of
+padded images, `.image_cache/<size>-<filter>-padsquare/`; for a model that does not record it yet
+(google/medsiglip-448 before Stage0 --pad_to_square), pass --pad_to_square.
+
 Running it again rebuilds only entries whose source changed (size or modification time) or that
 are missing. Rows may be Stage0 JSON/CSV or Stage1/Stage2 JSON files; only the image column is
 read. CT volumes (.npz) are left out. With --cache_dir DIR, point training at the same place with
@@ -21,6 +25,7 @@ JSON/CSV, no image column) is refused in one `error:` line before anything is wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -52,6 +57,9 @@ def parse_args(argv=None):
                    help="resize the shorter side to N, keeping the aspect (processors with {shortest_edge: N})")
     p.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic",
                    help="with --size / --shortest_edge: the PIL filter")
+    p.add_argument("--pad_to_square", action="store_true",
+                   help="zero-pad each image to a square before the resize, for training with Stage0's "
+                        "--pad_to_square (a --model trained with it records it: then no flag is needed)")
     p.add_argument("--cache_dir", default=None,
                    help=f"cache root instead of .image_cache beside the data file (then set {ENV_VAR}=DIR "
                         "for training)")
@@ -96,10 +104,14 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(levelname)s %(message)s", stream=sys.stderr, level=logging.INFO, force=True)
     if args.model:
         target = model_target(parser, args.model)
+        if args.pad_to_square:  # e.g. google/medsiglip-448 before its first --pad_to_square run
+            target = dataclasses.replace(target, pad_to_square=True)
     elif args.size:
-        target = Target(height=args.size[0], width=args.size[1], resample=RESAMPLE[args.resample])
+        target = Target(height=args.size[0], width=args.size[1], resample=RESAMPLE[args.resample],
+                        pad_to_square=args.pad_to_square)
     else:
-        target = Target(shortest_edge=args.shortest_edge, resample=RESAMPLE[args.resample])
+        target = Target(shortest_edge=args.shortest_edge, resample=RESAMPLE[args.resample],
+                        pad_to_square=args.pad_to_square)
     # Every file's rows first: a file unusable as a whole is refused before anything is written.
     by_folder: dict[Path, list] = {}
     bad: list[str] = []
