@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["PAD_TO_SQUARE_KEY", "ImageLoadError", "check_image", "load_image", "pad_to_square", "pads_to_square",
-           "prepare_image", "record_pad_to_square", "resolve_image_path"]
+           "prepare_image", "record_pad_to_square", "resolve_image_path", "apply_pad_to_square"]
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -287,6 +287,22 @@ def record_pad_to_square(processor, on: bool) -> None:
         setattr(processor, PAD_TO_SQUARE_KEY, True)
     elif hasattr(processor, PAD_TO_SQUARE_KEY):
         delattr(processor, PAD_TO_SQUARE_KEY)
+
+
+def apply_pad_to_square(processor, flag: bool | None, tower: str) -> bool:
+    """A trainer's --pad_to_square (True) / --no-pad_to_square (False) recorded on the tower's
+    image processor, which every dataset reads and every export saves; neither (None): the
+    record `tower`'s folder carries stands (a tower trained padded goes on padded). Returns
+    whether images are padded, and says so in the log."""
+    if flag is not None:
+        record_pad_to_square(processor, flag)
+    padded = pads_to_square(processor)
+    if padded:
+        import logging
+        logging.getLogger("siglip_med").info(
+            "images are zero-padded to a square before the %s resize (%s); the export records it",
+            type(processor).__name__, "--pad_to_square" if flag else f"recorded by {tower}")
+    return padded
 
 
 def prepare_image(image, processor):

@@ -347,19 +347,13 @@ def main(argv=None):
 
 
 def apply_pad_to_square(args, model, image_processor) -> None:
-    """--pad_to_square / --no-pad_to_square: recorded on the image processor, which every dataset
-    reads it from and every export saves it with (image_loader.PAD_TO_SQUARE_KEY). Without either,
-    a --model_name folder's own record stands (a Stage0 export trained padded goes on padded)."""
-    from image_loader import pads_to_square, record_pad_to_square
-    if args.pad_to_square is not None:
-        if args.pad_to_square and model.image.kind == "merlin":
-            raise cli.UserError("--pad_to_square pads 2D images; this model's image tower reads CT volumes: drop "
-                                "--pad_to_square")
-        record_pad_to_square(image_processor, args.pad_to_square)
-    if pads_to_square(image_processor):
-        logger.info("images are zero-padded to a square before the %s resize (%s); the export records it",
-                    type(image_processor).__name__, "--pad_to_square" if args.pad_to_square else
-                    f"recorded by {args.model_name}")
+    """--pad_to_square / --no-pad_to_square on the image processor (image_loader.apply_pad_to_square);
+    the 3D tower has no image to pad."""
+    import image_loader
+    if args.pad_to_square and model.image.kind == "merlin":
+        raise cli.UserError("--pad_to_square pads 2D images; this model's image tower reads CT volumes: drop "
+                            "--pad_to_square")
+    image_loader.apply_pad_to_square(image_processor, args.pad_to_square, args.model_name)
 
 
 def reinit_image_backbone(model):

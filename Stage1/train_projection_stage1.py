@@ -41,6 +41,10 @@ def parse_args(argv=None):
     g.add_argument("--llm_name", default=DEFAULT_LLM, help="Gemma3 causal LM hub id or folder")
     g.add_argument("--projector_depth", type=int, default=2,
                    help="2 = LLaVA's Linear-GELU-Linear (the only depth plain transformers loads)")
+    g.add_argument("--pad_to_square", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero-pad each image to a square before the resize, as MedSigLIP was trained "
+                        "(google/medsiglip-448 from the hub records nothing: pass it); default: as "
+                        "--vision_model_name records it (a Stage0 export trained with it pads). Recorded in the export")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=cli.positive_int, default=16, help="per process")
     g.add_argument("--learning_rate", type=cli.positive_float, default=1e-4)
@@ -61,6 +65,7 @@ from torch.utils.data import DataLoader
 
 import data_check
 from accelerator_setup import setup_accelerator_and_logging
+from image_loader import apply_pad_to_square
 from Stage1.dataset import CaptionCollator, ImageCaptionDataset
 from Stage1.projector_trainer import ProjectionTrainerStage1
 from training.data import LengthGroupedSampler, loader_kwargs
@@ -97,6 +102,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     model, tokenizer, image_processor = build_vlm(args.vision_model_name, args.llm_name,
                                                   projector_depth=args.projector_depth, torch_dtype=dtype)
+    apply_pad_to_square(image_processor, args.pad_to_square, args.vision_model_name)
     train_ds = make_dataset(args.train_json, args, model, tokenizer, image_processor)
     val_ds = make_dataset(args.val_json, args, model, tokenizer, image_processor) if args.val_json else None
     data_check.check_datasets(accelerator, args, train=train_ds, val=val_ds)  # bad rows: stop, or drop them

@@ -223,6 +223,21 @@ def test_stage1_takes_the_medsiglip_tower_and_pads_into_stage2(stage0, data, hub
     assert torch.equal(seen[0]["pixel_values"][0], reference)  # the inference CLI
 
 
+@pytest.mark.parametrize("flag", ["--pad_to_square", "--no-pad_to_square"])
+def test_stage1_pads_the_hub_medsiglip_when_told(data, hub_medsiglip, hub_gemma3_it, tmp_path, flag):
+    """The hub's MedSigLIP records nothing: Stage1's --pad_to_square pads and records it, and
+    --no-pad_to_square leaves the images as they are."""
+    from Stage1.train_projection_stage1 import main as stage1
+    out = tmp_path / "stage1"
+    trainer = stage1(["--image_root", str(data), "--train_json", str(data / "train.json"), "--output_dir", str(out),
+                      "--vision_model_name", str(hub_medsiglip), "--llm_name", str(hub_gemma3_it), "--batch_size", "2",
+                      "--max_steps", "1", "--num_workers", "0", "--report_to", "none", "--max_caption_len", "8", flag])
+    ds = trainer.train_loader.dataset
+    padded = torch.equal(ds[0]["pixel_values"], _reference(hub_medsiglip, ds.rows[0]["image_path"]))
+    recorded = json.loads((out / "final_model" / "preprocessor_config.json").read_text()).get(PAD_TO_SQUARE_KEY, False)
+    assert padded is recorded is (flag == "--pad_to_square")
+
+
 def test_the_record_stands_when_training_goes_on_and_flags_override_it(stage0):
     from types import SimpleNamespace
 
