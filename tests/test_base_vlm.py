@@ -253,22 +253,26 @@ def test_full_fine_tune_trains_the_tied_table_in_fp32_and_exports_it(mg, full_ru
     assert not (final / "lora_adapter").exists() and not (final / "projection_layer").exists()
 
 
-def _reference_answer(final, image, question, max_new_tokens=12) -> tuple[str, str]:
+def _reference_answer(final, image, question, max_new_tokens=12, **gen) -> tuple[str, str]:
     """transformers' own clients on the export, as a user writes them: the processor's chat
     template and generate() with the export's default (greedy) generation config, and the
-    image-text-to-text pipeline. fp32, as the CLI on a CPU."""
+    image-text-to-text pipeline. fp32, as the CLI on a CPU; the image decoded by image_loader,
+    as every PNG, JPEG or DICOM is."""
     from transformers import pipeline
+
+    from image_loader import load_image
     proc = AutoProcessor.from_pretrained(final)
     model = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32).eval()
-    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.open(image).convert("RGB")},
+    msgs = [{"role": "user", "content": [{"type": "image", "image": load_image(image)},
                                          {"type": "text", "text": question}]}]
     inputs = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                       return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen)
     generated = proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     pipe = pipeline("image-text-to-text", model=str(final), dtype=torch.float32)
-    piped = pipe(text=msgs, max_new_tokens=max_new_tokens, return_full_text=False)[0]["generated_text"]
+    piped = pipe(text=msgs, max_new_tokens=max_new_tokens, return_full_text=False,
+                 generate_kwargs=gen)[0]["generated_text"]
     return " ".join(generated.split()), " ".join(piped.split())
 
 
@@ -289,12 +293,9 @@ def test_cli_reads_dicom_and_evaluate_takes_the_export(mg, lora_run, tmp_path, c
     dcm = get_testdata_file("RG1_UNCR.dcm", download=False)  # a real PA chest radiograph
     if dcm is None:
         pytest.skip("pydicom-data is not installed")
-    from image_loader import load_image
-    png = tmp_path / "cxr.png"
-    load_image(dcm).save(png)  # the DICOM decoded as every stage decodes it
     answer = infer_main(["--model_path", str(final), "--image_path", dcm, "--question", QUESTION, "--device", "cpu",
                          "--max_new_tokens", "12"])
-    assert answer == _reference_answer(final, png, QUESTION)[0]
+    assert answer == _reference_answer(final, dcm, QUESTION)[0]
     summary = evaluate_main(["--model_path", str(final), "--test_json", str(mg["data"] / "small_test.json"),
                              "--image_root", str(mg["data"]), "--output_json", str(tmp_path / "eval.json"),
                              "--max_new_tokens", "6", "--device", "cpu", "--batch_size", "8"])
@@ -320,7 +321,9 @@ def test_the_base_checkpoint_is_evaluated_zero_shot_by_hub_id(mg, tmp_path, monk
     assert (tmp_path / "runs" / "eval" / "tiny-hub--medgemma-4b-it" / "eval_small_test.json").is_file()
     answer = infer_main(["--model_path", str(mg["base"]), "--image_path", str(_image(mg)), "--question", QUESTION,
                          "--device", "cpu", "--max_new_tokens", "4"])
-    assert answer == _reference_answer(mg["base"], _image(mg), QUESTION, max_new_tokens=4)[0]
+    # The checkpoint's own generation config samples; the CLI decodes greedily.
+    assert _reference_answer(mg["base"], _image(mg), QUESTION, max_new_tokens=4, do_sample=False,
+                                       top_k=None, top_p=None) == (answer, answer)
 
 
 # ---------------------------------------------------------------- flags
