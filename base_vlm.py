@@ -117,9 +117,12 @@ def encode_prompt(processor, question: str, image, *, max_q_len: int | None = No
     to `<start_of_turn>model\\n`, exactly as `processor.apply_chat_template(messages(question,
     image), add_generation_prompt=True, tokenize=True, return_dict=True)` gives them: the same
     call, so the ids cannot drift from what a user of the export gets."""
+    # Gemma3Processor's own default (off) overrides the image processor's setting, so it is
+    # passed on every call: a checkpoint or export saved with pan-and-scan on gets it.
+    pan_and_scan = bool(getattr(processor.image_processor, "do_pan_and_scan", False))
     enc = processor.apply_chat_template(messages(cut_question(processor.tokenizer, question, max_q_len), image),
                                         add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")
+                                        return_tensors="pt", processor_kwargs={"do_pan_and_scan": pan_and_scan})
     return {"input_ids": enc["input_ids"][0], "token_type_ids": enc["token_type_ids"][0],
             "pixel_values": enc["pixel_values"]}
 

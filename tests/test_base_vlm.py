@@ -176,6 +176,28 @@ def test_training_passes_token_type_ids_to_the_model(mg, tmp_path, monkeypatch):
     assert len(seen) >= 4 and all(s is True for s in seen), seen
 
 
+def test_pan_and_scan_when_asked_adds_crops_that_the_collator_and_model_take(mg, tmp_path):
+    """Off by default (as the checkpoint's processor); asked for, a wide image brings crops, each
+    with its own image tokens, and a batch mixing crop counts trains through one forward."""
+    from vlm import lm_loss_on_supervised
+    d = mg["data"]
+    rows = json.loads((d / "small_train.json").read_text())[:2]
+    Image.open(d / rows[0]["image"]).convert("RGB").resize((1200, 400)).save(tmp_path / "wide.png")
+    rows[0] = {**rows[0], "image": str(tmp_path / "wide.png")}
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    counts = {}
+    for asked in (None, True):
+        model, proc = load_base_vlm(mg["base"], dtype=torch.float32, pan_and_scan=asked)
+        ds = VQADataset(tmp_path / "rows.json", d, proc.tokenizer, proc.image_processor, model.config, processor=proc)
+        counts[asked] = [len(ds[i]["pixel_values"]) for i in range(2)]
+    assert counts == {None: [1, 1], True: [4, 1]}  # the original and 3 crops of the 3:1 image
+    batch = VQACollator(proc.tokenizer.pad_token_id)([ds[0], ds[1]])
+    assert batch["pixel_values"].shape[0] == 5 and batch["token_type_ids"].sum(1).tolist() == [16, 4]
+    loss = lm_loss_on_supervised(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                 batch["labels"], token_type_ids=batch["token_type_ids"])
+    assert torch.isfinite(loss)
+
+
 # ---------------------------------------------------------------- what trains and the export
 
 @pytest.fixture(scope="module")
