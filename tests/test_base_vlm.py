@@ -401,6 +401,24 @@ def test_resume_matches_the_uninterrupted_run(mg, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+def test_bad_rows_stop_the_run_before_training_or_are_skipped(mg, tmp_path):
+    from data_check import BadDataError
+    d = mg["data"]
+    rows = json.loads((d / "small_train.json").read_text())[:8]
+    bad = rows + [{**rows[0], "normal_caption": " "}, {**rows[1], "image": "images/missing.png"}]
+    (tmp_path / "train.json").write_text(json.dumps(bad))
+    argv = _argv(mg, tmp_path / "err", "--max_steps", "1", "--num_epochs", "1", "--no-save_every_epoch", val=None)
+    argv[argv.index("--train_json") + 1] = str(tmp_path / "train.json")
+    with pytest.raises(BadDataError) as e:
+        main(argv)
+    assert "row 8: missing or empty ['normal_caption']" in str(e.value) and "missing.png" in str(e.value)
+    assert not (tmp_path / "err" / "checkpoints").exists()
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "skip")
+    main(argv + ["--on_bad_sample", "skip"])
+    assert json.loads((tmp_path / "skip" / "dropped_rows.json").read_text())["count"] == 2
+    assert (tmp_path / "skip" / "final_model" / "config.json").is_file()
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_on_the_union_batch(mg, tmp_path):
     # No LoRA dropout: its masks come from each process's own random stream.
