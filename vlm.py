@@ -280,14 +280,18 @@ def supervised_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def lm_loss_on_supervised(model, input_ids, attention_mask, pixel_values, labels, *, reduction="mean"):
+def lm_loss_on_supervised(model, input_ids, attention_mask, pixel_values, labels, *, reduction="mean",
+                          token_type_ids=None):
     """Causal-LM cross-entropy with the LM head applied only where a next token is supervised.
 
     Gemma's 262k vocabulary makes full (B, T, V) logits the largest tensor of a step; the
     image tokens and the prompt never need them. Equals the loss from full logits.
+    `token_type_ids` (a Gemma 3 multimodal model's, 1 on image tokens) make the image tokens
+    attend to each other bidirectionally, as in its pretraining; without them it is all causal.
     """
+    extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask,
-                         pixel_values=pixel_values, use_cache=False).last_hidden_state
+                         pixel_values=pixel_values, use_cache=False, **extra).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
     if not keep.any():

@@ -57,7 +57,8 @@ import preflight
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model (--model_path, or --llm_path + --projector_path, or --predictions_json)")
-    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
+    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model, or a "
+                   "Gemma 3 multimodal checkpoint (folder or hub id, e.g. google/medgemma-4b-it: the zero-shot baseline)")
     g.add_argument("--llm_path", default=None)
     g.add_argument("--projector_path", default=None)
     g.add_argument("--vision_model_name", default=None)
@@ -119,6 +120,8 @@ def parse_args(argv=None):
     if args.output_json is None:
         base = (Path(args.predictions_json).parent if args.predictions_json else Path(args.model_path)
                 if args.model_path else Path(args.llm_path).parent)
+        if args.model_path and not base.exists() and not base.is_absolute():  # a hub id: not a folder to write in
+            base = Path("runs") / "eval" / args.model_path.replace("/", "--")
         prefix = "rescored" if args.predictions_json else "eval"
         args.output_json = str(base / f"{prefix}_{Path(args.test_json).stem}.json")
     out = Path(args.output_json)  # the summary, its table and its pictures
@@ -130,10 +133,10 @@ def parse_args(argv=None):
 if __name__ == "__main__" and cli.help_requested():
     parse_args()  # the help, without waiting seconds for the imports below
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from base_vlm import is_base_vlm_config
 from metrics import normalize_answer, report_metrics, token_f1, yes_no
 from data_check import check_rows
 from Stage2.dataset import ANSWER_KEY, QUESTION_KEY, VQACollator, VQADataset, pad_token_id
@@ -306,8 +309,10 @@ def main(argv=None) -> dict:
     model, tokenizer, image_processor, source = load_model(
         args.model_path, llm_path=args.llm_path, projector_path=args.projector_path,
         vision_model_name=args.vision_model_name, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
-    ds = VQADataset(args.test_json, args.image_root, tokenizer, image_processor, model.config,
-                    max_q_len=args.max_q_len, with_answers=False, collect_bad_rows=bool(bad))
+    own = is_base_vlm_config(model.config)  # a Gemma 3 multimodal model: image_processor is its whole processor
+    ds = VQADataset(args.test_json, args.image_root, tokenizer, image_processor.image_processor if own else
+                    image_processor, model.config, max_q_len=args.max_q_len, with_answers=False,
+                    collect_bad_rows=bool(bad), processor=image_processor if own else None)
     if bad:
         good = {r["row"] for r in rows}
         ds.drop_rows([k for k, r in enumerate(ds.rows) if r["row"] not in good])

@@ -11,6 +11,10 @@ or with the seed's triple, reassembled into the same VLM:
         --vision_model_name StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli \\
         --image_path cxr.png --question "Describe the findings." --num_beams 3
 
+A --base_vlm export, or the Gemma 3 multimodal checkpoint it started from (a folder or a hub
+id, e.g. google/medgemma-4b-it: the zero-shot baseline), is a --model_path too; its own
+processor and chat template make the prompt.
+
 The answer is the last line of standard output (logs and progress go to standard error);
 --json prints one JSON object instead. Greedy by default; beam search with --num_beams > 1;
 sampling with --do_sample (--temperature > 0, --top_p, --seed).
@@ -37,7 +41,8 @@ DEFAULT_VISION = "StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli"
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model (either --model_path, or --llm_path + --projector_path)")
-    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model")
+    g.add_argument("--model_path", default=None, help="an exported Stage 2 folder, e.g. runs/stage2/final_model, or a "
+                   "Gemma 3 multimodal checkpoint (folder or hub id, e.g. google/medgemma-4b-it)")
     g.add_argument("--llm_path", default=None, help="Stage 2's final_model/language_model")
     g.add_argument("--projector_path", default=None, help="Stage 2's final_model/projection_layer")
     g.add_argument("--vision_model_name", default=None,
@@ -83,6 +88,7 @@ if __name__ == "__main__" and cli.help_requested():
 
 import torch
 
+from base_vlm import encode_prompt, is_base_vlm_config, is_base_vlm_folder, load_base_vlm
 from image_loader import ImageLoadError, load_image, prepare_image
 from projectors import PROJECTOR_DIR, check_tower, load_projector, projector_of, recorded_tower
 from Stage2.dataset import VQACollator, build_prompt, chat_token_ids, pad_token_id
@@ -107,7 +113,18 @@ def load_model(model_path=None, *, llm_path=None, projector_path=None, vision_mo
     """(model, tokenizer, image_processor, description) from an exported folder, or reassembled
     from the LM folder, the projector and the vision tower. A missing folder raises
     FileNotFoundError, a folder of another kind (a Stage0 model, no model) cli.UserError, each
-    naming the flag and what the folder holds."""
+    naming the flag and what the folder holds. For a Gemma 3 multimodal model (a --base_vlm
+    export or checkpoint, folder or hub id) `image_processor` is its whole processor."""
+    if model_path and not Path(model_path).exists() and not Path(model_path).is_absolute():
+        preflight.require_model(model_path, "--model_path")  # a hub id: a base checkpoint itself
+        model, processor = load_base_vlm(model_path, dtype=dtype, flag="--model_path")
+        model.to(device).eval()
+        return model, processor.tokenizer, processor, {"model_path": str(model_path)}
+    if model_path and is_base_vlm_folder(model_path):
+        preflight.require_checkpoint(model_path, "--model_path", {"vlm"}, "a Gemma 3 multimodal model", "")
+        model, processor = load_base_vlm(model_path, dtype=dtype, flag="--model_path")
+        model.to(device).eval()
+        return model, processor.tokenizer, processor, {"model_path": str(model_path)}
     if model_path:
         path = Path(model_path)
         preflight.require_checkpoint(path, "--model_path", {"stage1", "stage2"}, "a Stage2 export (the VQA model)",
@@ -167,6 +184,8 @@ def generate_answers(model, tokenizer, batch: dict, **gen) -> list[str]:
     """Answers for a left-padded batch from VQACollator(padding_side="left")."""
     device = next(model.parameters()).device
     dtype = model.model.language_model.embed_tokens.weight.dtype
+    if "token_type_ids" in batch:  # a Gemma 3 multimodal model's image-token marks
+        gen = {**gen, "token_type_ids": batch["token_type_ids"].to(device)}
     out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                          pixel_values=batch["pixel_values"].to(device, dtype), **gen)
     new = out[:, batch["input_ids"].shape[1]:]
@@ -175,8 +194,12 @@ def generate_answers(model, tokenizer, batch: dict, **gen) -> list[str]:
 
 def answer_questions(model, tokenizer, image_processor, images, questions, *, max_q_len=None, **gen) -> list[str]:
     """Answer questions[i] about images[i] (PIL images) in one left-padded batch, with the
-    exact prompt Stage 2 trained on."""
+    exact prompt Stage 2 trained on (for a Gemma 3 multimodal model, `image_processor` is its
+    processor, and the prompt the one its chat template renders)."""
     collate = VQACollator(pad_token_id(tokenizer), padding_side="left")
+    if is_base_vlm_config(model.config):
+        items = [encode_prompt(image_processor, q, im, max_q_len=max_q_len) for im, q in zip(images, questions)]
+        return generate_answers(model, tokenizer, collate(items), **gen)
     items = [{"input_ids": torch.tensor(build_prompt(tokenizer, model.config, q, max_q_len)),
               # As the tower was trained: padded to a square when its processor records --pad_to_square.
               "pixel_values": image_processor(images=prepare_image(im, image_processor),

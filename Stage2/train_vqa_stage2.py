@@ -5,11 +5,19 @@
         --image_root /data/cxr --train_json stage2_train.json --val_json stage2_val.json \\
         --stage1_projector_path runs/stage1/final_model --output_dir runs/stage2
 
+or from a Gemma 3 multimodal checkpoint as it ships (MedGemma, Gemma 3 4B+), with no Stage 1:
+
+    accelerate launch --config_file scripts/accelerate/ddp.yaml Stage2/train_vqa_stage2.py \\
+        --image_root /data/cxr --train_json stage2_train.json --val_json stage2_val.json \\
+        --base_vlm google/medgemma-4b-it --lora_r 16 --lora_target_modules all-linear \\
+        --gradient_checkpointing --mixed_precision bf16 --output_dir runs/medgemma
+
 By default the LM trains and the projector and vision tower stay frozen. Writes
 OUTPUT_DIR/final_model/ and OUTPUT_DIR/epoch_N/: the VLM in Hugging Face format
 (`AutoModelForImageTextToText.from_pretrained` loads it; LoRA merged), `language_model/`,
 `projection_layer/` (and `vision_tower/` with --train_ve_first_epoch, `lora_adapter/` with
---lora_r); resume checkpoints under OUTPUT_DIR/checkpoints/, metrics in OUTPUT_DIR/metrics.jsonl and the
+--lora_r); with --base_vlm, final_model/ is the fine-tuned checkpoint in its own class with its
+processor (and `lora_adapter/`). Resume checkpoints under OUTPUT_DIR/checkpoints/, metrics in OUTPUT_DIR/metrics.jsonl and the
 val losses in OUTPUT_DIR/results.json.
 """
 from __future__ import annotations
@@ -61,6 +69,16 @@ def parse_args(argv=None):
                    help="Stage 1 output: its final_model/ (a VLM folder) or that folder's projection_layer/")
     g.add_argument("--projector_depth", type=int, default=2,
                    help="only without --stage1_projector_path (a new projector); otherwise Stage 1's depth")
+    g.add_argument("--base_vlm", default=None,
+                   help="start from this Gemma3ForConditionalGeneration checkpoint instead (hub id or folder: "
+                        "google/medgemma-4b-it, google/gemma-3-4b-it, ...): its own tower, projector, processor and "
+                        "chat template; no Stage 1, so no --stage1_projector_path/--vision_model_name/--llm_name")
+    g.add_argument("--load_in_4bit", action="store_true",
+                   help="with --base_vlm and --lora_r: QLoRA, the frozen weights in bitsandbytes NF4 (double "
+                        "quantisation, bf16 compute); needs a CUDA GPU and bitsandbytes")
+    g.add_argument("--pan_and_scan", action="store_true",
+                   help="with --base_vlm: the processor adds crops of wide or tall images (more image tokens); "
+                        "off by default, as in the checkpoint's processor")
     g = p.add_argument_group("what trains")
     add_bool(g, "unfreeze_llm", True, "fine-tune the LM (fully, or its LoRA adapters with --lora_r > 0)")
     add_bool(g, "unfreeze_projection_layer", False, "fine-tune the projector")
@@ -70,7 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument("--lora_dropout", type=float, default=0.05)
     g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS,
-                   help="comma-separated module names inside the LM (never the vision tower)")
+                   help="comma-separated module names inside the LM (never the vision tower), or all-linear: "
+                        "every linear layer of the LM (Google's MedGemma recipe)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=cli.positive_int, default=8, help="per process")
     g.add_argument("--learning_rate", type=cli.positive_float, default=2e-5)
@@ -86,6 +105,20 @@ def parse_args(argv=None):
         p.error("--lora_r must be >= 0")
     if args.lora_r and not args.unfreeze_llm:
         p.error("--lora_r trains LoRA adapters on the LM; it contradicts --no_unfreeze_llm")
+    if args.base_vlm:
+        given = [f for f, v, d in (("--stage1_projector_path", args.stage1_projector_path, None),
+                                   ("--vision_model_name", args.vision_model_name, None),
+                                   ("--llm_name", args.llm_name, DEFAULT_LLM),
+                                   ("--projector_depth", args.projector_depth, 2)) if v != d]
+        if given:
+            p.error(f"--base_vlm {args.base_vlm} brings its own vision tower, projector and LM; leave out "
+                    + ", ".join(given))
+    else:
+        for flag in ("load_in_4bit", "pan_and_scan"):
+            if getattr(args, flag):
+                p.error(f"--{flag} applies to a --base_vlm checkpoint; pass --base_vlm, or leave it out")
+    if args.load_in_4bit and not args.lora_r:
+        p.error("--load_in_4bit freezes the weights in 4 bits; train LoRA adapters on them with --lora_r (e.g. 16)")
     return args
 
 
@@ -157,9 +190,9 @@ def load_stage1_projector(model, path, args) -> None:
 
 # ---------------------------------------------------------------- entry point
 
-def make_dataset(json_path, args, model, tokenizer, image_processor):
+def make_dataset(json_path, args, model, tokenizer, image_processor, processor=None):
     return VQADataset(json_path, args.image_root, tokenizer, image_processor, model.config,
-                      max_q_len=args.max_q_len, max_a_len=args.max_a_len, collect_bad_rows=True)
+                      max_q_len=args.max_q_len, max_a_len=args.max_a_len, collect_bad_rows=True, processor=processor)
 
 
 def make_loader(ds, args, tokenizer, *, shuffle):
@@ -176,6 +209,8 @@ def main(argv=None):
     preflight.check_data_file(args.train_json, "--train_json")
     if args.val_json:
         preflight.check_data_file(args.val_json, "--val_json")
+    if args.base_vlm:
+        return main_base_vlm(args)
     if args.stage1_projector_path:
         preflight.require_checkpoint(args.stage1_projector_path, "--stage1_projector_path",
                                      {"stage1", "stage2", "projector"}, f"a Stage1 export (or its {PROJECTOR_DIR}/)",
@@ -221,10 +256,45 @@ def main(argv=None):
     val_loader = make_loader(val_ds, args, tokenizer, shuffle=False) if val_ds is not None else None
     trainer = VQATrainerStage2(args, accelerator, model, tokenizer, image_processor, train_loader, val_loader,
                                base_loader=base_loader)
+    return train_and_record(args, accelerator, trainer)
+
+
+def train_and_record(args, accelerator, trainer):
     results = trainer.train()
     if accelerator.is_main_process:
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return trainer
+
+
+def main_base_vlm(args):
+    """Stage 2 from a Gemma 3 multimodal checkpoint as it ships: its own processor makes every
+    sample; the same trainer, loop, flags, checkpoints and export folder as the seed's path."""
+    from base_vlm import check_4bit, load_base_vlm
+    if args.load_in_4bit:
+        check_4bit()
+    preflight.check_run_start(args, {"--base_vlm": args.base_vlm})
+    accelerator = setup_accelerator_and_logging(args, stage="Stage2")
+    model, processor = load_base_vlm(args.base_vlm, load_in_4bit=args.load_in_4bit,
+                                     pan_and_scan=True if args.pan_and_scan else None)
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+
+    def base_loader():
+        """The checkpoint again, on CPU in its stored dtype (the export merges into it)."""
+        import transformers
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            return load_base_vlm(args.base_vlm)[0]
+        finally:
+            transformers.logging.set_verbosity(level)
+    train_ds = make_dataset(args.train_json, args, model, tokenizer, image_processor, processor)
+    val_ds = make_dataset(args.val_json, args, model, tokenizer, image_processor, processor) if args.val_json else None
+    data_check.check_datasets(accelerator, args, train=train_ds, val=val_ds)
+    train_loader = make_loader(train_ds, args, tokenizer, shuffle=True)
+    val_loader = make_loader(val_ds, args, tokenizer, shuffle=False) if val_ds is not None else None
+    trainer = VQATrainerStage2(args, accelerator, model, tokenizer, image_processor, train_loader, val_loader,
+                               base_loader=base_loader, processor=processor)
+    return train_and_record(args, accelerator, trainer)
 
 
 if __name__ == "__main__":

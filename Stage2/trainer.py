@@ -44,8 +44,9 @@ class SupervisedLM(nn.Module):
         # FSDP wraps each of these block classes as its own shard unit.
         self._no_split_modules = list(getattr(vlm, "_no_split_modules", None) or [])
 
-    def forward(self, input_ids, attention_mask, pixel_values, labels, reduction="mean"):
-        return lm_loss_on_supervised(self.vlm, input_ids, attention_mask, pixel_values, labels, reduction=reduction)
+    def forward(self, input_ids, attention_mask, pixel_values, labels, reduction="mean", token_type_ids=None):
+        return lm_loss_on_supervised(self.vlm, input_ids, attention_mask, pixel_values, labels, reduction=reduction,
+                                     token_type_ids=token_type_ids)
 
 
 def part_of(name: str) -> str:
@@ -68,9 +69,21 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             for (part, decay), ps in sorted(groups.items())]
 
 
-def lora_config(args, modules_to_save):
+def lora_targets(args, model) -> list[str]:
+    """--lora_target_modules as module names; `all-linear` (Google's MedGemma recipe) is every
+    linear layer inside the LM, read off the model. Unlike PEFT's own `all-linear`, which would
+    also adapt the vision tower's layers, the tower trains only through --train_ve_first_epoch."""
+    names = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    if names == ["all-linear"]:
+        lm = model.model.language_model
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)})
+    return names
+
+
+def lora_config(args, modules_to_save, model=None):
     from peft import LoraConfig
-    names = "|".join(m.strip() for m in args.lora_target_modules.split(",") if m.strip())
+    names = "|".join(lora_targets(args, model) if model is not None else
+                     [m.strip() for m in args.lora_target_modules.split(",") if m.strip()])
     # A regex, so the vision tower's own q_proj/k_proj/v_proj are never adapted.
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=rf".*\.language_model\..*\.({names})", modules_to_save=modules_to_save or None,
@@ -114,12 +127,13 @@ class VQATrainerStage2(OneLossTrainer):
     loop_name = "stage2"
 
     def __init__(self, args, accelerator, model, tokenizer, image_processor, train_loader, val_loader=None,
-                 base_loader=None):
+                 base_loader=None, processor=None):
         """base_loader(): the VLM this run started from, built again on CPU in the checkpoints'
         own dtypes. The export takes every weight that did not train from it, and merges LoRA
-        into its weights, instead of into the bf16 training copies."""
+        into its weights, instead of into the bf16 training copies. `processor`: a --base_vlm
+        model's own processor, saved with its export (base_vlm.save_base_vlm)."""
         self.args, self.accelerator = args, accelerator
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.tokenizer, self.image_processor, self.processor = tokenizer, image_processor, processor
         self.vlm, self.peft, self.base_loader = model, None, base_loader
         self.train_vision = bool(args.train_ve_first_epoch)
         # The parts whose weights change in this run (the vision tower stays in after epoch 1).
@@ -130,7 +144,8 @@ class VQATrainerStage2(OneLossTrainer):
         # Gradients flow through the LM whatever trains (the projector sits below it).
         speed_options(args, model, hot=[model.model.vision_tower, model.model.language_model],
                       grad_flow=[model.model.language_model] + ([model.model.vision_tower] if self.train_vision else []))
-        model.to(accelerator.device)
+        if getattr(model, "hf_quantizer", None) is None:  # a 4-bit model is placed on its GPU as it loads
+            model.to(accelerator.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: pass --unfreeze_llm, --unfreeze_projection_layer or "
@@ -175,7 +190,8 @@ class VQATrainerStage2(OneLossTrainer):
             part.requires_grad_(lm_full)
         model.model.multi_modal_projector.requires_grad_(args.unfreeze_projection_layer)
         model.model.vision_tower.requires_grad_(self.train_vision)
-        if args.mixed_precision == "bf16":
+        quantized = getattr(model, "hf_quantizer", None) is not None  # 4-bit weights keep their storage
+        if args.mixed_precision == "bf16" and not quantized:
             # Weights that never train are stored in bf16 (half the memory); trained ones are
             # fp32 (master_weights below) and autocast computes in bf16. fp16 storage overflows in Gemma.
             # FSDP takes both in one shard unit: torch asks one dtype only of a unit's trained parameters.
@@ -190,7 +206,7 @@ class VQATrainerStage2(OneLossTrainer):
                                     ("vision_tower", self.train_vision)) if on]
             # modules_to_save: a trained projector (and vision tower) is stored with the adapter,
             # so the adapter folder alone restores the whole fine-tune.
-            self.peft = get_peft_model(model, lora_config(args, save))
+            self.peft = get_peft_model(model, lora_config(args, save, model))
             assert self.peft.base_model.model is model  # LoRA is injected in place
         self.stored_dtypes = master_weights(model, args.mixed_precision)
 
@@ -229,7 +245,7 @@ class VQATrainerStage2(OneLossTrainer):
         for batch in self.stepper.micro_batches(window):
             with acc.autocast():
                 loss = self.module(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                   batch["labels"], reduction="sum") * scale
+                                   batch["labels"], reduction="sum", token_type_ids=batch.get("token_type_ids")) * scale
             self.stepper.backward(loss)
             loss_sum += loss.detach()
         grad_norm, _ = self.stepper.finish(step, loss_sum, window)
@@ -261,7 +277,7 @@ class VQATrainerStage2(OneLossTrainer):
         for batch in self.val_loader:
             with acc.autocast():
                 loss = plain(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                             reduction="sum")
+                             reduction="sum", token_type_ids=batch.get("token_type_ids"))
             total += loss.float()
             count += (batch["labels"][:, 1:] != -100).sum()
         for m, mode in was_training.items():
@@ -275,7 +291,8 @@ class VQATrainerStage2(OneLossTrainer):
         return val
 
     def export_model(self, full: dict | None = None):
-        """A plain LlavaForConditionalGeneration to save, as if trained in full precision:
+        """The plain VLM to save (LlavaForConditionalGeneration, or the --base_vlm model's own
+        class), as if trained in full precision:
         - weights that never trained are the checkpoint's own (not their bf16 training copies);
         - trained weights are cast once, to the checkpoint's dtype;
         - LoRA is merged in fp32 on CPU into the checkpoint's weights: W + B·A·alpha/r. Merging
@@ -295,8 +312,10 @@ class VQATrainerStage2(OneLossTrainer):
         live = self.peft if self.peft is not None else self.vlm
         peft_prefix = "base_model.model." if self.peft is not None else ""
         # {name under `live`: tensor}: the gathered full tensors under FSDP, else the live ones.
+        # Every name of a shared tensor: with a tied embedding and LM head, the head's key would
+        # otherwise keep the base's table and overwrite the trained one on loading.
         tensors = ({peft_prefix + k.removeprefix("vlm."): v for k, v in full.items()} if full is not None
-                   else dict(live.named_parameters()))
+                   else dict(live.named_parameters(remove_duplicate=False)))
         with torch.no_grad():
             for name, p in tensors.items():
                 key = vlm_name(name)
@@ -316,7 +335,9 @@ class VQATrainerStage2(OneLossTrainer):
         acc, out = self.accelerator, self.out / name
         acc.wait_for_everyone()
         full = full_state_dict(acc, self.module)  # FSDP: every process sends its shards to the main one
-        if acc.is_main_process:
+        if acc.is_main_process and self.processor is not None:
+            self._save_base_vlm(out, full)
+        elif acc.is_main_process:
             self.exports.before_write(out)
             model = self.export_model(full)
             if "vision" in self.trained_parts:  # the projector now reads the fine-tuned tower
@@ -336,3 +357,14 @@ class VQATrainerStage2(OneLossTrainer):
             logger.info("saved %s", out)
         acc.wait_for_everyone()
         return out
+
+    def _save_base_vlm(self, out, full=None):
+        """A --base_vlm run's export: the fine-tuned model in its own class with its processor
+        (no seed folders: it has no separate projector or LM to hand on), plus `lora_adapter/`."""
+        from base_vlm import save_base_vlm
+        self.exports.before_write(out)
+        save_base_vlm(self.export_model(full), self.processor, out)
+        if self.peft is not None:
+            self.peft.save_pretrained(out / LORA_DIR, state_dict=_adapter_state(self.peft, full))
+        self.exports.after_write(out)
+        logger.info("saved %s", out)

@@ -4,13 +4,14 @@
 # from configs (random init, no download). CPU is enough; about 10 minutes on 2 cores.
 #   bash scripts/quickstart.sh                 # CXR: Stage0, Stage1, Stage2, evaluation, inference
 #   bash scripts/quickstart.sh --recipe knee   # knee X-ray recipe (seed 003): DINOv2 + SigLIP text, ~1 min
+#   bash scripts/quickstart.sh --recipe medgemma  # Stage2 --base_vlm on a tiny MedGemma-shaped model
 set -euo pipefail
 RECIPE=cxr
 while [ $# -gt 0 ]; do
     case "$1" in
         --recipe) RECIPE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-        *) echo "unknown argument $1 (use --recipe cxr|knee)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1 (use --recipe cxr|knee|medgemma)" >&2; exit 2 ;;
     esac
 done
 source "$(dirname "$0")/env.sh"
@@ -18,7 +19,8 @@ ensure_venv
 cd "$REPO_ROOT"
 export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 if [ "$RECIPE" = knee ]; then exec bash scripts/quickstart_knee.sh; fi
-[ "$RECIPE" = cxr ] || { echo "unknown recipe $RECIPE (cxr or knee)" >&2; exit 2; }
+if [ "$RECIPE" = medgemma ]; then exec bash scripts/quickstart_medgemma.sh; fi
+[ "$RECIPE" = cxr ] || { echo "unknown recipe $RECIPE (cxr, knee or medgemma)" >&2; exit 2; }
 
 OUT="${QUICKSTART_DIR:-runs/quickstart}"
 DEMO="${DEMO_DIR:-data/demo}"

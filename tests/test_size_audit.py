@@ -56,7 +56,9 @@ def test_main_prints_one_table_line_per_run_and_writes_the_same_rows_as_json(run
     assert {"Stage0 L/16-384", "Stage0 So400m/14-384", "Stage1 projector", "Stage2 LM full", "knee RAD-DINO @224",
             "CT phase 1", "CT phase 2, full", "CT phase 2, LoRA r=16", "derm LoRA r=16",
             *(f"Stage2 {what} (Gemma 3 {size})" for size in ("4B", "12B", "27B")
-              for what in ("LM full", "LoRA r=16 on the LM"))} == set(rows_by_name(data))
+              for what in ("LM full", "LoRA r=16 on the LM")),
+            *(f"Stage2 --base_vlm {what} (MedGemma {size})" for size in ("4B", "27B")
+              for what in ("LM full", "LoRA r=16 all-linear"))} == set(rows_by_name(data))
     assert data["gpu_gb"] == 80 and data["num_gpus"] == 8
 
 
@@ -173,7 +175,8 @@ def test_every_launcher_default_fits_80gb_or_its_row_names_a_config_that_does(ru
                    and r["launcher"] != "scripts/run_stage1.sh" for n in r["fits_with"])
     assert {r["name"] for r in result["rows"] if not r["fits_one_gpu"]} == {
         "CT phase 2, full", "Stage2 LM full (Gemma 3 12B)", "Stage2 LM full (Gemma 3 27B)",
-        "Stage2 LoRA r=16 on the LM (Gemma 3 27B)"}
+        "Stage2 LoRA r=16 on the LM (Gemma 3 27B)", "Stage2 --base_vlm LM full (MedGemma 4B)",
+        "Stage2 --base_vlm LM full (MedGemma 27B)"}
 
 
 def test_activation_formula_distinguishes_gelu_and_gated_mlps():
@@ -246,3 +249,25 @@ def test_the_larger_gemma_3_lms_have_their_published_sizes_and_need_sharding(run
     assert rows["Stage2 LM full (Gemma 3 12B)"]["gpus_needed"]["fsdp2"] <= \
         rows["Stage2 LM full (Gemma 3 12B)"]["gpus_needed"]["zero2"]
     assert "FSDP2 x8" in run[1] and "GPUs: ZeRO-2 / FSDP2" in run[1]
+
+
+def test_medgemma_lora_fits_one_40gb_gpu_and_its_full_fine_tune_does_not():
+    """The launcher's BASE_VLM defaults (LoRA r=16 on every linear layer of the LM, gradient
+    checkpointing, its batch size) fit one 40 GB GPU for MedGemma 4B; the full fine-tune's
+    weights, gradients and AdamW state alone are about 64 GB."""
+    from scripts.bench.size_audit import base_vlm_defaults
+    v = base_vlm_defaults(ROOT / "scripts/run_stage2.sh")
+    assert (v["LORA_R"], v["LORA_TARGET_MODULES"], v["GRADIENT_CHECKPOINTING"]) == ("16", "all-linear", "1")
+    assert v["BATCH_SIZE"] == launcher_defaults(ROOT / "scripts/run_stage2.sh")["BATCH_SIZE"]
+    rows = rows_by_name(size_audit.audit(num_gpus=8, gpu_gb=40))
+    lora, full = (rows[f"Stage2 --base_vlm {w} (MedGemma 4B)"] for w in ("LoRA r=16 all-linear", "LM full"))
+    assert lora["fits_one_gpu"] and lora["batch_size"] == int(v["BATCH_SIZE"])
+    # Gemma 3 4B: 4.30B parameters (the LM's 3.88B train in full; the 0.42B vision tower stays frozen)
+    assert full["params_total"] == pytest.approx(4.30e9, rel=5e-3) == lora["params_total"] - lora["params_trained"]
+    assert full["params_trained"] == pytest.approx(3.88e9, rel=5e-3)
+    one = full["engines"]["one_gpu"]
+    assert 60e9 < (one["gradients"] + one["optimizer"] + 4 * full["params_trained"]) < 66e9
+    assert not full["fits_one_gpu"] and "Stage2 --base_vlm LoRA r=16 all-linear (MedGemma 4B) (one GPU)" in \
+        full["fits_with"]
+    assert lora["params_trained"] < full["params_trained"] / 100
+    assert not rows["Stage2 --base_vlm LoRA r=16 all-linear (MedGemma 27B)"]["fits_one_gpu"]

@@ -171,6 +171,21 @@ def build_vlm(vision_name: str, llm_name: str):
     return model
 
 
+def build_base_vlm(name: str):
+    """A Gemma3ForConditionalGeneration (MedGemma, Gemma 3 4B+) from its embedded config, on meta."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from scripts.demo.model_configs import BASE_VLM_CONFIGS
+    if name not in BASE_VLM_CONFIGS:
+        raise KeyError(f"no embedded config for --base_vlm {name!r}: add it to scripts/demo/model_configs.py "
+                       "(BASE_VLM_CONFIGS)")
+    cfg = {k: v for k, v in BASE_VLM_CONFIGS[name].items() if k not in ("model_type", "torch_dtype")}
+    with _meta():
+        model = Gemma3ForConditionalGeneration(Gemma3Config(**cfg))
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    return model
+
+
 def num_patches(vision_config, image_size=None) -> int:
     return ((image_size or vision_config.image_size) // vision_config.patch_size) ** 2
 
@@ -405,6 +420,65 @@ def stage2_row(v, stage1_vars, label: str = "", group: str = "stage2", default: 
                 f"{n_img} image + {q} question + {a} answer tokens"], default)
 
 
+def base_vlm_defaults(path) -> dict[str, str]:
+    """The launcher's defaults with BASE_VLM set: the `if [[ -n "$BASE_VLM" ]]` block's values
+    first (they are set before the general block, whose `:=` then keeps them)."""
+    lines = Path(path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith('if [[ -n "$BASE_VLM" ]]'))
+    block = {}
+    for line in lines[start + 1:]:
+        if line.strip() == "fi":
+            break
+        m = _VAR.match(line.strip())
+        if m and "$" not in m.group(2):
+            block[m.group(1)] = m.group(2)
+    return {**launcher_defaults(path), **block}
+
+
+def base_vlm_row(v, name: str, label: str, default: bool) -> Row:
+    """Stage2 --base_vlm as the launcher runs it with BASE_VLM (LoRA on every linear layer of
+    the LM, gradient checkpointing) or LORA_R=0 (the LM fully), bf16, the launcher's batch."""
+    model = build_base_vlm(name)
+    lora_r = int(v.get("LORA_R", "0"))
+    checkpointing = v.get("GRADIENT_CHECKPOINTING") == "1"
+    model.requires_grad_(False)
+    for part in (model.model.language_model, model.lm_head):
+        part.requires_grad_(not lora_r)
+    b, q, a = int(v["BATCH_SIZE"]), int(v["MAX_Q_LEN"]), int(v["MAX_A_LEN"])
+    text = model.config.text_config
+    # The template's turn markers, <start_of_image>/<end_of_image> and the blank lines around them.
+    seq = model.config.mm_tokens_per_image + q + a + GEMMA_TURN_TOKENS + 4
+    if checkpointing:  # each block's input kept, one block's activations at a time (recomputed)
+        lm_act = BF16 * text.hidden_size * text.num_hidden_layers * seq * b + layer_token_bytes(text) * seq * b
+    else:
+        lm_act = tower_activations(text, seq, b)
+    act = {"LM" + (" (gradient checkpointing)" if checkpointing else ""): lm_act,
+           "LM loss": LM_LOSS_BYTES_PER_LOGIT * text.vocab_size * a * b}
+    what = "LM full"
+    if lora_r:
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.model.language_model.named_modules()
+                          if type(m).__name__ == "Linear"})
+        _lora(model.model.language_model, r=lora_r, alpha=float(v.get("LORA_ALPHA", 16)), dropout=0.05,
+              targets=targets)
+        if not checkpointing:
+            act["LoRA dropout"] = lora_dropout_activations(model.model.language_model, seq, b, 0.05)
+        what = f"LoRA r={lora_r} all-linear"
+    return Row(f"Stage2 --base_vlm {what} ({label})", LAUNCHERS["stage2"], f"stage2 {label}", model, [name], b,
+               v["MIXED_PRECISION"], act, _export([(model, BF16)]),
+               [f"BASE_VLM={name}" + ("" if lora_r else " LORA_R=0") + f"; {model.config.mm_tokens_per_image} image + "
+                f"{q} question + {a} answer tokens" + ("; gradient checkpointing" if checkpointing else "")], default)
+
+
+BASE_VLMS = {"MedGemma 4B": "google/medgemma-4b-it", "MedGemma 27B": "google/medgemma-27b-it"}
+
+
+def base_vlm_rows(root=ROOT) -> list[Row]:
+    v = base_vlm_defaults(Path(root) / LAUNCHERS["stage2"])
+    full = {**v, "LORA_R": "0", "GRADIENT_CHECKPOINTING": "0"}
+    return [row for label, name in BASE_VLMS.items()
+            for row in (base_vlm_row(v, name, label, False), base_vlm_row(full, name, label, False))]
+
+
 def knee_row(v) -> Row:
     import torch
     from torch import nn
@@ -537,6 +611,7 @@ def build_rows(root=ROOT) -> list[Row]:
         stage1_row(s1),
         stage2_row(_launcher("stage2", root), s1),
         *larger_lm_rows(_launcher("stage2", root), s1),
+        *base_vlm_rows(root),
         knee_row(_launcher("knee", root)),
         ct_row(ct, 1),
         *sorted(ct2, key=lambda row: not row.default),

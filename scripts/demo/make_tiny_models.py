@@ -246,6 +246,77 @@ def gemma3_it_generation_config(tokenizer):
                             top_k=64, top_p=0.95)
 
 
+# google/medgemma-4b-it's image processing (preprocessor_config.json): 896 px squares, mean and
+# std 0.5, bilinear; pan-and-scan left to the caller (null in the file, off in Gemma3Processor).
+MEDGEMMA_IMAGE_MEAN = MEDGEMMA_IMAGE_STD = [0.5, 0.5, 0.5]
+# Gemma 3 4B's token ids around an image, and its 262,208-row table (262,144 text tokens, then
+# <image_soft_token> and 63 more rows).
+MEDGEMMA_BOI, MEDGEMMA_EOI, MEDGEMMA_IMAGE_TOKEN, MEDGEMMA_VOCAB = 255999, 256000, 262144, 262208
+
+
+def medgemma_processor(tokenizer_from, *, image_size: int, image_seq_length: int):
+    """A Gemma3Processor as google/medgemma-4b-it ships it, around the tokenizer of a real Gemma 3
+    folder: <start_of_image>/<end_of_image>/<image_soft_token> as the tokenizer's boi/eoi/image
+    tokens (the packaged 270M tokenizer lacks <image_soft_token>; added, it takes id 262144 as
+    in MedGemma) and the -it chat template."""
+    from transformers import AutoTokenizer, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    extra = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = AutoTokenizer.from_pretrained(tokenizer_from, extra_special_tokens=extra)
+    tok.add_tokens(["<image_soft_token>"], special_tokens=True)
+    ids = [tok.convert_tokens_to_ids(t) for t in extra.values()]
+    if ids != [MEDGEMMA_BOI, MEDGEMMA_EOI, MEDGEMMA_IMAGE_TOKEN]:
+        raise ValueError(f"{tokenizer_from}: image token ids {ids}, not Gemma 3's; pass a Gemma 3 tokenizer folder")
+    tok.chat_template = GEMMA3_IT_CHAT_TEMPLATE
+    # The PIL backend: the default one needs torchvision, and both give the same pixels.
+    images = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=MEDGEMMA_IMAGE_MEAN,
+                                     image_std=MEDGEMMA_IMAGE_STD, resample=2)
+    return Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=GEMMA3_IT_CHAT_TEMPLATE,
+                           image_seq_length=image_seq_length)
+
+
+def build_tiny_medgemma(out_dir, *, tokenizer_from=None, image_size=32, patch_size=8, mm_tokens_per_image=4,
+                        vision_hidden_size=64, vision_layers=2, hidden_size=64, num_layers=2, num_heads=2,
+                        seed=0, dtype=torch.bfloat16) -> Path:
+    """A Gemma3ForConditionalGeneration shaped like google/medgemma-4b-it, small: a SigLIP vision
+    tower without its pooling head, the pooled projector (MedGemma pools 64x64 patches of its
+    896 px image to 16x16 = 256 tokens; here (image_size/patch_size)^2 patches pool to
+    `mm_tokens_per_image`), a Gemma 3 LM with MedGemma's 262,208-row tied table, the real Gemma 3
+    tokenizer (`tokenizer_from`, default the packaged 270M's) with the image tokens, the -it chat
+    template, a sampling generation config, and weights stored in bf16. Random weights."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    if tokenizer_from is None:
+        from scripts.demo.prepare_gemma270m import prepare_gemma270m
+        tokenizer_from = prepare_gemma270m()
+    side, per_side = image_size // patch_size, int(mm_tokens_per_image ** 0.5)
+    if per_side * per_side != mm_tokens_per_image or side % per_side:
+        raise ValueError(f"{side}x{side} patches do not pool evenly to {mm_tokens_per_image} tokens")
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    processor = medgemma_processor(tokenizer_from, image_size=image_size, image_seq_length=mm_tokens_per_image)
+    tok = processor.tokenizer
+    config = Gemma3Config(
+        text_config=dict(vocab_size=MEDGEMMA_VOCAB, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=1,
+                         head_dim=hidden_size // num_heads, max_position_embeddings=1024, sliding_window=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]),
+        vision_config=dict(model_type="siglip_vision_model", image_size=image_size, patch_size=patch_size,
+                           hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
+                           num_hidden_layers=vision_layers, num_attention_heads=2, layer_norm_eps=1e-6,
+                           vision_use_head=False),
+        mm_tokens_per_image=mm_tokens_per_image, boi_token_index=MEDGEMMA_BOI, eoi_token_index=MEDGEMMA_EOI,
+        image_token_index=MEDGEMMA_IMAGE_TOKEN, tie_word_embeddings=True)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # a fresh RMSNorm weight is 0 (scale 1 + w); a random projector reads the image
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, vision_hidden_size ** -0.5)
+    model = model.to(dtype)
+    model.generation_config = gemma3_it_generation_config(tok)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_tiny_dinov2(out_dir, *, image_size=64, patch_size=8, hidden_size=64, num_layers=2, num_heads=2,
                       seed=0, hub_shaped=False, dtype=None) -> Path:
     """A Dinov2Model (the RAD-DINO architecture) with DINOv2's own preprocessing: resize the

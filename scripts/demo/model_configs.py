@@ -75,6 +75,22 @@ GEMMA3_12B = {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360, "
 GEMMA3_27B = {**_GEMMA3_TEXT, "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
               "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168}
 
+# Gemma 3 multimodal checkpoints (Gemma3ForConditionalGeneration), which Stage2 fine-tunes as they
+# ship (--base_vlm): google/gemma-3-{4b,12b,27b}-it and google/medgemma-{4b,27b}-it share one
+# vision tower, SigLIP So400m/14 at 896 px without its pooling head (a 64x64 patch grid, pooled to
+# 256 image tokens), stored in bf16 with the LM.
+_GEMMA3_VISION_896 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_attention_heads": 16, "num_hidden_layers": 27, "image_size": 896, "patch_size": 14,
+                      "vision_use_head": False, "layer_norm_eps": 1e-6}
+
+
+def _gemma3_vlm(text: dict) -> dict:
+    return {"model_type": "gemma3", "mm_tokens_per_image": 256, "boi_token_index": 255999,
+            "eoi_token_index": 256000, "image_token_index": 262144, "tie_word_embeddings": True,
+            "vision_config": _GEMMA3_VISION_896,
+            "text_config": {k: v for k, v in text.items() if k != "torch_dtype"}, "torch_dtype": "bfloat16"}
+
+
 LLAMA3_8B = {
     "model_type": "llama",
     "vocab_size": 128256,
@@ -118,6 +134,15 @@ MERLIN_I3RESNET152 = {
     "width": 64,
     "num_classes": 1692,
     "torch_dtype": "float32",
+}
+
+# The whole multimodal checkpoints, by the ids --base_vlm takes.
+BASE_VLM_CONFIGS = {
+    "google/medgemma-4b-it": _gemma3_vlm(GEMMA3_4B),
+    "google/medgemma-27b-it": _gemma3_vlm(GEMMA3_27B),
+    "google/gemma-3-4b-it": _gemma3_vlm(GEMMA3_4B),
+    "google/gemma-3-12b-it": _gemma3_vlm(GEMMA3_12B),
+    "google/gemma-3-27b-it": _gemma3_vlm(GEMMA3_27B),
 }
 
 CONFIGS = {
