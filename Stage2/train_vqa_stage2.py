@@ -67,6 +67,9 @@ def parse_args(argv=None):
     g.add_argument("--llm_name", default=DEFAULT_LLM, help="the Gemma3 causal LM Stage 1 used (hub id or folder)")
     g.add_argument("--stage1_projector_path", default=None,
                    help="Stage 1 output: its final_model/ (a VLM folder) or that folder's projection_layer/")
+    g.add_argument("--pad_to_square", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero-pad each image to a square before the resize (MedSigLIP's preprocessing); default: as "
+                        "Stage 1 recorded it, else as --vision_model_name records it")
     g.add_argument("--projector_depth", type=int, default=2,
                    help="only without --stage1_projector_path (a new projector); otherwise Stage 1's depth")
     g.add_argument("--base_vlm", default=None,
@@ -109,7 +112,8 @@ def parse_args(argv=None):
         given = [f for f, v, d in (("--stage1_projector_path", args.stage1_projector_path, None),
                                    ("--vision_model_name", args.vision_model_name, None),
                                    ("--llm_name", args.llm_name, DEFAULT_LLM),
-                                   ("--projector_depth", args.projector_depth, 2)) if v != d]
+                                   ("--projector_depth", args.projector_depth, 2),
+                                   ("--pad_to_square", args.pad_to_square, None)) if v != d]
         if given:
             p.error(f"--base_vlm {args.base_vlm} brings its own vision tower, projector and LM; leave out "
                     + ", ".join(given))
@@ -133,6 +137,7 @@ from projectors import PROJECTOR_DIR, check_tower, load_projector, projector_of,
 from Stage2.dataset import VQACollator, VQADataset, pad_token_id
 from Stage2.trainer import VQATrainerStage2
 from training.data import LengthGroupedSampler, loader_kwargs
+from image_loader import apply_pad_to_square
 from vlm import build_vlm
 
 logger = logging.getLogger("siglip_med")
@@ -147,6 +152,16 @@ def stage1_projector_dir(path) -> Path:
         raise FileNotFoundError(f"--stage1_projector_path {path}: expected a Stage 1 final_model/ (holding "
                                 f"{PROJECTOR_DIR}/) or a {PROJECTOR_DIR}/ folder with config.json; found neither")
     return pdir
+
+
+def stage1_pads_to_square(path) -> bool | None:
+    """Whether Stage 1 padded its images to a square (the record its export's image processor
+    carries); None when its folder holds no processor."""
+    from image_loader import PAD_TO_SQUARE_KEY
+    config = stage1_projector_dir(path).parent / "preprocessor_config.json"
+    if not config.is_file():
+        return None
+    return bool(json.loads(config.read_text()).get(PAD_TO_SQUARE_KEY, False))
 
 
 def stage1_projector_depth(path) -> int:
@@ -233,7 +248,11 @@ def main(argv=None):
         check_tower(model, record, args.vision_model_name, what=f"the Stage 1 projector {args.stage1_projector_path}",
                     override_flag="--allow_vision_tower_mismatch", allow=args.allow_vision_tower_mismatch)
         load_stage1_projector(model, args.stage1_projector_path, args)
-    else:
+    pad = args.pad_to_square
+    if pad is None and args.stage1_projector_path:  # the projector learnt on what Stage 1 fed the tower
+        pad = stage1_pads_to_square(args.stage1_projector_path)
+    apply_pad_to_square(image_processor, pad, "Stage 1" if args.pad_to_square is None and pad else args.vision_model_name)
+    if not args.stage1_projector_path:
         warnings.warn("no --stage1_projector_path: the projector starts from random weights "
                       "(Stage 2 normally follows Stage 1's alignment)")
     start_projector = {k: v.detach().clone() for k, v in projector_of(model).state_dict().items()}

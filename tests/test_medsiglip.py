@@ -236,6 +236,14 @@ def test_stage1_pads_the_hub_medsiglip_when_told(data, hub_medsiglip, hub_gemma3
     padded = torch.equal(ds[0]["pixel_values"], _reference(hub_medsiglip, ds.rows[0]["image_path"]))
     recorded = json.loads((out / "final_model" / "preprocessor_config.json").read_text()).get(PAD_TO_SQUARE_KEY, False)
     assert padded is recorded is (flag == "--pad_to_square")
+    # Stage2 on the same hub tower follows what Stage 1 recorded, without being told
+    from Stage2.train_vqa_stage2 import main as stage2
+    trainer = stage2(["--image_root", str(data), "--train_json", str(data / "train.json"), "--output_dir",
+                      str(tmp_path / "stage2"), "--vision_model_name", str(hub_medsiglip), "--llm_name",
+                      str(hub_gemma3_it), "--stage1_projector_path", str(out / "final_model"), "--batch_size", "2",
+                      "--max_steps", "1", "--num_workers", "0", "--report_to", "none", "--max_a_len", "8"])
+    ds = trainer.train_loader.dataset
+    assert torch.equal(ds.pixel_values(0), _reference(hub_medsiglip, ds.rows[0]["image_path"])) is padded
 
 
 def test_the_record_stands_when_training_goes_on_and_flags_override_it(stage0):
