@@ -22,12 +22,12 @@ for split in ("train", "val", "test"):
     json.dump(rows, open(f"{out}/closed_{split}.json", "w"))
 PY
 
-step "2. a MedGemma-shaped model built from a config (random weights, the real Gemma 3 tokenizer): 64 px
-    images, 8x8 patches pooled 4x4 to 4 image tokens (MedGemma: 896 px, 64x64 patches pooled to 256)"
+step "2. a MedGemma-shaped model built from a config (random weights, the real Gemma 3 tokenizer): 32 px
+    images, 4x4 patches pooled 2x2 to 4 image tokens (MedGemma: 896 px, 64x64 patches pooled to 256)"
 python - "$OUT/tiny/medgemma" <<'PY'
 import sys
 from scripts.demo.make_tiny_models import build_tiny_medgemma
-build_tiny_medgemma(sys.argv[1], image_size=64, patch_size=8, mm_tokens_per_image=4)
+build_tiny_medgemma(sys.argv[1], image_size=32, patch_size=8, mm_tokens_per_image=4)
 PY
 
 step "3. zero-shot: the base checkpoint itself, evaluated on the held-out closed questions"
@@ -40,7 +40,7 @@ step "4. Stage2 --base_vlm through the launcher. A random LM cannot learn throug
     a pretrained MedGemma takes the launcher's default, LoRA r=16"
 BASE_VLM="$OUT/tiny/medgemma" IMAGE_ROOT="$DEMO" TRAIN_JSON="$OUT/closed_train.json" VAL_JSON="$OUT/closed_val.json" \
 OUTPUT_DIR="$OUT/stage2" LORA_R=0 GRADIENT_CHECKPOINTING=0 LEARNING_RATE="${LR_STAGE2:-2e-3}" \
-NUM_EPOCHS="${EPOCHS_STAGE2:-3}" BATCH_SIZE=32 GRAD_ACCUM=1 NUM_GPUS=1 MIXED_PRECISION=no REPORT_TO=none \
+NUM_EPOCHS="${EPOCHS_STAGE2:-4}" BATCH_SIZE=32 GRAD_ACCUM=1 NUM_GPUS=1 MIXED_PRECISION=no REPORT_TO=none \
 NUM_WORKERS=1 MAX_A_LEN=16 \
     bash scripts/run_stage2.sh --warmup_steps 20 --logging_steps 50 --no-save_every_epoch
 
