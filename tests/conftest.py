@@ -214,3 +214,20 @@ def hub_merlin_ckpt(tmp_path_factory):
     width 8 (`--merlin_layers 1 1 1 1 --merlin_width 8`)."""
     from scripts.demo.make_tiny_models import build_merlin_checkpoint
     return build_merlin_checkpoint(tmp_path_factory.mktemp("hub") / "merlin" / "merlin_official.pt")
+
+
+def stage2_demo_32px(root: Path) -> Path:
+    """Demo data at 32 px for the Stage 2 tests (1500 phantoms; 5% val, 10% test) in root/demo:
+    closed_{train,val}.json hold the yes/no questions (the learning tests), small_{train,val,test}.json
+    48/16/24 mixed rows (closed, location and open answers) for the mechanics tests."""
+    from scripts.demo.make_demo_data import main as make_demo_data
+    data = root / "demo"
+    make_demo_data(["--out_dir", str(data), "--num_images", "1500", "--image_size", "32", "--seed", "3",
+                    "--val_fraction", "0.05", "--test_fraction", "0.1", "--num_workers", "1"])
+    splits = {s: json.loads((data / f"stage2_{s}.json").read_text()) for s in ("train", "val", "test")}
+    for s in ("train", "val"):
+        (data / f"closed_{s}.json").write_text(json.dumps([r for r in splits[s] if r["question_type"] == "closed"]))
+    for s, n in (("train", 48), ("val", 16), ("test", 24)):
+        (data / f"small_{s}.json").write_text(json.dumps(splits[s][:n]))
+    return data
+

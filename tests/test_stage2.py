@@ -30,7 +30,7 @@ from transformers import (
 
 from image_loader import ImageLoadError
 from projectors import load_projector, projector_of
-from scripts.demo.make_demo_data import main as make_demo_data
+from conftest import stage2_demo_32px
 from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage2.dataset import VQACollator, VQADataset, build_example, build_prompt
 from Stage2.evaluate import main as evaluate_main
@@ -56,15 +56,7 @@ def s2(tmp_path_factory):
     long Stage 2 sits at the answer prior before it starts reading the image varied from 200 to
     over 400 steps with the projector's initialisation; from the stand-in it was under 200.)"""
     root = tmp_path_factory.mktemp("stage2")
-    data = root / "demo"
-    make_demo_data(["--out_dir", str(data), "--num_images", "1500", "--image_size", "32", "--seed", "3",
-                    "--val_fraction", "0.05", "--test_fraction", "0.1", "--num_workers", "1"])
-    splits = {s: json.loads((data / f"stage2_{s}.json").read_text()) for s in ("train", "val", "test")}
-    for s in ("train", "val"):
-        (data / f"closed_{s}.json").write_text(json.dumps([r for r in splits[s] if r["question_type"] == "closed"]))
-    # Small mixed sets (closed, location and open answers) for the mechanics tests.
-    (data / "small_train.json").write_text(json.dumps(splits["train"][:48]))
-    (data / "small_val.json").write_text(json.dumps(splits["val"][:16]))
+    data = stage2_demo_32px(root)
     texts = _texts_from_files([data / "stage2_train.json"])
     # Saved as the hub ships SigLIP and Gemma 3 -it (bf16; Gemma's sampling generation config and
     # chat template), at the sizes above.
