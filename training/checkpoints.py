@@ -237,6 +237,8 @@ def resume_from(accelerator: Accelerator, output_dir, resume_from_checkpoint) ->
 
 FROZEN_FINGERPRINT_FILE = "frozen_weights.json"
 
+ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate's own name for a checkpoint's model file
+
 _registered = weakref.WeakKeyDictionary()  # accelerator -> its TrainableOnlyCheckpoints
 
 
@@ -247,8 +249,6 @@ def _trained_tensors(accelerator, held) -> dict:
     if ckpt is not None:
         return ckpt.state()
     return {n: p for n, p in held[0][0].named_parameters() if p.requires_grad}
-
-ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate's own name for a checkpoint's model file
 
 
 def weights_fingerprint(tensors: dict, stored_dtypes: dict | None = None) -> dict:
@@ -301,7 +301,9 @@ class TrainableOnlyCheckpoints:
 
     A checkpoint without the fingerprint file was written whole by accelerate (by this code
     before trained-only checkpoints): accelerate loads it as before. Under DeepSpeed the engine
-    writes its own checkpoint and nothing is registered."""
+    writes its own checkpoint and nothing is registered. Under FSDP the trained tensors go into
+    the checkpoint's sharded part (training/fsdp.py), each process its shards; the fingerprint
+    file is written and checked as here."""
 
     def __init__(self, accelerator: Accelerator, module: torch.nn.Module, keeps=None,
                  filename: str = ACCELERATE_MODEL_FILE, stored_dtypes: dict | None = None):
