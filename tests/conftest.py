@@ -231,3 +231,15 @@ def stage2_demo_32px(root: Path) -> Path:
         (data / f"small_{s}.json").write_text(json.dumps(splits[s][:n]))
     return data
 
+
+def assert_same_training(one, two, steps: int) -> tuple[list, list]:
+    """Two runs' metrics.jsonl (one process, and two processes on the same union batch) log the
+    same `steps` train losses and gradient norms; returns their validation losses (one, two)."""
+    rows = [[json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    train_one, train_two = ([r for r in rs if "train/loss" in r] for rs in rows)
+    assert len(train_one) == len(train_two) == steps
+    for a, b in zip(train_one, train_two):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+    return tuple([r["val/loss"] for r in rs if "val/loss" in r] for rs in rows)
+

