@@ -4,6 +4,8 @@ with its image processor and its image-token count. Every weight loads strictly:
 would be partly random-initialised is refused."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import warnings
 from pathlib import Path
@@ -31,16 +33,23 @@ def _has_cls(config) -> bool:
     return config.model_type in _CLS_TOWERS
 
 
-def _checked_from_pretrained(cls, name_or_path, allow=None, **kw):
+@contextlib.contextmanager
+def transformers_errors_only():
+    """transformers logs errors only for the duration (its loading reports and config chatter)."""
     from transformers.utils import logging as hf_logging
-    # The loading report lists the unused half of a two-tower checkpoint (SigLIP's text tower)
-    # as "unexpected"; that is intended here, while missing weights are checked below.
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kw)
+        yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def _checked_from_pretrained(cls, name_or_path, allow=None, **kw):
+    # The loading report lists the unused half of a two-tower checkpoint (SigLIP's text tower)
+    # as "unexpected"; that is intended here, while missing weights are checked below.
+    with transformers_errors_only():
+        model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kw)
     bad = {k: [n for n in v if not (allow and allow(n if isinstance(n, str) else n[0]))]
            for k, v in info.items() if k in ("missing_keys", "mismatched_keys")}
     bad = {k: v for k, v in bad.items() if v}

@@ -138,6 +138,7 @@ from Stage2.dataset import VQACollator, VQADataset, pad_token_id
 from Stage2.trainer import VQATrainerStage2
 from training.data import LengthGroupedSampler, loader_kwargs
 from image_loader import apply_pad_to_square
+from vision_tower import transformers_errors_only
 from vlm import build_vlm
 
 logger = logging.getLogger("siglip_med")
@@ -259,13 +260,8 @@ def main(argv=None):
 
     def base_loader():
         """This run's starting VLM again, on CPU in the checkpoints' dtypes (for the export)."""
-        import transformers
-        level = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
+        with transformers_errors_only():
             base, _, _ = build_vlm(args.vision_model_name, args.llm_name, projector_depth=depth)
-        finally:
-            transformers.logging.set_verbosity(level)
         projector_of(base).load_state_dict(start_projector)
         return base
     train_ds = make_dataset(args.train_json, args, model, tokenizer, image_processor)
@@ -299,13 +295,8 @@ def main_base_vlm(args):
 
     def base_loader():
         """The checkpoint again, on CPU in its stored dtype (the export merges into it)."""
-        import transformers
-        level = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
+        with transformers_errors_only():
             return load_base_vlm(args.base_vlm)[0]
-        finally:
-            transformers.logging.set_verbosity(level)
     train_ds = make_dataset(args.train_json, args, model, tokenizer, image_processor, processor)
     val_ds = make_dataset(args.val_json, args, model, tokenizer, image_processor, processor) if args.val_json else None
     data_check.check_datasets(accelerator, args, train=train_ds, val=val_ds)
