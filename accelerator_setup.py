@@ -52,33 +52,20 @@ def _tracker(args, project_dir: Path) -> str | None:
     return None
 
 
-# Which distributed engine serves which stage. A pair not listed stops the run before any
-# model is loaded. DeepSpeed ZeRO-2 shards the optimizer state and gradients; FSDP2
-# (scripts/accelerate/fsdp.yaml) shards the weights too, which a full fine-tune of a 12B-27B
-# Gemma needs (training/fsdp.py: sharded resume checkpoints, exports gathered to one process).
-WORKING_ENGINES = {
-    "Stage0": "one process (scripts/accelerate/single.yaml), DDP (ddp.yaml), DeepSpeed ZeRO-2 (deepspeed_zero2.yaml)",
-}
-ALL_ENGINES = ("one process (scripts/accelerate/single.yaml), DDP (ddp.yaml), DeepSpeed ZeRO-2 (deepspeed_zero2.yaml), "
-               "FSDP2 (fsdp.yaml)")
+# Every stage runs on every engine: one process, DDP, DeepSpeed ZeRO-2 (optimizer state and
+# gradients sharded) and FSDP2 (scripts/accelerate/fsdp.yaml; the weights sharded too, which a
+# full fine-tune of a 12B-27B Gemma needs; training/fsdp.py: sharded resume checkpoints, exports
+# gathered to one process). What is refused is a flag a sharded engine cannot serve.
 
 
 def check_engine(accelerator, stage: str, args) -> None:
-    """Refuse an engine x stage pair that cannot work, naming the ones that do."""
+    """Refuse, before any model loads, a flag the engine cannot serve, naming the engines that can."""
     from accelerate.utils import DistributedType
     engine = accelerator.distributed_type
-    reason = None
-    if engine == DistributedType.FSDP and stage == "Stage0":
-        reason = ("its towers and recipes are not wired to FSDP's sharded parameters (its exports read the "
-                  "towers' full weights on one process); its towers fit one GPU, so DDP or ZeRO-2 serve it")
-    elif engine in (DistributedType.DEEPSPEED, DistributedType.FSDP) and getattr(args, "train_ve_first_epoch", False):
-        reason = ("--train_ve_first_epoch stops training the vision tower after epoch 1, and a sharded "
-                  "engine's trained parameters are fixed when it is built")
-    if reason:
-        works = WORKING_ENGINES.get(stage, ALL_ENGINES)
-        if getattr(args, "train_ve_first_epoch", False):
-            works = "one process (scripts/accelerate/single.yaml), DDP (ddp.yaml)"
-        raise SystemExit(f"error: {stage} cannot run under {engine.value}: {reason}. Engines that work: {works}.")
+    if engine in (DistributedType.DEEPSPEED, DistributedType.FSDP) and getattr(args, "train_ve_first_epoch", False):
+        raise SystemExit(f"error: {stage} cannot run under {engine.value}: --train_ve_first_epoch stops training "
+                         "the vision tower after epoch 1, and a sharded engine's trained parameters are fixed when "
+                         "it is built. Engines that work: one process (scripts/accelerate/single.yaml), DDP (ddp.yaml).")
 
 
 def setup_accelerator_and_logging(args, stage: str | None = None) -> Accelerator:

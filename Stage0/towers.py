@@ -299,8 +299,9 @@ def build_model(args):
     image = ImageTower(backbone, image_kind, args.image_pooling, out_dim=image_head)
     text = TextTower(text_backbone, text_kind, out_dim=shared, use_mask=args.text_attention_mask)
     t = 1.0 / args.temperature if args.temperature else math.exp(PAPER_LOGIT_SCALE)
-    scale = nn.Parameter(torch.tensor(math.log(t)))
-    bias = nn.Parameter(torch.tensor(PAPER_LOGIT_BIAS))
+    # Shape [1], as SiglipModel's: FSDP shards no 0-d parameter.
+    scale = nn.Parameter(torch.tensor([math.log(t)]))
+    bias = nn.Parameter(torch.tensor([PAPER_LOGIT_BIAS]))
     if image_kind == "merlin":
         proc = VolumeProcessor(size=args.volume_size, clip_min=args.volume_clip[0], clip_max=args.volume_clip[1])
     else:
@@ -505,8 +506,8 @@ def load_model(path, *, text_attention_mask=False):
     text = TextTower(text_backbone, txt_kind, out_dim=spec["text_dim"], use_mask=spec["text"].get("use_mask", False))
     image.head.load_state_dict({k[6:]: v for k, v in heads.items() if k.startswith("image.")})
     text.head.load_state_dict({k[5:]: v for k, v in heads.items() if k.startswith("text.")})
-    model = ContrastiveModel(image, text, nn.Parameter(heads["logit_scale"][0].clone()),
-                             nn.Parameter(heads["logit_bias"][0].clone()), spec=spec)
+    model = ContrastiveModel(image, text, nn.Parameter(heads["logit_scale"].reshape(1).clone()),
+                             nn.Parameter(heads["logit_bias"].reshape(1).clone()), spec=spec)
     if spec["image"]["kind"] == "merlin":
         proc = VolumeProcessor.from_pretrained(path / IMAGE_DIR)
     else:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from accelerator_setup import count_parameters, unwrap
 from training.checkpoints import TrainableOnlyCheckpoints
 from training.data import loader_kwargs
 from training.exports import ExportCopies
+from training.fsdp import full_state_dict, is_fsdp, meta_copy, plain_copy
 from training.loop import run_training
 from training.precision import master_weights
 from training.speed import speed_options
@@ -46,15 +48,25 @@ class DualEncoder(torch.nn.Module):
     def __init__(self, model: ContrastiveModel):
         super().__init__()
         self.model = model
-        # FSDP wraps each of these block classes as its own shard unit.
-        self._no_split_modules = sorted({c for m in (model.image.backbone, model.text.backbone)
-                                         for c in (getattr(m, "_no_split_modules", None) or [])})
+        # FSDP wraps each of these classes as its own shard unit: every block, and each tower's
+        # backbone, so that what is outside the blocks (a frozen LLM's embedding table) is gathered
+        # only when that backbone runs (a frozen text backbone: once, for the caption cache), not
+        # by the root unit at every step.
+        backbones = (model.image.backbone, model.text.backbone)
+        self._no_split_modules = sorted({c for m in backbones for c in (getattr(m, "_no_split_modules", None) or [])}
+                                        | {type(m).__name__ for m in backbones})
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, text_features=None):
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, text_features=None,
+                backbone_features: bool = False):
+        """(image, text, logit scale, logit bias); with `backbone_features`, the text slot holds
+        the text backbone's features of `input_ids` (no head, not normalised). Everything runs
+        through here, so that FSDP's hooks gather what each call reads."""
         img = txt = None
         if pixel_values is not None:
             img = F.normalize(self.model.image(pixel_values), dim=-1)
-        if input_ids is not None:
+        if input_ids is not None and backbone_features:
+            txt = self.model.text.features(input_ids, attention_mask)
+        elif input_ids is not None:
             txt = F.normalize(self.model.text(input_ids, attention_mask), dim=-1)
         elif text_features is not None:
             txt = F.normalize(self.model.text.head(text_features), dim=-1)
@@ -67,11 +79,11 @@ def embed_captions(encoder: DualEncoder, input_ids, attention_mask, batch_size, 
     """Every caption's L2-normalised embedding, or (features_only) its text-backbone features,
     which a frozen backbone gives once for the whole run (in float32, or as autocast computed
     them with keep_dtype)."""
-    out, text = [], encoder.model.text
+    out = []
     for s in range(0, input_ids.shape[0], batch_size):
         ids, mask = input_ids[s:s + batch_size].to(device), attention_mask[s:s + batch_size].to(device)
         with autocast():
-            t = text.features(ids, mask) if features_only else encoder(input_ids=ids, attention_mask=mask)[1]
+            t = encoder(input_ids=ids, attention_mask=mask, backbone_features=features_only)[1]
         out.append(t if keep_dtype else t.float())
     return torch.cat(out)
 
@@ -90,14 +102,17 @@ def embed_cached(encoder: DualEncoder, features, batch_size, autocast) -> torch.
 
 @torch.no_grad()
 def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, autocast=contextlib.nullcontext,
-                         num_workers=0, duplicates_positive: bool = True, text_features=None) -> dict[str, float]:
+                         num_workers=0, duplicates_positive: bool = True, text_features=None,
+                         even_forwards: bool = False) -> dict[str, float]:
     """Val SigLIP loss (mean over batches of `batch_size` in file order) and R@1/R@5 both ways.
     `text_features`: the captions' cached features of a frozen text backbone (embed_captions
     with features_only, in batches of `batch_size`), which then need not be run.
 
     Under several processes every process must call this: each embeds its share of the
     batches (batch k on process k mod P), and the image embeddings and loss sums are gathered,
-    so every process returns exactly the single-process metrics."""
+    so every process returns exactly the single-process metrics. `even_forwards` (FSDP, where
+    every forward is a collective): a process with fewer batches runs the first one again as many
+    times as it is short, and drops what it gives."""
     rank, ws = world()
     was_training = encoder.training
     encoder.eval()
@@ -107,12 +122,18 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
         txt = embed_captions(encoder, dataset.input_ids, dataset.attention_mask, batch_size, device, autocast)
     n = len(dataset)
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-    dl = DataLoader(dataset, batch_sampler=batches[rank::ws], collate_fn=collate_fn, **loader_kwargs(num_workers))
+    mine = batches[rank::ws]
+    real = len(mine)
+    if even_forwards:
+        mine += batches[:1] * (-(-len(batches) // ws) - real)
+    dl = DataLoader(dataset, batch_sampler=mine, collate_fn=collate_fn, **loader_kwargs(num_workers))
     rows, imgs = [], []
     loss_sum = torch.zeros((), device=device)
-    for b in dl:
+    for i, b in enumerate(dl):
         with autocast():
             img, _, scale, bias = encoder(pixel_values=b["pixel_values"].to(device))
+        if i >= real:  # a blank forward (even_forwards)
+            continue
         img = img.float()
         imgs.append(img)
         rows.append(b["index"].to(device))
@@ -224,8 +245,16 @@ class VisionEncoderTrainerStage0:
         # The text tower runs every step unless it is frozen and its caption features cached.
         text_every_step = objective is not None or not args.freeze_text_encoder
         trains = [t for t in (model.image, model.text) if any(p.requires_grad for p in t.parameters())]
-        speed_options(args, model, grad_flow=trains, hot=[model.image] + ([model.text] if text_every_step else []))
         self.encoder = DualEncoder(model)
+        self.encoder_shape = None
+        if is_fsdp(accelerator):
+            # The shape exports fill with the gathered weights (taken before compile's wrappers).
+            self.encoder_shape = meta_copy(self.encoder)
+            # torch warns that a backbone unit's output is a view (SigLIP's pooled output, a CLS
+            # token), on which an in-place op would skip the unit's gradient hook; nothing here
+            # changes a tower's output in place (heads, normalisation and losses are out of place).
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+        speed_options(args, model, grad_flow=trains, hot=[model.image] + ([model.text] if text_every_step else []))
         # Resume checkpoints hold the trained tensors; the frozen ones are fingerprinted once, here.
         self.checkpoints = TrainableOnlyCheckpoints(
             accelerator, self.encoder, stored_dtypes={f"model.{k}": v for k, v in self.stored_dtypes.items()})
@@ -292,9 +321,10 @@ class VisionEncoderTrainerStage0:
         its weights leave the accelerator (an 8B LLM2Vec tower frees 16 GB) for CPU memory,
         where the exports read them. Parameters only: the buffers (rotary frequencies, position
         ids: kilobytes) stay, since DDP broadcasts every buffer of the model at each forward and
-        NCCL cannot send CPU tensors. Not under DeepSpeed, whose engine owns the parameters."""
+        NCCL cannot send CPU tensors. Not under DeepSpeed, whose engine owns the parameters, nor
+        under FSDP, whose shards of it (1/N of it on each GPU) stay where its unit put them."""
         from accelerate.utils import DistributedType
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             return
         backbone = unwrap(self.accelerator, self.encoder).model.text.backbone
         with torch.no_grad():
@@ -403,7 +433,8 @@ class VisionEncoderTrainerStage0:
         """Val metrics on every process (each on its share), logged by the main one."""
         m = evaluate_contrastive(unwrap(self.accelerator, self.encoder), self.val_dataset, self._val_batch_size(),
                                  self.accelerator.device, self.accelerator.autocast,
-                                 duplicates_positive=self.duplicates_positive, text_features=self.val_text_cache)
+                                 duplicates_positive=self.duplicates_positive, text_features=self.val_text_cache,
+                                 even_forwards=is_fsdp(self.accelerator))
         logger.info("epoch %d val: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
         log_metrics(self.accelerator, {f"val/{k}": v for k, v in m.items()}, step)
         self._set_modes()
@@ -451,8 +482,12 @@ class VisionEncoderTrainerStage0:
         processor and tokenizer files with it. What an earlier export of the run holds
         unchanged (a frozen tower, tokenizer files) is a hard link to that copy."""
         self.accelerator.wait_for_everyone()
+        full = full_state_dict(self.accelerator, self.encoder)  # FSDP: every process sends its shards to the main one
         if self.accelerator.is_main_process:
             model = unwrap(self.accelerator, self.encoder).model
+            if full is not None:  # a plain copy holding the gathered weights, not the shards
+                model = plain_copy(self.encoder_shape, full, self.encoder,
+                                   also=lambda e: [e.model.siglip] if e.model.siglip is not None else []).model
             parts = self._unchanged_parts(model)
             self.exports.before_write(out_dir)
             linked = self.exports.link_parts(out_dir, parts)

@@ -14,7 +14,7 @@ import torch
 from accelerator_setup import count_parameters
 from projectors import projector_of
 from training.checkpoints import TrainableOnlyCheckpoints
-from training.fsdp import full_state_dict
+from training.fsdp import full_state_dict, meta_copy, plain_copy
 from training.loop import OneLossTrainer
 from training.precision import frozen_in_stored_dtypes, master_weights
 from training.speed import speed_options
@@ -45,7 +45,7 @@ class ProjectionTrainerStage1(OneLossTrainer):
         projector = projector_of(model)
         self.params = list(projector.parameters())
         optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        self._projector_shape = copy.deepcopy(projector).to("meta")  # an export's plain copy, under FSDP
+        self._projector_shape = meta_copy(projector)  # an export's plain copy, under FSDP
         self.projector, self.optimizer, self.train_loader = accelerator.prepare(projector, optimizer, train_loader)
         model.model.multi_modal_projector = self.projector
         self.set_up_steps(self.projector, train_loader, val_loader)
@@ -98,12 +98,6 @@ class ProjectionTrainerStage1(OneLossTrainer):
         self._evaluated = (step, val)
         return val
 
-    def _plain_projector(self, full: dict):
-        """The projector as built (no FSDP hooks), holding the gathered full weights."""
-        plain = copy.deepcopy(self._projector_shape)
-        plain.load_state_dict(full, strict=True, assign=True)
-        return plain
-
     def save(self, name) -> Path:
         """save_vlm with the plain projector (no DDP wrapper) cast to the LM's dtype, and the
         frozen parts in the dtypes their checkpoints were stored in. The VLM's one weights file
@@ -118,7 +112,7 @@ class ProjectionTrainerStage1(OneLossTrainer):
                 dtype = self.model.model.language_model.embed_tokens.weight.dtype
                 plain = acc.unwrap_model(self.projector)
                 if full is not None:  # a plain copy holding the gathered weights, not the shards
-                    plain = self._plain_projector(full)
+                    plain = plain_copy(self._projector_shape, full, self.projector)
                 if plain.linear_1.weight.dtype != dtype:
                     plain = copy.deepcopy(plain).to(dtype)
                 self.model.model.multi_modal_projector = plain

@@ -27,6 +27,22 @@ echo "stub ran $name"
 """
 
 
+STAND_IN_REFUSAL = """import os, sys
+sys.path.insert(0, os.getcwd())
+import accelerator_setup
+_check = accelerator_setup.check_engine
+
+
+def check_engine(accelerator, stage, args):
+    if stage == "Stage0" and accelerator.distributed_type.value == "FSDP":
+        raise SystemExit("error: Stage0 cannot run under FSDP: a stand-in refusal. Engines that work: DDP (ddp.yaml).")
+    return _check(accelerator, stage, args)
+
+
+accelerator_setup.check_engine = check_engine
+"""
+
+
 def _gpu_check(tmp_path, *args, env=None, timeout=600):
     stub = tmp_path / "stub.sh"
     stub.write_text(STUB)
@@ -95,19 +111,24 @@ def test_gpu_wheels_lists_every_runtime_requirement_the_gpu_image_lacks():
 def test_refused_engines_missing_packages_and_failed_dependencies_are_skipped_not_failed(tmp_path):
     only = ("stage0_bf16 stage1 stage2_full infer_stage2_full stage0_deepspeed stage1_deepspeed "
             "stage0_fsdp stage1_fsdp stage2_fsdp knee")
-    proc, summary, _ = _gpu_check(tmp_path, "--only", only, env={"STUB_FAIL": "stage1", "STUB_AUDIT": "1"})
+    # Every stage runs on every engine today; a refusal check_engine may add is standing in here
+    # (Stage0 under FSDP), put into every Python process the script starts.
+    refuse = tmp_path / "refuse"
+    refuse.mkdir()
+    (refuse / "sitecustomize.py").write_text(STAND_IN_REFUSAL)
+    proc, summary, _ = _gpu_check(tmp_path, "--only", only, env={"STUB_FAIL": "stage1", "STUB_AUDIT": "1",
+                                                                 "PYTHONPATH": str(refuse)})
     rows = _rows(summary)
     assert proc.returncode == 1, proc.stderr  # stage1 failed
     assert rows["stage1"] == "FAIL (3)" and rows["stage0_bf16"] == "ok" and rows["knee"] == "ok"
     assert rows["stage2_full"] == "skipped (needs stage1, which did not pass)"
     assert rows["infer_stage2_full"] == "skipped (needs stage2_full, which did not pass)"
-    # what the project refuses (FSDP for Stage0) is skipped with the project's own words; a stage it
-    # serves runs, after what it needs
-    for stage, name in (("Stage0", "stage0_fsdp"), ("Stage1", "stage1_fsdp"), ("Stage2", "stage2_fsdp")):
-        why = _refusal(stage, "fsdp.yaml")
-        runs = "skipped (needs stage1, which did not pass)" if stage == "Stage2" else "ok"
-        assert rows[name] == (f"skipped (refused by the project: {why})" if why else runs), rows[name]
-    assert _refusal("Stage0", "fsdp.yaml") and not _refusal("Stage2", "fsdp.yaml")
+    # what the project refuses is skipped with the project's own words; a stage it serves runs,
+    # after what it needs
+    assert not any(_refusal(stage, "fsdp.yaml") for stage in ("Stage0", "Stage1", "Stage2"))
+    assert rows["stage0_fsdp"] == "skipped (refused by the project: Stage0 cannot run under FSDP: a stand-in refusal)"
+    assert rows["stage1_fsdp"] == "ok"
+    assert rows["stage2_fsdp"] == "skipped (needs stage1, which did not pass)"
     if importlib.util.find_spec("deepspeed") is None:
         assert rows["stage0_deepspeed"] == rows["stage1_deepspeed"] == "skipped (deepspeed not installed)"
     # the summary opens with this GPU's size audit, then one row per check with the audit's estimate

@@ -162,17 +162,15 @@ def test_every_launcher_default_fits_80gb_or_its_row_names_a_config_that_does(ru
     one, ddp, zero2 = (full["engines"][k] for k in ("one_gpu", "ddp", "zero2"))
     assert not one["fits"] and not ddp["fits"]
     assert zero2["fits"] and zero2["total"] < one["total"] / 2
-    assert full["fits_with"] == ["ZeRO-2 x8", "CT phase 2, LoRA r=16 (one GPU)"]
+    assert full["fits_with"] == ["ZeRO-2 x8", "FSDP2 x8", "CT phase 2, LoRA r=16 (one GPU)"]
     assert rows["CT phase 2, LoRA r=16"]["fits_one_gpu"]
     # The launcher's TEXT_LORA_R picks phase 2's default; the other row is the marked alternative.
     lora_default = int(launcher_defaults(ROOT / "scripts/run_ct_clip.sh").get("TEXT_LORA_R", "0")) > 0
     assert rows["CT phase 2, LoRA r=16"]["launcher_default"] == lora_default != full["launcher_default"]
     line = next(line for line in stdout.splitlines() if line.startswith("| CT phase 2, full"))
-    assert line.endswith("| no: ZeRO-2 x8; CT phase 2, LoRA r=16 (one GPU) |")
-    # FSDP2 is named where the stage runs it: Stage2's 27B full fine-tune fits with it alone; never for Stage0's recipes
+    assert line.endswith("| no: ZeRO-2 x8; FSDP2 x8; CT phase 2, LoRA r=16 (one GPU) |")
+    # Stage2's 27B full fine-tune fits with FSDP2 alone: ZeRO-2 keeps whole weights on every GPU
     assert rows["Stage2 LM full (Gemma 3 27B)"]["fits_with"] == ["FSDP2 x8"]
-    assert not any("FSDP2" in n for r in result["rows"] if r["launcher"] != "scripts/run_stage2.sh"
-                   and r["launcher"] != "scripts/run_stage1.sh" for n in r["fits_with"])
     assert {r["name"] for r in result["rows"] if not r["fits_one_gpu"]} == {
         "CT phase 2, full", "Stage2 LM full (Gemma 3 12B)", "Stage2 LM full (Gemma 3 27B)",
         "Stage2 LoRA r=16 on the LM (Gemma 3 27B)", "Stage2 --base_vlm LM full (MedGemma 4B)",
@@ -233,7 +231,7 @@ def test_fsdp2_shards_everything_and_gathers_the_root_and_two_blocks():
     assert f["total"] == 509 + 2028 + 4 + 8 + 1000
     rows = [r]
     verdicts(rows, 4)
-    assert r["engines"]["fsdp2"]["fits"] and r["fits_with"] == ["one GPU", "DDP x4", "ZeRO-2 x4"]  # not run yet
+    assert r["engines"]["fsdp2"]["fits"] and r["fits_with"] == ["one GPU", "DDP x4", "ZeRO-2 x4", "FSDP2 x4"]
 
 
 def test_the_larger_gemma_3_lms_have_their_published_sizes_and_need_sharding(run):

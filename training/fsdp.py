@@ -94,3 +94,55 @@ def _sharded_state(held, tensors: dict) -> dict:
         raise ValueError(f"FSDP checkpoints expect one prepared model, found {len(models)}")
     return {"model": tensors, **{f"optimizer_{i}": get_optimizer_state_dict(models[0], opt)
                                  for i, opt in enumerate(optimizers)}}
+
+
+def meta_copy(module):
+    """A copy of `module` on the meta device, made without copying a single weight (each tensor
+    of it is mapped to a meta tensor of its shape before the deep copy reaches it): the shape an
+    export under FSDP fills with the gathered full weights (plain_copy). Made before `prepare`,
+    while the module is still the model as built, without FSDP's hooks."""
+    import copy
+
+    import torch
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def plain_copy(shape, full: dict, live, also=()):
+    """A plain module of meta_copy's `shape` holding the gathered `full` state dict (assigned:
+    no second copy of the weights) and the `live` module's buffers that no state dict holds (the
+    non-persistent ones: rotary frequencies, position ids; FSDP leaves buffers whole). A
+    parameter shared under several names (a tied embedding and LM head) stays one parameter,
+    also in the modules `also(copy)` names that hold some of its parameters outside its own tree
+    (a SiglipModel both towers belong to)."""
+    import copy
+    plain = copy.deepcopy(shape)
+    names, metas = {}, []  # {id of a meta parameter: every name it has}
+    for name, p in plain.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        metas.append(p)  # alive until the end, so that no id is reused
+    extra = list(also(plain)) if also else []
+    plain.load_state_dict(full, strict=True, assign=True)  # each name its own parameter now
+    loaded = {}
+    for i, (first, *others) in names.items():
+        loaded[i] = plain.get_parameter(first)
+        for name in others:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner)._parameters[leaf] = loaded[i]
+    for root in extra:
+        for m in root.modules():
+            for k, p in m._parameters.items():
+                if p is not None and id(p) in loaded:
+                    m._parameters[k] = loaded[id(p)]
+    live_buffers = dict(live.named_buffers())
+    for name, b in list(plain.named_buffers()):
+        if b.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[leaf] = live_buffers[name].detach().to("cpu", copy=True)
+    left = [n for root in [plain, *extra] for n, t in [*root.named_parameters(), *root.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the gathered state dict left {len(left)} tensors unfilled, e.g. {left[:3]}")
+    return plain

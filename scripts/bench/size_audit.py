@@ -18,7 +18,8 @@ N GPUs (bf16 mixed precision, AdamW):
                       the LM head: the root unit, kept through the step) and two blocks (the one
                       running and the one prefetched), blocks being the model's
                       `_no_split_modules`; no autocast copies (FSDP casts when it gathers).
-                      Stage1 and Stage2 run FSDP2; for Stage0's rows the column says what it would take
+                      Stage0 wraps each tower's backbone as a unit of its own too (what its blocks
+                      leave is gathered only while it runs); counted as root here, an upper bound
   activations         an ESTIMATE, kept only in the towers gradients flow through (a frozen
                       tower whose output is only an input, or whose text features are cached,
                       keeps none), no gradient checkpointing, SDPA/flash attention (no score
@@ -63,7 +64,6 @@ CT_LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05,
            "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 ENGINES = ("one_gpu", "ddp", "zero2", "fsdp2")
 WORKING_ENGINES = ("one_gpu", "ddp", "zero2", "fsdp2")  # what the trainers run: the verdicts name only these
-FSDP2_LAUNCHERS = ("stage1", "stage2")  # Stage0 and its recipes refuse FSDP (accelerator_setup.check_engine)
 SHARDED = ("zero2", "fsdp2")
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)  # for "how many GPUs does this engine need"
 
@@ -707,8 +707,7 @@ def verdicts(rows: list[dict], num_gpus: int) -> None:
     which alternative row of the same run does."""
     for r in rows:
         r["fits_one_gpu"] = r["engines"]["one_gpu"]["fits"]
-        works = [e for e in WORKING_ENGINES if e != "fsdp2" or r["launcher"] in [LAUNCHERS[k] for k in FSDP2_LAUNCHERS]]
-        fits_with = [ENGINE_NAMES[e].format(n=num_gpus) for e in works if r["engines"][e]["fits"]]
+        fits_with = [ENGINE_NAMES[e].format(n=num_gpus) for e in WORKING_ENGINES if r["engines"][e]["fits"]]
         alternatives = [o["name"] for o in rows if o is not r and o["group"] == r["group"]
                         and o["engines"]["one_gpu"]["fits"]]
         r["fits_with"] = fits_with + [f"{a} (one GPU)" for a in alternatives if not r["fits_one_gpu"]]
@@ -774,7 +773,7 @@ def markdown(result: dict) -> str:
     note = (f"GiB per GPU, bf16 mixed precision, AdamW. weights/grads/AdamW/activations: one GPU; the engine "
             f"columns are totals (autocast's bf16 copies of trained weights under one GPU and DDP, DDP's gradient "
             f"buckets; ZeRO-2 shards gradients and AdamW state over {n} GPUs, not weights; FSDP2 shards all "
-            f"three and gathers the root unit and two blocks; Stage0 does not run FSDP2). GPUs: the fewest "
+            f"three and gathers the root unit and two blocks). GPUs: the fewest "
             f"of {', '.join(map(str, GPU_COUNTS))} with which that engine fits ('-': none). Activations are a "
             f"rough estimate (python scripts/bench/size_audit.py --help). Fits: within {1 - result['headroom']:.0%} of "
             f"{gb:g} GiB. * an alternative to the launcher's default.")
