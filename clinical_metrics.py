@@ -1,6 +1,6 @@
-"""Report-generation metrics that run a model: BERTScore (the bert-score package) and CheXbert F1
-(the CheXbert labeller on a local chexbert.pth). RadGraph F1 cannot run with transformers 5
-(`RADGRAPH_UNAVAILABLE` says why). The text-overlap metrics are metrics.report_metrics.
+"""Report-generation metrics that run a model: BERTScore (the bert-score package), CheXbert F1
+(the CheXbert labeller on a local chexbert.pth) and RadGraph F1 (the radgraph package on a local
+copy of its model archive). The text-overlap metrics are metrics.report_metrics.
 
 Each scorer is built once, before a model generates (a wrong path fails in a second, not after
 the generation), and called as scorer(predictions, references) -> (values, implementation):
@@ -8,8 +8,15 @@ the implementation names the package, its version and the settings that change t
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import json
 import os
+import shutil
+import sys
+import tempfile
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -18,17 +25,15 @@ import torch
 
 from cli import UserError
 
-RADGRAPH_UNAVAILABLE = (
-    "RadGraph F1 cannot run with transformers 5, which this project needs: the radgraph package (0.1.18, "
-    "its latest release) calls tokenizer.encode_plus, which transformers 5 removed, and RadEval 2.2.1's "
-    "patched copy of it fails on import (it imports 'RadEval', a module its 'radeval' package does not "
-    "provide); score the saved predictions (OUTPUT_JSON) with radgraph in an environment with transformers<5")
-
-
 
 def _brief(error, limit: int = 200) -> str:
     """A library's message on one line (hub errors span several), cut short."""
     return " ".join(str(error).split())[:limit]
+
+
+def _file_sha256(path, chars: int = 12) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:chars]
 
 
 # ---------------------------------------------------------------- BERTScore
@@ -171,8 +176,7 @@ class CheXbert:
                             f"checkpoint's {config.vocab_size}; CheXbert reads bert-base-uncased's tokenizer")
         from transformers import __version__ as tf_version
         from sklearn import __version__ as sk_version
-        with open(Path(checkpoint).expanduser(), "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+        digest = _file_sha256(Path(checkpoint).expanduser())
         self.implementation = (f"CheXbert labeller ({Path(checkpoint).name}, sha256 {digest}...) on transformers "
                                f"{tf_version}, tokenizer {tokenizer}; positive or uncertain = present; "
                                f"scikit-learn {sk_version} f1_score")
@@ -246,3 +250,177 @@ def _load_chexbert(path):
     if missing or unexpected:
         raise UserError(f"{where}: its BERT does not load: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model, heads, config
+
+
+# ---------------------------------------------------------------- RadGraph F1
+
+RADGRAPH_MODEL_TYPES = ("radgraph", "radgraph-xl")
+# F1RadGraph's reward levels; its own README scores with "all", the three at once.
+RADGRAPH_REWARD_LEVELS = ("simple", "partial", "complete", "all")
+_RADGRAPH_LEVELS = ("simple", "partial", "complete")
+# Where a DyGIE++ archive's config.json names the BERT it embeds and tokenizes with.
+_RADGRAPH_BERT_FIELDS = (("model", "embedder", "token_embedders", "bert", "model_name"),
+                         ("dataset_reader", "token_indexers", "bert", "model_name"))
+
+
+def _radgraph_tokenizer_shim():
+    """Let radgraph 0.1.18's vendored AllenNLP tokenise under transformers 5, which removed the two
+    tokenizer methods it calls: `encode_plus` (now the tokenizer's __call__, same arguments) and
+    `build_inputs_with_special_tokens` (the indexer re-adds [CLS]/[SEP] around each 512-piece
+    segment). Every tokenizer radgraph loads comes from cached_transformers.get_tokenizer, so that
+    function is wrapped to give each new instance the two methods; the installed package is not
+    edited, and a tokenizer that still has them (transformers 4) is left alone."""
+    from radgraph.allennlp.common import cached_transformers
+    if getattr(cached_transformers.get_tokenizer, "project_shim", False):
+        return
+    original = cached_transformers.get_tokenizer
+
+    @functools.wraps(original)
+    def get_tokenizer(model_name, **kwargs):
+        tokenizer = original(model_name, **kwargs)
+        if not hasattr(tokenizer, "encode_plus"):
+            tokenizer.encode_plus = tokenizer.__call__
+        if not hasattr(tokenizer, "build_inputs_with_special_tokens"):
+            start, end = _special_tokens_around(tokenizer)
+            tokenizer.build_inputs_with_special_tokens = lambda ids, pair=None: (
+                start + list(ids) + end if pair is None else _no_pairs())
+        return tokenizer
+
+    get_tokenizer.project_shim = True
+    cached_transformers.get_tokenizer = get_tokenizer
+
+
+def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after one sequence ([CLS] and [SEP] for BERT), read off
+    its own output as AllenNLP reads them (pretrained_transformer_tokenizer's reverse engineering)."""
+    full = tokenizer("a")["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    raise ValueError(f"cannot tell {type(tokenizer).__name__}'s special tokens from its output {full}")
+
+
+def _no_pairs():
+    raise NotImplementedError("radgraph's indexer builds single sequences only")
+
+
+class RadGraphF1:
+    """RadGraph F1 (Delbrouck et al. 2022) from the radgraph package's own F1RadGraph, on a local
+    copy of its model archive (StanfordAIMI/RRG_scorers radgraph.tar.gz or radgraph-xl.tar.gz,
+    extracted: config.json, vocabulary/, weights.th). Nothing downloads: radgraph fetches the
+    archive only into an empty folder, and the BERT its config.json names (a hub id) is read from
+    a local folder (`bert`) or the Hugging Face cache; only its config and tokenizer are read, the
+    weights are weights.th's. transformers 5 needs `_radgraph_tokenizer_shim`.
+
+    The reward levels are F1RadGraph's: simple (entities: tokens and label), partial (entities and
+    whether they have a relation), complete (entities with each relation). "all" reports the three
+    (RG_E, RG_ER, RG_bar_ER; RG_ER is the one report-generation papers usually give). The archive
+    is read through a temporary copy of its config.json that names the local BERT; vocabulary/ is
+    copied too (AllenNLP writes a lock file in it), weights.th is linked."""
+
+    name = "RadGraph"
+
+    def __init__(self, path, model_type: str = "radgraph-xl", reward_level: str = "all", bert: str | None = None,
+                 device: str = "cpu"):
+        if model_type not in RADGRAPH_MODEL_TYPES:
+            raise UserError(f"--radgraph_model_type {model_type}: one of {', '.join(RADGRAPH_MODEL_TYPES)}")
+        if reward_level not in RADGRAPH_REWARD_LEVELS:
+            raise UserError(f"--radgraph_reward_level {reward_level}: one of {', '.join(RADGRAPH_REWARD_LEVELS)}")
+        self.reward_level = reward_level
+        levels = _RADGRAPH_LEVELS if reward_level == "all" else (reward_level,)
+        self.keys = tuple(f"RadGraph-F1-{level}" for level in levels)
+        archive = _radgraph_archive(path, model_type)
+        config = json.loads((archive / "config.json").read_text())
+        names = [_radgraph_bert_name(config, fields, archive) for fields in _RADGRAPH_BERT_FIELDS]
+        local = {name: _radgraph_bert_folder(name, bert, archive) for name in names}
+        for fields, name in zip(_RADGRAPH_BERT_FIELDS, names):
+            functools.reduce(dict.__getitem__, fields[:-1], config)[fields[-1]] = str(local[name])
+        try:
+            with warnings.catch_warnings():  # radgraph's import resets the DeprecationWarning filter for everyone
+                from radgraph import F1RadGraph
+        except ImportError as e:
+            raise UserError(f"--radgraph_path: the radgraph package is not installed (pip install radgraph==0.1.18): "
+                            f"{_brief(e)}") from e
+        _radgraph_tokenizer_shim()
+        dev = torch.device(device)
+        with tempfile.TemporaryDirectory(prefix="radgraph-") as tmp:
+            folder = Path(tmp) / model_type
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps(config))
+            shutil.copytree(archive / "vocabulary", folder / "vocabulary")
+            (folder / "weights.th").symlink_to((archive / "weights.th").resolve())
+            try:
+                with contextlib.redirect_stdout(sys.stderr):  # its "Using device" line, not in the table
+                    self.scorer = F1RadGraph(reward_level=reward_level, model_type=model_type, model_cache_dir=tmp,
+                                             cuda=(dev.index or 0) if dev.type == "cuda" else -1)
+            except Exception as e:  # a tokenizer, a BERT config or weights.th that does not fit
+                raise UserError(f"--radgraph_path {path}: the {model_type} model does not load from {archive} "
+                                f"({type(e).__name__}: {_brief(e)}); it takes the folder "
+                                f"{model_type}.tar.gz unpacks to, with the BERT its config.json names") from e
+        from transformers import __version__ as tf_version
+        bert_note = ", ".join(f"{n}" + (f" from {local[n]}" if str(local[n]) != n else "") for n in sorted(local))
+        self.implementation = (f"radgraph {version('radgraph')} F1RadGraph, reward level {reward_level}; "
+                               f"{model_type} from {archive} (weights.th sha256 {_file_sha256(archive / 'weights.th')}"
+                               f"...), BERT {bert_note}; transformers {tf_version} through clinical_metrics' "
+                               "tokenizer shim")
+
+    def __call__(self, predictions: list[str], references: list[str]) -> tuple[dict, str]:
+        if not predictions:
+            return dict.fromkeys(self.keys), self.implementation
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+            mean_reward, *_ = self.scorer(refs=list(references), hyps=list(predictions))
+        values = mean_reward if self.reward_level == "all" else (mean_reward,)
+        return {k: float(v) for k, v in zip(self.keys, values)}, self.implementation
+
+
+def _radgraph_archive(path, model_type: str) -> Path:
+    """The folder holding config.json, vocabulary/ and weights.th: PATH itself (an extracted
+    archive) or PATH/MODEL_TYPE (radgraph's own cache folder)."""
+    where, root = f"--radgraph_path {path}", Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{where}: no such folder; pass the folder {model_type}.tar.gz (StanfordAIMI/RRG_scorers) "
+                        "unpacks to")
+    archive = root / model_type if not (root / "config.json").is_file() and (root / model_type).is_dir() else root
+    for name, kind in (("config.json", "file"), ("vocabulary", "folder"), ("weights.th", "file")):
+        if not (archive / name).exists():
+            raise UserError(f"{where}: no {archive / name} ({kind}); pass the folder {model_type}.tar.gz "
+                            "(StanfordAIMI/RRG_scorers) unpacks to: config.json, vocabulary/, weights.th")
+    # radgraph names the label namespaces after the model type: another type's archive finds no labels
+    labels = archive / "vocabulary" / f"{model_type}__ner_labels.txt"
+    if not labels.is_file():
+        other = sorted(f.name.removesuffix("__ner_labels.txt") for f in labels.parent.glob("*__ner_labels.txt"))
+        raise UserError(f"{where}: no {labels}: the archive is not {model_type}'s"
+                        + (f"; pass --radgraph_model_type {other[0]}" if other else ""))
+    return archive
+
+
+def _radgraph_bert_name(config: dict, fields: tuple, archive: Path) -> str:
+    try:
+        name = functools.reduce(dict.__getitem__, fields, config)
+    except (KeyError, TypeError):
+        name = None
+    if not isinstance(name, str):
+        raise UserError(f"--radgraph_path: {archive / 'config.json'} has no {'.'.join(fields)}; "
+                        "not a RadGraph (DyGIE++) model archive")
+    return name
+
+
+def _radgraph_bert_folder(name: str, bert: str | None, archive: Path) -> Path:
+    """A local folder for the BERT config.json names: --radgraph_bert, else the name itself when it
+    is a folder, else its copy in the Hugging Face cache (never a download)."""
+    if bert is not None:
+        folder = Path(bert).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--radgraph_bert {bert}: no config.json in it; pass a folder holding {name}'s "
+                            "config.json and tokenizer files")
+        return folder
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as e:
+        raise UserError(f"--radgraph_path: {archive / 'config.json'} names the BERT {name}, which is not in the "
+                        f"Hugging Face cache (nothing is downloaded); pass --radgraph_bert FOLDER holding its "
+                        "config.json and tokenizer files") from e

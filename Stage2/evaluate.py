@@ -22,9 +22,10 @@ CLOSED/OPEN included; without one, a yes/no reference is "closed" and anything e
             corpus BLEU-1 and BLEU-4, ROUGE-L, and METEOR where NLTK's WordNet data is installed
             (metrics.report_metrics); BERTScore (bert-score) when its model is at hand
             (--bertscore_model); CheXbert F1, micro and macro over the 14 labels and the five
-            findings, with --chexbert_path (clinical_metrics). Each names the library, version and
-            settings that computed it. RadGraph F1 cannot run with transformers 5 (--radgraph_path
-            says why).
+            findings, with --chexbert_path; RadGraph F1 (the radgraph package's F1RadGraph) with
+            --radgraph_path, at the reward level --radgraph_reward_level names ("all": simple,
+            partial and complete, i.e. RG_E, RG_ER, RG_bar_ER) (clinical_metrics). Each names the
+            library, version and settings that computed it.
 --predictions_json scores saved predictions without a model: a JSON list with one item per
 test row in order (a string, or an object with a `prediction` key), or this script's own
 OUTPUT_JSON, whose predictions carry their rows; it gives the summary the model run gave.
@@ -91,7 +92,18 @@ def parse_args(argv=None):
                    help="CheXbert's chexbert.pth: CheXbert F1 on the 14 labels and the five findings")
     g.add_argument("--chexbert_tokenizer", default="bert-base-uncased", metavar="NAME_OR_PATH",
                    help="the tokenizer CheXbert reads (bert-base-uncased's), a hub id or a local folder")
-    g.add_argument("--radgraph_path", default=None, help="RadGraph F1: not available with transformers 5 (says why)")
+    g.add_argument("--radgraph_path", default=None, metavar="DIR",
+                   help="RadGraph F1: the folder StanfordAIMI/RRG_scorers' radgraph-xl.tar.gz (or radgraph.tar.gz) "
+                        "unpacks to (config.json, vocabulary/, weights.th), or radgraph's cache folder holding it; "
+                        "nothing is downloaded")
+    g.add_argument("--radgraph_model_type", choices=["radgraph", "radgraph-xl"], default="radgraph-xl",
+                   help="which RadGraph model the folder holds")
+    g.add_argument("--radgraph_reward_level", choices=["simple", "partial", "complete", "all"], default="all",
+                   help="F1RadGraph's reward level: simple (entities), partial (entities and whether they relate), "
+                        "complete (entities and their relations), all (the three)")
+    g.add_argument("--radgraph_bert", default=None, metavar="DIR",
+                   help="a local folder with the config and tokenizer of the BERT the archive's config.json names "
+                        "(default: that name from the Hugging Face cache)")
     g = p.add_argument_group("generation")
     g.add_argument("--batch_size", type=cli.positive_int, default=16)
     g.add_argument("--max_new_tokens", type=int, default=128)
@@ -113,9 +125,6 @@ def parse_args(argv=None):
     if args.num_workers < 0:
         p.error("--num_workers must be >= 0")
     args.device = cli.check_device(p, args.device)
-    if args.radgraph_path:
-        from clinical_metrics import RADGRAPH_UNAVAILABLE
-        p.error(f"--radgraph_path {args.radgraph_path}: {RADGRAPH_UNAVAILABLE}")
     preflight.require_file(args.chexbert_path, "--chexbert_path", "checkpoint file (CheXbert's chexbert.pth)")
     if args.output_json is None:
         base = (Path(args.predictions_json).parent if args.predictions_json else Path(args.model_path)
@@ -281,6 +290,7 @@ def format_table(summary: dict, markdown: bool = False) -> str:
         r = summary["report"]
         keys = ["BLEU-1", "BLEU-4", "ROUGE-L", "METEOR", "BERTScore-F1"]
         keys += [f"CheXbert-F1-{a}-{n}" for n in ("14", "5") for a in ("micro", "macro")]
+        keys += [f"RadGraph-F1-{level}" for level in ("simple", "partial", "complete")]
         lines += ["", "report: " + ", ".join(f"{k} {cell(r.get(k))}" for k in keys if k in r)]
         lines += [f"  {k}: {v}" for k, v in r["implementations"].items()]
     if "closed" in summary:
@@ -305,7 +315,7 @@ def main(argv=None) -> dict:
     # References are required here, not for generation; every row is checked before the model loads.
     rows, bad = check_rows(args.test_json, args.image_root, ("image", QUESTION_KEY, ANSWER_KEY), image_key="image",
                            on_bad_sample=args.on_bad_sample)
-    scorers = _report_scorers(args, rows)  # before the model: a wrong CheXbert path fails in seconds
+    scorers = _report_scorers(args, rows)  # before the model: a wrong CheXbert or RadGraph path fails in seconds
     model, tokenizer, image_processor, source = load_model(
         args.model_path, llm_path=args.llm_path, projector_path=args.projector_path,
         vision_model_name=args.vision_model_name, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
@@ -331,10 +341,11 @@ def main(argv=None) -> dict:
 def _report_scorers(args, rows) -> list:
     """The model-based report metrics the flags ask for, loaded; none without report rows."""
     if not any(question_type(r) == "report" for r in rows):
-        if args.chexbert_path or (args.bertscore_model or "none").lower() != "none":
-            logger.warning("no test row has question_type report: --chexbert_path and --bertscore_model are unused")
+        if args.chexbert_path or args.radgraph_path or (args.bertscore_model or "none").lower() != "none":
+            logger.warning("no test row has question_type report: --chexbert_path, --radgraph_path and "
+                           "--bertscore_model are unused")
         return []
-    from clinical_metrics import BertScore, CheXbert
+    from clinical_metrics import BertScore, CheXbert, RadGraphF1
     scorers = []
     if (args.bertscore_model or "").lower() != "none":
         scorers.append(BertScore(args.bertscore_model, num_layers=args.bertscore_num_layers, idf=args.bertscore_idf,
@@ -342,6 +353,9 @@ def _report_scorers(args, rows) -> list:
         logger.info("BERTScore: %s", scorers[-1].implementation)
     if args.chexbert_path:
         scorers.append(CheXbert(args.chexbert_path, tokenizer=args.chexbert_tokenizer, device=args.device))
+    if args.radgraph_path:
+        scorers.append(RadGraphF1(args.radgraph_path, model_type=args.radgraph_model_type,
+                                  reward_level=args.radgraph_reward_level, bert=args.radgraph_bert, device=args.device))
     return scorers
 
 

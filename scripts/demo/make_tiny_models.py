@@ -370,6 +370,79 @@ def build_tiny_bert(out_dir, texts, *, hidden_size=64, num_layers=2, num_heads=2
     return out_dir
 
 
+# The BERT the RadGraph (v1) archive's config.json names; radgraph reads its tokenizer and
+# config, its weights come from the archive's weights.th.
+RADGRAPH_BERT_ID = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
+RADGRAPH_ENTITY_LABELS = ["ANAT-DP", "OBS-DP", "OBS-U", "OBS-DA"]
+RADGRAPH_RELATION_LABELS = ["modify", "located_at", "suggestive_of"]
+
+
+def build_tiny_radgraph(out_dir, texts, *, model_type="radgraph-xl", bert_id=RADGRAPH_BERT_ID, entity=None,
+                        relations=True, max_span_width=8, seed=0) -> dict:
+    """A RadGraph model archive as StanfordAIMI/RRG_scorers' radgraph(-xl).tar.gz unpacks: a
+    DyGIE++ config.json naming its BERT by hub id, vocabulary/ with RadGraph's entity and relation
+    labels, and weights.th (the DyGIE model's state dict, tiny BERT included), random and seeded.
+    entity (one of RADGRAPH_ENTITY_LABELS) plants the NER scorer so every candidate span (up to
+    max_span_width words) is that entity; relations=False makes the relation scorer find none.
+    The BERT is also a local folder and, under bert_id, a Hugging Face cache. Needs radgraph."""
+    from clinical_metrics import _radgraph_tokenizer_shim
+    out_dir = Path(out_dir)
+    bert = build_tiny_bert(out_dir / "bert", texts, hidden_size=32, num_layers=2, num_heads=2, vocab_size=300,
+                           seed=seed)
+    archive = out_dir / model_type
+    vocab_dir = archive / "vocabulary"
+    vocab_dir.mkdir(parents=True, exist_ok=True)
+    # AllenNLP's label files: the NER null label "" is index 0; relations have no null entry
+    (vocab_dir / "non_padded_namespaces.txt").write_text("*tags\n*labels\n")
+    (vocab_dir / f"{model_type}__ner_labels.txt").write_text("\n".join([""] + RADGRAPH_ENTITY_LABELS) + "\n")
+    (vocab_dir / f"{model_type}__relation_labels.txt").write_text("\n".join(RADGRAPH_RELATION_LABELS) + "\n")
+
+    def config(bert_name):  # DyGIE++'s training config, as the archive saves it (template.libsonnet's fields)
+        embedder = {"type": "pretrained_transformer_mismatched", "model_name": bert_name, "max_length": 512}
+        return {"dataset_reader": {"type": "dygie", "max_span_width": max_span_width,
+                                   "token_indexers": {"bert": dict(embedder)}},
+                "model": {"type": "dygie", "embedder": {"token_embedders": {"bert": embedder}},
+                          "feature_size": 8, "max_span_width": max_span_width, "target_task": "relation",
+                          "feedforward_params": {"num_layers": 2, "hidden_dims": 16, "dropout": 0.4},
+                          "loss_weights": {"ner": 0.2, "relation": 1.0, "coref": 0.0, "events": 0.0},
+                          "initializer": {"regexes": [["_span_width_embedding.weight", {"type": "xavier_normal"}]]},
+                          "module_initializer": {"regexes": [[".*weight", {"type": "xavier_normal"}],
+                                                             [".*weight_matrix", {"type": "xavier_normal"}]]},
+                          "modules": {"coref": {"spans_per_word": 0.3, "max_antecedents": 100, "coref_prop": 0},
+                                      "ner": {}, "relation": {"spans_per_word": 0.5, "positive_label_weight": 1.0},
+                                      "events": {"trigger_spans_per_word": 0.3, "argument_spans_per_word": 0.8,
+                                                 "loss_weights": {"trigger": 1.0, "arguments": 0.5}}}},
+                "data_loader": {"batch_size": 1}, "trainer": {"num_epochs": 50, "cuda_device": 0}}
+
+    # The model as radgraph.RadGraph builds it from config.json (its strict load checks the keys)
+    from radgraph.allennlp.data import Vocabulary
+    from radgraph.allennlp.modules import text_field_embedders, token_embedders
+    from radgraph.dygie.models.dygie import DyGIE
+    _radgraph_tokenizer_shim()
+    torch.manual_seed(seed)
+    model_args = config(str(bert))["model"]
+    bert_embedder = token_embedders.PretrainedTransformerMismatchedEmbedder(model_name=str(bert), max_length=512)
+    embedder = text_field_embedders.BasicTextFieldEmbedder({"bert": bert_embedder})
+    for key in ("type", "embedder", "initializer", "module_initializer"):
+        model_args.pop(key)
+    model = DyGIE(vocab=Vocabulary.from_files(str(vocab_dir)), embedder=embedder, **model_args)
+    (vocab_dir / ".lock").unlink(missing_ok=True)  # AllenNLP's lock file, not part of an archive
+    state = model.state_dict()
+    if entity is not None:
+        ner = f"_ner._ner_scorers.{model_type}__ner_labels.1._module"  # scores of the labels after the null one
+        state[f"{ner}.weight"].zero_()
+        state[f"{ner}.bias"].fill_(-10.0)[RADGRAPH_ENTITY_LABELS.index(entity)] = 10.0
+    if not relations:  # every label below the null class's 0
+        scorer = f"_relation._relation_scorers.{model_type}__relation_labels"
+        state[f"{scorer}.weight"].zero_()
+        state[f"{scorer}.bias"].fill_(-10.0)
+    torch.save(state, archive / "weights.th")
+    (archive / "config.json").write_text(json.dumps(config(bert_id), indent=2))
+    cache = out_dir / "hf_cache"
+    to_hf_cache(bert, bert_id, cache)
+    return {"archive": archive, "bert_dir": bert, "bert_id": bert_id, "cache_dir": cache}
+
+
 def build_tiny_llama(out_dir, texts, *, hidden_size=64, num_layers=2, num_heads=2, vocab_size=400, seed=0,
                      dtype=torch.bfloat16) -> Path:
     """A LlamaForCausalLM shaped like meta-llama/Meta-Llama-3-*-Instruct where it matters to a
