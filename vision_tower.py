@@ -5,7 +5,6 @@ would be partly random-initialised is refused."""
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import warnings
 from pathlib import Path

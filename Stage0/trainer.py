@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from accelerator_setup import count_parameters, unwrap
 from training.checkpoints import TrainableOnlyCheckpoints
-from training.data import loader_kwargs
+from training.data import loader_kwargs, shard_batches
 from training.exports import ExportCopies
 from training.fsdp import full_state_dict, is_fsdp, meta_copy, plain_copy
 from training.loop import run_training
@@ -120,12 +120,7 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
         txt = embed_cached(encoder, text_features, batch_size, autocast)
     else:
         txt = embed_captions(encoder, dataset.input_ids, dataset.attention_mask, batch_size, device, autocast)
-    n = len(dataset)
-    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-    mine = batches[rank::ws]
-    real = len(mine)
-    if even_forwards:
-        mine += batches[:1] * (-(-len(batches) // ws) - real)
+    mine, real, num_batches = shard_batches(len(dataset), batch_size, rank, ws, even=even_forwards)
     dl = DataLoader(dataset, batch_sampler=mine, collate_fn=collate_fn, **loader_kwargs(num_workers))
     rows, imgs = [], []
     loss_sum = torch.zeros((), device=device)
@@ -152,7 +147,7 @@ def evaluate_contrastive(encoder: DualEncoder, dataset, batch_size, device, auto
     metrics = image_text_retrieval(imgs, txt, dataset.caption_ids)
     # Contrastive accuracy (seed 003): top-1 both ways over the whole set, a repeated text
     # counting as correct for every image that carries it: R@1 over the distinct captions.
-    return {"loss": (loss_sum / len(batches)).item(), "acc_i2t": metrics["i2t_R@1"], "acc_t2i": metrics["t2i_R@1"],
+    return {"loss": (loss_sum / num_batches).item(), "acc_i2t": metrics["i2t_R@1"], "acc_t2i": metrics["t2i_R@1"],
             **metrics}
 
 

@@ -41,6 +41,19 @@ class _RngNeutral:
             yield from it
 
 
+def shard_batches(n: int, batch_size: int, rank: int, world: int, even: bool = False) -> tuple[list, int, int]:
+    """(this process's batches, how many of them are real, all batches): the file-order batches
+    of `n` samples, process `rank` taking batches rank, rank + world, ... With `even` (FSDP, where
+    every forward is a collective), a process short of the most any process has is topped up with
+    the first batch, which the caller runs and drops."""
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    mine = batches[rank::world]
+    real = len(mine)
+    if even:
+        mine += batches[:1] * (-(-len(batches) // world) - real)
+    return mine, real, len(batches)
+
+
 # Not accelerate's prepared loader + gather_for_metrics: even batches repeat samples, and
 # gather_for_metrics drops them only from gathered per-sample tensors, while the stages reduce
 # token-weighted sums here, which needs every sample exactly once.
@@ -61,12 +74,9 @@ class EvalShard:
 
         from training.fsdp import is_fsdp
         self.device = accelerator.device
-        n, bs = len(loader.dataset), loader.batch_size
-        batches = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
-        mine = batches[accelerator.process_index::accelerator.num_processes]
-        self.real, self.blank = len(mine), blank
-        if blank is not None and is_fsdp(accelerator) and batches:
-            mine += [batches[0]] * (-(-len(batches) // accelerator.num_processes) - len(mine))
+        mine, self.real, _ = shard_batches(len(loader.dataset), loader.batch_size, accelerator.process_index,
+                                           accelerator.num_processes, even=blank is not None and is_fsdp(accelerator))
+        self.blank = blank
         self.loader = DataLoader(loader.dataset, batch_sampler=mine, collate_fn=loader.collate_fn,
                                  num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
