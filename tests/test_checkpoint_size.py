@@ -273,3 +273,13 @@ def test_export_copies_link_what_is_unchanged_and_never_write_through_a_link(tmp
     assert copies.link_parts(final, ["tower"]) == {"tower"}
     assert (final / "tower" / "w.bin").read_text() == "frozen"
     assert not os.path.samefile(final / "tower" / "w.bin", e2 / "tower" / "w.bin")
+
+
+def test_a_saved_tensor_of_another_shape_is_refused_not_broadcast():
+    """A 0-d tensor saved for a shape-[1] one (the towers' logit heads before FSDP) is read in
+    the new shape; any other difference names the tensor, where copy_ would broadcast [1] over
+    [64] without a word."""
+    from training.checkpoints import _legacy_shape
+    assert _legacy_shape(torch.tensor(2.5), torch.zeros(1), "x").tolist() == [2.5]
+    with pytest.raises(ValueError, match=r"ckpt: head.bias has shape \(1,\) in the checkpoint, \(64,\) in this run"):
+        _legacy_shape(torch.zeros(1), torch.zeros(64), "ckpt: head.bias")

@@ -240,3 +240,48 @@ def test_knee_recipe_resumes_exactly(knee, tmp_path):
     resumed = main(_argv(knee, tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
     for (n, a), b in zip(full.encoder.model.named_parameters(), resumed.encoder.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads", ["trained", "frozen"])
+def test_knee_checkpoint_with_0d_logit_heads_still_resumes(knee, tmp_path, heads):
+    """Towers checkpoints written before the logit scale and bias took shape [1] (for FSDP) hold
+    them as 0-d tensors: trained, with 0-d Adam moments; frozen, in the frozen weights'
+    fingerprint. Such a checkpoint resumes to the weights of the run that was never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from training.checkpoints import FROZEN_FINGERPRINT_FILE, weights_fingerprint
+    flags = ("--image_model_name", str(knee["dino"]), "--text_model_name", str(knee["bert"]), "--max_steps", "6",
+             "--checkpointing_steps", "3", "--checkpoints_total_limit", "5",
+             "--no_freeze_logit_scale" if heads == "trained" else "--freeze_logit_scale")
+    full = main(_argv(knee, tmp_path / "full", *flags))
+    old = tmp_path / "cut" / "checkpoints" / "step_3"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", old)
+    names = [n for n, _ in full.encoder.named_parameters() if n.rpartition(".")[2] in ("logit_scale", "logit_bias")]
+    assert len(names) == 2
+    if heads == "trained":
+        held = load_file(str(old / "model.safetensors"))
+        assert all(held[n].shape == (1,) for n in names)
+        save_file({n: t.reshape(()) if n in names else t for n, t in held.items()}, str(old / "model.safetensors"))
+        opt = torch.load(old / "optimizer.bin", weights_only=True)
+        moments = [(state, k) for state in opt["state"].values() for k, v in state.items()
+                   if k != "step" and v.shape == (1,)]
+        assert len(moments) == 4  # exp_avg and exp_avg_sq of the two heads
+        for state, k in moments:
+            state[k] = state[k].reshape(())
+        torch.save(opt, old / "optimizer.bin")
+    else:
+        # The fingerprint's tensors: every weight and buffer the checkpoint does not hold.
+        frozen = {n: t for n, t in full.encoder.state_dict().items() if n not in full.checkpoints.names}
+        assert set(names) <= set(frozen)
+        record = json.loads((old / FROZEN_FINGERPRINT_FILE).read_text())
+        assert record["sha256"] == weights_fingerprint(frozen)["sha256"]
+        record["sha256"] = weights_fingerprint({n: t.reshape(()) if n in names else t
+                                                for n, t in frozen.items()})["sha256"]
+        (old / FROZEN_FINGERPRINT_FILE).write_text(json.dumps(record))
+    resumed = main(_argv(knee, tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
+    for (n, a), b in zip(full.encoder.model.named_parameters(), resumed.encoder.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

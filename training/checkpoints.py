@@ -197,6 +197,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     (step, epoch, batches done in that epoch, ...)."""
     with fsdp.accelerate_saves_the_rest(accelerator) as held:
         accelerator.load_state(str(path))
+    _legacy_optimizer_state(accelerator)
     if held is not None:
         fsdp.load_sharded(path, held, _trained_tensors(accelerator, held))
     state = json.loads((Path(path) / _STATE_FILE).read_text())
@@ -251,33 +252,69 @@ def _trained_tensors(accelerator, held) -> dict:
     return {n: p for n, p in held[0][0].named_parameters() if p.requires_grad}
 
 
-def weights_fingerprint(tensors: dict, stored_dtypes: dict | None = None) -> dict:
+def weights_fingerprint(tensors: dict, stored_dtypes: dict | None = None, *, also_0d: bool = False) -> dict:
     """A content hash (sha256) of `tensors`: each one's name, shape, dtype and raw bytes.
     Tensors that master_weights widened are hashed in the dtype they were stored in (exact:
     bf16 -> fp32 -> bf16 is lossless), so a resume under another --mixed_precision still
     matches. Tensors are hashed on threads (hashlib and the device copy release the GIL), then
-    combined in name order: an 8B tower takes seconds."""
+    combined in name order: an 8B tower takes seconds.
+
+    also_0d: add "sha256_0d", the hash with each shape-[1] tensor hashed as 0-d. The towers'
+    logit scale and bias were 0-d before they took SiglipModel's shape [1] (FSDP shards no 0-d
+    parameter); a checkpoint written then recorded that hash. Only those tiny tensors are hashed
+    twice."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
     stored = stored_dtypes or {}
 
-    def one(item):
+    def one(item, shape=None):
         name, t = item
         t = t.detach()
         if name in stored and t.dtype != stored[name]:
             t = t.to(stored[name])
-        h = hashlib.sha256(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h = hashlib.sha256(f"{name}|{shape if shape is not None else tuple(t.shape)}|{t.dtype}|".encode())
         if t.device.type != "meta" and t.numel():
             h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.digest(), t.numel() * t.element_size()
 
+    def combine(digests):
+        total = hashlib.sha256()
+        for digest in digests:
+            total.update(digest)
+        return total.hexdigest()
+
     items = sorted(tensors.items())
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         hashed = list(pool.map(one, items))
-    total = hashlib.sha256()
-    for digest, _ in hashed:
-        total.update(digest)
-    return {"sha256": total.hexdigest(), "tensors": len(items), "bytes": sum(n for _, n in hashed)}
+    out = {"sha256": combine(d for d, _ in hashed), "tensors": len(items), "bytes": sum(n for _, n in hashed)}
+    if also_0d:
+        out["sha256_0d"] = combine(one(item, shape=())[0] if tuple(item[1].shape) == (1,) else d
+                                   for item, (d, _) in zip(items, hashed))
+    return out
+
+
+def _legacy_shape(saved: torch.Tensor, live: torch.Tensor, what: str) -> torch.Tensor:
+    """`saved` in `live`'s shape: a 0-d tensor saved for a shape-[1] one (the towers' logit
+    scale and bias, and their optimizer moments, before they took shape [1]) is reshaped; any
+    other difference is an error, where copy_ would broadcast it silently."""
+    if saved.shape == live.shape:
+        return saved
+    if saved.dim() == 0 and tuple(live.shape) == (1,):
+        return saved.reshape(1)
+    raise ValueError(f"{what} has shape {tuple(saved.shape)} in the checkpoint, {tuple(live.shape)} in this run's "
+                     "model: the checkpoint was written for another model")
+
+
+def _legacy_optimizer_state(accelerator: Accelerator) -> None:
+    """Optimizer moments of a checkpoint written when the towers' logit scale and bias were 0-d
+    take the parameters' shape [1] (torch's load_state_dict keeps the saved shapes, and Adam's
+    in-place update then fails on the mismatch)."""
+    for optimizer in accelerator._optimizers:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for p, state in inner.state.items():
+            for k, v in state.items():
+                if k != "step" and torch.is_tensor(v) and v.dim() == 0 and tuple(p.shape) == (1,):
+                    state[k] = v.reshape(1)
 
 
 class TrainableOnlyCheckpoints:
@@ -327,7 +364,8 @@ class TrainableOnlyCheckpoints:
         self.fingerprint = None
         if accelerator.distributed_type != DistributedType.DEEPSPEED:
             t0 = time.time()
-            self.fingerprint = weights_fingerprint(frozen, stored_dtypes)
+            self.fingerprint = weights_fingerprint(frozen, stored_dtypes, also_0d=True)
+            self._sha_0d = self.fingerprint.pop("sha256_0d")  # what a checkpoint from then recorded
             logger.info("resume checkpoints hold %d trained tensors; the %d frozen ones (%.2f GB) are "
                         "fingerprinted instead (%.1fs)", len(self.names), self.fingerprint["tensors"],
                         self.fingerprint["bytes"] / 1e9, time.time() - t0)
@@ -384,7 +422,10 @@ class TrainableOnlyCheckpoints:
                            "weights are not checked", folder, FROZEN_FINGERPRINT_FILE)
         else:
             saved = json.loads(record.read_text()).get("sha256")
-            if saved != self.fingerprint["sha256"]:
+            if saved == self._sha_0d and saved != self.fingerprint["sha256"]:
+                logger.info("%s was written when the logit scale and bias were 0-d; they are read as shape [1]",
+                            folder)
+            elif saved != self.fingerprint["sha256"]:
                 message = (f"error: checkpoint {folder} was trained on other frozen weights than this run loaded "
                            f"(fingerprint {str(saved)[:16]} there, {self.fingerprint['sha256'][:16]} here; or the "
                            "same ones stored in another dtype): its trained tensors belong to that model. Resume "
@@ -405,5 +446,5 @@ class TrainableOnlyCheckpoints:
                              "trained other parts (--unfreeze_*/--lora_r/--train_ve_first_epoch/--freeze_* differ)")
         with torch.no_grad():
             for n, t in mine.items():
-                t.copy_(held[n])
+                t.copy_(_legacy_shape(held[n], t, f"{path}: {n}"))
         models.clear()  # loaded here; accelerate looks for no whole-model file
