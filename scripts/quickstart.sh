@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing into .venv, then runs the main job on the embedded demo data:
 # synthetic chest X-ray phantoms with known findings and small SigLIP / Gemma3 models built
-# from configs (random init, no download). CPU is enough; about 10 minutes on 2 cores.
+# from configs (random init, no download). CPU is enough; about 9 minutes on 2 cores.
 #   bash scripts/quickstart.sh                 # CXR: Stage0, Stage1, Stage2, evaluation, inference
 #   bash scripts/quickstart.sh --recipe knee   # knee X-ray recipe (seed 003): DINOv2 + SigLIP text, ~1 min
 #   bash scripts/quickstart.sh --recipe medgemma  # Stage2 --base_vlm on a tiny MedGemma-shaped model
@@ -24,7 +24,7 @@ if [ "$RECIPE" = medgemma ]; then exec bash scripts/quickstart_medgemma.sh; fi
 
 OUT="${QUICKSTART_DIR:-runs/quickstart}"
 DEMO="${DEMO_DIR:-data/demo}"
-EPOCHS_PRETRAIN="${EPOCHS_PRETRAIN:-12}"
+EPOCHS_PRETRAIN="${EPOCHS_PRETRAIN:-8}"
 EPOCHS_STAGE0="${EPOCHS_STAGE0:-10}"
 COMMON=(--num_workers 1 --no-save_epoch_models --logging_steps 25)
 export NUM_GPUS=1 MIXED_PRECISION=no REPORT_TO=none BATCH_SIZE=32
