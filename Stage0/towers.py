@@ -213,6 +213,30 @@ class ContrastiveModel(nn.Module):
 
 # ---------------------------------------------------------------- building
 
+def load_tokenizer(name):
+    """AutoTokenizer.from_pretrained(name), lowercasing when the checkpoint says it must.
+
+    SigLIP 2 was pretrained on lowercased text, and its fixed-resolution checkpoints (model type
+    `siglip`, loaded as any SigLIP) say so with `do_lower_case: true` in tokenizer_config.json.
+    Their GemmaTokenizer class ignores the flag: transformers lowercases for model type
+    `siglip2` alone (its Siglip2Tokenizer), so "Cardiomegaly" and "cardiomegaly" would be other
+    tokens at fine-tuning and at inference than in pretraining. A tokenizer that declares
+    do_lower_case and does not lowercase gets a Lowercase normalizer in front (as Siglip2Tokenizer
+    does); the original SigLIP's SiglipTokenizer and uncased BERTs already lowercase and are
+    left as they are. Exports keep the flag, so whatever loads them through here lowercases too."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not tokenizer.init_kwargs.get("do_lower_case") or backend is None:
+        return tokenizer
+    if backend.normalizer is None or backend.normalizer.normalize_str("Lung") != "lung":
+        from tokenizers import normalizers
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *([backend.normalizer]
+                                                                             if backend.normalizer else [])])
+        logger.info("%s: tokenizer_config.json sets do_lower_case, which %s ignores (SigLIP 2 checkpoints); "
+                    "text is lowercased, as the model was trained", name, type(tokenizer).__name__)
+    return tokenizer
+
+
 def _siglip_text(name):
     """The text half of a SigLIP checkpoint (or a text-only one) as a SiglipTextModel: its keys
     carry the same `text_model.` prefix, so only the text weights are read."""
@@ -336,7 +360,7 @@ def _text_backbone(name):
     if adapter_config:
         base_name = json.loads(Path(adapter_config).read_text())["base_model_name_or_path"]
     config = AutoConfig.from_pretrained(base_name)
-    tokenizer = AutoTokenizer.from_pretrained(name if (path / "tokenizer_config.json").is_file() else base_name)
+    tokenizer = load_tokenizer(name if (path / "tokenizer_config.json").is_file() else base_name)
     if _is_siglip(config):
         return _siglip_text(name), "siglip", tokenizer
     arch = (getattr(config, "architectures", None) or [""])[0]
@@ -458,6 +482,10 @@ def save_lora_text(model: "ContrastiveModel", out: Path) -> None:
 
 
 def _plain_siglip(args):
+    if AutoConfig.from_pretrained(args.model_name).model_type == "siglip2":
+        raise ValueError(f"{args.model_name}: a NaFlex SigLIP 2 (Siglip2Model: variable resolution, patch masks) "
+                         "is not supported; use a fixed-resolution SigLIP 2 (google/siglip2-so400m-patch16-384 "
+                         "and the like, which load as SiglipModel), or pass --image_model_name / --text_model_name")
     model = AutoModel.from_pretrained(args.model_name)  # stored dtype; trained parts become fp32 in the trainer
     for attr in ("vision_model", "text_model", "logit_scale", "logit_bias"):
         if not hasattr(model, attr):
@@ -468,7 +496,7 @@ def _plain_siglip(args):
         warnings.warn("--temperature is ignored for a pretrained SigLIP pair: its learnt logit scale and bias "
                       "are kept (they set the sigmoid's operating point)")
     return _wrap_siglip(model, text_attention_mask=getattr(args, "text_attention_mask", False)), \
-        AutoTokenizer.from_pretrained(args.model_name), AutoImageProcessor.from_pretrained(args.model_name)
+        load_tokenizer(args.model_name), AutoImageProcessor.from_pretrained(args.model_name)
 
 
 def _wrap_siglip(model: SiglipModel, text_attention_mask=False) -> ContrastiveModel:
@@ -486,7 +514,7 @@ def load_model(path, *, text_attention_mask=False):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Stage0 model folder (no {TOWERS_FILE} or config.json)")
         model = SiglipModel.from_pretrained(path, dtype=torch.float32)
-        return (_wrap_siglip(model, text_attention_mask), AutoTokenizer.from_pretrained(path),
+        return (_wrap_siglip(model, text_attention_mask), load_tokenizer(path),
                 AutoImageProcessor.from_pretrained(path))
     from safetensors.torch import load_file
     spec = json.loads((path / TOWERS_FILE).read_text())
@@ -512,7 +540,7 @@ def load_model(path, *, text_attention_mask=False):
         proc = VolumeProcessor.from_pretrained(path / IMAGE_DIR)
     else:
         proc = AutoImageProcessor.from_pretrained(path / IMAGE_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(path / TEXT_DIR)
+    tokenizer = load_tokenizer(path / TEXT_DIR)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, proc

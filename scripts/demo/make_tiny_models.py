@@ -141,7 +141,7 @@ GEMMA3_PRESETS = {
 def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_size=96,
                       num_layers=4, num_heads=4, text_len=64, vocab_size=1024, seed=0,
                       tokenizer_kind="bpe", intermediate_size=None, model_vocab_size=None, hub_shaped=False,
-                      dtype=None) -> Path:
+                      dtype=None, tokenizer_from=None) -> Path:
     """A SigLIP (vision + text towers) saved like a hub checkpoint: model, image processor,
     tokenizer. The text length is fixed by the checkpoint, as for real SigLIP.
     tokenizer_kind="sentencepiece" gives the SiglipTokenizer class of real checkpoints.
@@ -150,7 +150,12 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
     tokenizer, the 64-token text length of google/siglip-* and weights stored in bf16.
     google/siglip-* themselves are fp32 on the hub; bf16 is how SigLIP towers reach users
     inside Gemma 3 / MedGemma / PaliGemma checkpoints and in fine-tunes saved from bf16
-    training, and transformers 5 loads them in that dtype unless told otherwise."""
+    training, and transformers 5 loads them in that dtype unless told otherwise.
+
+    tokenizer_kind="siglip2": google/siglip2-*'s fixed-resolution checkpoints (model type siglip):
+    the Gemma tokenizer of `tokenizer_from` (a folder; the packaged real Gemma 3 one) saved as
+    they save theirs, GemmaTokenizer with do_lower_case (which that class ignores), right
+    padding and 64 tokens."""
     if hub_shaped:
         tokenizer_kind, text_len = "sentencepiece", 64
         dtype = dtype or torch.bfloat16
@@ -158,6 +163,11 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
     out_dir = Path(out_dir)
     if tokenizer_kind == "sentencepiece":
         tokenizer = _sentencepiece_siglip_tokenizer(texts, vocab_size, text_len, out_dir / "_spm")
+        eos_id = tokenizer.eos_token_id
+    elif tokenizer_kind == "siglip2":
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from, do_lower_case=True, padding_side="right",
+                                                  model_max_length=text_len)
         eos_id = tokenizer.eos_token_id
     else:
         tok = _train_bpe(texts, SIGLIP_SPECIAL, vocab_size)
