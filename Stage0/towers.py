@@ -213,27 +213,33 @@ class ContrastiveModel(nn.Module):
 
 # ---------------------------------------------------------------- building
 
-def load_tokenizer(name):
-    """AutoTokenizer.from_pretrained(name), lowercasing when the checkpoint says it must.
+def load_tokenizer(name, *, siglip: bool = False):
+    """AutoTokenizer.from_pretrained(name), lowercasing where the model was trained on lowercased
+    text and the tokenizer would not lowercase.
 
-    SigLIP 2 was pretrained on lowercased text, and its fixed-resolution checkpoints (model type
-    `siglip`, loaded as any SigLIP) say so with `do_lower_case: true` in tokenizer_config.json.
-    Their GemmaTokenizer class ignores the flag: transformers lowercases for model type
-    `siglip2` alone (its Siglip2Tokenizer), so "Cardiomegaly" and "cardiomegaly" would be other
-    tokens at fine-tuning and at inference than in pretraining. A tokenizer that declares
-    do_lower_case and does not lowercase gets a Lowercase normalizer in front (as Siglip2Tokenizer
-    does); the original SigLIP's SiglipTokenizer and uncased BERTs already lowercase and are
-    left as they are. Exports keep the flag, so whatever loads them through here lowercases too."""
+    SigLIP 2 was pretrained on lowercased text (transformers' SigLIP 2 notes say so). Its
+    fixed-resolution checkpoints are model type `siglip` (loaded as any SigLIP) with a Gemma
+    tokenizer, which has no lowercasing: transformers lowercases for model type `siglip2` alone
+    (its Siglip2Tokenizer). So "Cardiomegaly" and "cardiomegaly" would be other tokens at
+    fine-tuning and inference than in pretraining. `siglip=True` (a SigLIP text tower): a Gemma
+    tokenizer there is SigLIP 2's and gets a Lowercase normalizer in front, as Siglip2Tokenizer
+    does. Any tokenizer whose config declares do_lower_case and whose pipeline does not lowercase
+    gets the same. The original SigLIP's SiglipTokenizer and uncased BERTs already lowercase
+    and are left as they are. The exports record do_lower_case, so whatever reads them through
+    here lowercases too."""
     tokenizer = AutoTokenizer.from_pretrained(name)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not tokenizer.init_kwargs.get("do_lower_case") or backend is None:
+    siglip2 = siglip and type(tokenizer).__name__.startswith("Gemma")
+    if backend is None or not (siglip2 or tokenizer.init_kwargs.get("do_lower_case")):
         return tokenizer
     if backend.normalizer is None or backend.normalizer.normalize_str("Lung") != "lung":
         from tokenizers import normalizers
         backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *([backend.normalizer]
                                                                              if backend.normalizer else [])])
-        logger.info("%s: tokenizer_config.json sets do_lower_case, which %s ignores (SigLIP 2 checkpoints); "
-                    "text is lowercased, as the model was trained", name, type(tokenizer).__name__)
+        tokenizer.init_kwargs["do_lower_case"] = True  # saved with the exports' tokenizer files
+        logger.info("%s: text is lowercased, as the model was trained (%s)", name,
+                    "SigLIP 2: a SigLIP text tower with a Gemma tokenizer" if siglip2 else
+                    f"tokenizer_config.json sets do_lower_case, which {type(tokenizer).__name__} ignores")
     return tokenizer
 
 
@@ -360,7 +366,8 @@ def _text_backbone(name):
     if adapter_config:
         base_name = json.loads(Path(adapter_config).read_text())["base_model_name_or_path"]
     config = AutoConfig.from_pretrained(base_name)
-    tokenizer = load_tokenizer(name if (path / "tokenizer_config.json").is_file() else base_name)
+    tokenizer = load_tokenizer(name if (path / "tokenizer_config.json").is_file() else base_name,
+                               siglip=_is_siglip(config))
     if _is_siglip(config):
         return _siglip_text(name), "siglip", tokenizer
     arch = (getattr(config, "architectures", None) or [""])[0]
@@ -496,7 +503,7 @@ def _plain_siglip(args):
         warnings.warn("--temperature is ignored for a pretrained SigLIP pair: its learnt logit scale and bias "
                       "are kept (they set the sigmoid's operating point)")
     return _wrap_siglip(model, text_attention_mask=getattr(args, "text_attention_mask", False)), \
-        load_tokenizer(args.model_name), AutoImageProcessor.from_pretrained(args.model_name)
+        load_tokenizer(args.model_name, siglip=True), AutoImageProcessor.from_pretrained(args.model_name)
 
 
 def _wrap_siglip(model: SiglipModel, text_attention_mask=False) -> ContrastiveModel:
@@ -514,7 +521,7 @@ def load_model(path, *, text_attention_mask=False):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Stage0 model folder (no {TOWERS_FILE} or config.json)")
         model = SiglipModel.from_pretrained(path, dtype=torch.float32)
-        return (_wrap_siglip(model, text_attention_mask), load_tokenizer(path),
+        return (_wrap_siglip(model, text_attention_mask), load_tokenizer(path, siglip=True),
                 AutoImageProcessor.from_pretrained(path))
     from safetensors.torch import load_file
     spec = json.loads((path / TOWERS_FILE).read_text())
@@ -540,7 +547,7 @@ def load_model(path, *, text_attention_mask=False):
         proc = VolumeProcessor.from_pretrained(path / IMAGE_DIR)
     else:
         proc = AutoImageProcessor.from_pretrained(path / IMAGE_DIR)
-    tokenizer = load_tokenizer(path / TEXT_DIR)
+    tokenizer = load_tokenizer(path / TEXT_DIR, siglip=spec["text"]["kind"] == "siglip")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, proc

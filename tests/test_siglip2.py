@@ -1,10 +1,10 @@
 """Stage0 from a SigLIP 2 fixed-resolution checkpoint (google/siglip2-*: model type siglip, so it
 loads as any SigLIP), on a tiny model of its shape with the packaged real Gemma 3 tokenizer saved
-as those checkpoints save theirs (GemmaTokenizer, do_lower_case, right padding, 64 tokens).
+as a GemmaTokenizer (right padding, 64 tokens).
 
-SigLIP 2 was pretrained on lowercased text. transformers ignores the checkpoints' do_lower_case
-(GemmaTokenizer has no such option), so a fine-tune fed "Cardiomegaly" would train on other
-tokens than pretraining saw; Stage0 lowercases, in training and wherever the export is read."""
+SigLIP 2 was pretrained on lowercased text. transformers lowercases for model type siglip2 only,
+so a fine-tune fed "Cardiomegaly" would train on other tokens than pretraining saw; Stage0
+lowercases, in training and wherever the export is read."""
 import json
 
 import pytest
@@ -44,12 +44,11 @@ def test_a_tokenizer_that_ignores_its_do_lower_case_is_made_to_lowercase(tmp_pat
 
 @pytest.mark.slow
 def test_the_hub_shape_and_what_transformers_does_with_it(hub_siglip2):
-    """What the guard below is for: the flag is in the checkpoint, and transformers' own
-    loading does not lowercase."""
+    """What the guard below is for: transformers' own loading does not lowercase."""
     config = json.loads((hub_siglip2 / "config.json").read_text())
     tok_config = json.loads((hub_siglip2 / "tokenizer_config.json").read_text())
     assert config["model_type"] == "siglip" and config["text_config"]["vocab_size"] >= 262144
-    assert tok_config["tokenizer_class"] == "GemmaTokenizer" and tok_config["do_lower_case"] is True
+    assert tok_config["tokenizer_class"] == "GemmaTokenizer" and not tok_config.get("do_lower_case")
     plain = AutoTokenizer.from_pretrained(hub_siglip2)
     assert plain("Cardiomegaly.")["input_ids"] != plain("cardiomegaly.")["input_ids"]
 
