@@ -50,6 +50,9 @@ def test_the_hub_shape_and_what_transformers_does_with_it(hub_siglip2):
     assert config["model_type"] == "siglip" and config["text_config"]["vocab_size"] >= 262144
     assert tok_config["tokenizer_class"] == "GemmaTokenizer" and not tok_config.get("do_lower_case")
     plain = AutoTokenizer.from_pretrained(hub_siglip2)
+    ids = plain("no effusion", padding="max_length", max_length=8)["input_ids"]
+    assert plain.bos_token_id not in ids and ids[ids.index(plain.eos_token_id) + 1:] == [plain.pad_token_id] * (
+        7 - ids.index(plain.eos_token_id))  # text, <eos>, then padding on the right
     assert plain("Cardiomegaly.")["input_ids"] != plain("cardiomegaly.")["input_ids"]
 
 

@@ -153,9 +153,9 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
     training, and transformers 5 loads them in that dtype unless told otherwise.
 
     tokenizer_kind="siglip2": google/siglip2-*'s fixed-resolution checkpoints (model type siglip):
-    the Gemma tokenizer of `tokenizer_from` (a folder; the packaged real Gemma 3 one) saved as a
-    GemmaTokenizer with right padding and 64 tokens, and nothing that says to lowercase (as
-    transformers' SigLIP 2 converter writes it)."""
+    the Gemma tokenizer of `tokenizer_from` (a folder; the packaged real Gemma 3 one) saved as
+    transformers' SigLIP 2 converter writes it: a GemmaTokenizer that appends <eos> and no <bos>,
+    pads on the right to 64 tokens, and says nothing of lowercasing."""
     if hub_shaped:
         tokenizer_kind, text_len = "sentencepiece", 64
         dtype = dtype or torch.bfloat16
@@ -166,7 +166,8 @@ def build_tiny_siglip(out_dir, texts, *, image_size=112, patch_size=16, hidden_s
         eos_id = tokenizer.eos_token_id
     elif tokenizer_kind == "siglip2":
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from, padding_side="right", model_max_length=text_len)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from, add_bos_token=False, add_eos_token=True,
+                                                  padding_side="right", model_max_length=text_len)
         eos_id = tokenizer.eos_token_id
     else:
         tok = _train_bpe(texts, SIGLIP_SPECIAL, vocab_size)
