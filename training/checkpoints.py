@@ -293,27 +293,32 @@ def weights_fingerprint(tensors: dict, stored_dtypes: dict | None = None, *, als
     return out
 
 
+def _saved_0d(saved: torch.Tensor, live: torch.Tensor) -> bool:
+    """Whether `saved` is the 0-d form of shape-[1] `live`: the towers' logit scale and bias (and
+    their optimizer moments) in checkpoints written before they took shape [1]."""
+    return saved.dim() == 0 and tuple(live.shape) == (1,)
+
+
 def _legacy_shape(saved: torch.Tensor, live: torch.Tensor, what: str) -> torch.Tensor:
-    """`saved` in `live`'s shape: a 0-d tensor saved for a shape-[1] one (the towers' logit
-    scale and bias, and their optimizer moments, before they took shape [1]) is reshaped; any
-    other difference is an error, where copy_ would broadcast it silently."""
+    """`saved` in `live`'s shape: a 0-d tensor saved for a shape-[1] one (_saved_0d) is reshaped;
+    any other difference is an error, where copy_ would broadcast it silently."""
     if saved.shape == live.shape:
         return saved
-    if saved.dim() == 0 and tuple(live.shape) == (1,):
+    if _saved_0d(saved, live):
         return saved.reshape(1)
     raise ValueError(f"{what} has shape {tuple(saved.shape)} in the checkpoint, {tuple(live.shape)} in this run's "
                      "model: the checkpoint was written for another model")
 
 
 def _legacy_optimizer_state(accelerator: Accelerator) -> None:
-    """Optimizer moments of a checkpoint written when the towers' logit scale and bias were 0-d
-    take the parameters' shape [1] (torch's load_state_dict keeps the saved shapes, and Adam's
-    in-place update then fails on the mismatch)."""
+    """Optimizer moments saved 0-d for shape-[1] parameters (_saved_0d) take the parameters'
+    shape (torch's load_state_dict keeps the saved shapes, and Adam's in-place update then fails
+    on the mismatch). Adam's 0-d step count is not a moment and stays as it is."""
     for optimizer in accelerator._optimizers:
         inner = getattr(optimizer, "optimizer", optimizer)
         for p, state in inner.state.items():
             for k, v in state.items():
-                if k != "step" and torch.is_tensor(v) and v.dim() == 0 and tuple(p.shape) == (1,):
+                if k != "step" and torch.is_tensor(v) and _saved_0d(v, p):
                     state[k] = v.reshape(1)
 
 
