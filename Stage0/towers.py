@@ -366,9 +366,9 @@ def _text_backbone(name):
     if adapter_config:
         base_name = json.loads(Path(adapter_config).read_text())["base_model_name_or_path"]
     config = AutoConfig.from_pretrained(base_name)
-    tokenizer = load_tokenizer(name if (path / "tokenizer_config.json").is_file() else base_name,
-                               siglip=_is_siglip(config))
-    if _is_siglip(config):
+    siglip = _is_siglip(config)
+    tokenizer = load_tokenizer(name if (path / "tokenizer_config.json").is_file() else base_name, siglip=siglip)
+    if siglip:
         return _siglip_text(name), "siglip", tokenizer
     arch = (getattr(config, "architectures", None) or [""])[0]
     if config.model_type in _DECODER_TYPES or arch.endswith("ForCausalLM"):

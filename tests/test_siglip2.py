@@ -67,7 +67,7 @@ def test_stage0_trains_on_lowercased_captions_and_its_export_lowercases(hub_sigl
     assert torch.equal(ds.input_ids, expected)
     saved = json.loads((tmp_path / "final_model" / "tokenizer_config.json").read_text())
     assert saved["do_lower_case"] is True
-    model, tokenizer, _ = load_model(tmp_path / "final_model")
+    _, tokenizer, _ = load_model(tmp_path / "final_model")
     assert tokenizer("Small RIGHT pleural effusion.")["input_ids"] == reference("small right pleural effusion.")["input_ids"]
 
 

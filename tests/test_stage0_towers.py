@@ -242,7 +242,6 @@ def test_knee_recipe_resumes_exactly(knee, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("heads", ["trained", "frozen"])
 def test_knee_checkpoint_with_0d_logit_heads_still_resumes(knee, tmp_path, heads):
